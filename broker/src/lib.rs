@@ -1,1 +1,8 @@
-//! placeholder
+//! Herald broker node: QUIC sessions, the routing core, conversation state and admin HTTP.
+//!
+//! See ARCHITECTURE.md for the bird's-eye view and the invariants of each module.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod auth;
+pub mod routing;
+pub mod store;
