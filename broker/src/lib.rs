@@ -4,5 +4,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod certs;
+pub mod config;
+pub mod engine;
+pub mod metrics;
 pub mod routing;
+pub mod server;
 pub mod store;

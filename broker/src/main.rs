@@ -1,1 +1,133 @@
-fn main() {}
+//! `herald`: run a node, mint tokens, and talk to a cluster from a shell.
+//!
+//! Every command prints errors to stderr with a reason a person can act on and exits
+//! non-zero. The command-line surface is BRIEF §5; keep README.md in step with it.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Herald: a Raft-replicated message-delivery broker over QUIC.
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One node, zero config: creates DATA/dev/ca.pem and DATA/dev/secret and serves.
+    Dev {
+        /// Where to keep data, certificates and the token secret.
+        #[arg(long, default_value = "herald-data")]
+        data_dir: PathBuf,
+        /// QUIC (UDP) address.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: std::net::SocketAddr,
+        /// Admin HTTP (TCP) address.
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        admin: std::net::SocketAddr,
+    },
+    /// Run a node from a config file (TOML; HERALD_* environment variables override it).
+    Serve {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the default configuration as TOML.
+    Defaultconfig,
+    /// Check a config file and report every problem.
+    Checkconfig {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Mint a token signed with the HS256 secret.
+    Token(cli::node::TokenArgs),
+    /// Create conversations and change their members (service token).
+    #[command(subcommand)]
+    Conv(ConvCommand),
+    /// Publish messages; prints each acked seq on its own line.
+    Pub(cli::client::PubArgs),
+    /// Subscribe and print deliveries.
+    Sub(cli::client::SubArgs),
+    /// Read stored messages.
+    History(cli::client::HistoryArgs),
+    /// Nodes, groups, leaders and lag (from the admin HTTP `/cluster`).
+    Status(StatusArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConvCommand {
+    /// Create a conversation (idempotent).
+    Create(cli::client::ConvCreateArgs),
+    /// Add members.
+    AddMembers(cli::client::ConvMembersArgs),
+    /// Remove members.
+    RemoveMembers(cli::client::ConvMembersArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Admin HTTP address of any node.
+    #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:7401")]
+    admin: String,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Dev {
+                data_dir,
+                listen,
+                admin,
+            } => cli::node::dev(data_dir, listen, admin).await,
+            Command::Serve { config } => cli::node::serve(config).await,
+            Command::Defaultconfig => {
+                print!("{}", herald_broker::config::Config::default_toml());
+                Ok(())
+            }
+            Command::Checkconfig { config } => cli::node::checkconfig(config),
+            Command::Token(args) => cli::node::token(args),
+            Command::Conv(ConvCommand::Create(args)) => cli::client::conv_create(args).await,
+            Command::Conv(ConvCommand::AddMembers(args)) => {
+                cli::client::conv_members(args, true).await
+            }
+            Command::Conv(ConvCommand::RemoveMembers(args)) => {
+                cli::client::conv_members(args, false).await
+            }
+            Command::Pub(args) => cli::client::publish(args).await,
+            Command::Sub(args) => cli::client::subscribe(args).await,
+            Command::History(args) => cli::client::history(args).await,
+            Command::Status(args) => cli::node::status(&args.admin, args.json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Node configuration: the TOML file, `HERALD_*` environment overrides, and checks.
+//!
+//! Owns: the [`Config`] type with its documented defaults, loading (file → env → flags,
+//! applied by the caller), unknown-key warnings and `checkconfig` validation.
+//! Must not: open sockets or files other than the config file itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not fit the schema.
+    #[error("config {origin} is not valid: {reason}")]
+    Parse {
+        /// File name or `HERALD_*` variable.
+        origin: String,
+        /// The parser's message (with line and column for files).
+        reason: String,
+    },
+    /// Values parse but make no sense together; every problem is listed.
+    #[error("config has {} problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// A node's whole configuration. Every field has a default (`herald defaultconfig`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    /// UDP address for QUIC (clients; later also peers).
+    pub listen: SocketAddr,
+    /// TCP address for admin HTTP (`/healthz`, `/readyz`, `/metrics`, `/cluster`).
+    pub admin_listen: SocketAddr,
+    /// Where the node keeps its data.
+    pub data_dir: PathBuf,
+    /// TLS certificate and key of this node.
+    pub tls: TlsConfig,
+    /// How tokens are verified.
+    pub auth: AuthConfig,
+    /// Limits; each says what happens when it is reached.
+    pub limits: Limits,
+}
+
+/// TLS files (PEM).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// Certificate chain presented to clients.
+    pub cert_file: PathBuf,
+    /// Private key of that certificate.
+    pub key_file: PathBuf,
+}
+
+/// Token verification. Exactly one of `token_secret_file` (HS256) or
+/// `token_public_key_file` (EdDSA / RS256, per `token_algorithm`) is used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// `HS256`, `EdDSA` or `RS256`.
+    pub token_algorithm: String,
+    /// HS256 secret (the file's bytes, surrounding whitespace trimmed).
+    pub token_secret_file: PathBuf,
+    /// Public key PEM for EdDSA / RS256.
+    pub token_public_key_file: PathBuf,
+}
+
+/// Every bound of the node, with what happens at it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Limits {
+    /// Largest message payload; larger publishes are refused (`PayloadTooLarge`). At most 1 MiB.
+    pub payload_bytes_max: u32,
+    /// Largest frame body; a larger length prefix closes the connection (`ProtocolError`).
+    /// Must exceed `payload_bytes_max` by at least 1 KiB for the envelope.
+    pub frame_bytes_max: u32,
+    /// Deliveries queued per session; beyond it the session is told it lagged and is
+    /// re-sent from history (nothing lost, nobody else slowed).
+    pub session_queue_len_max: u32,
+    /// How long a session's writer may stay blocked on a client that does not read before
+    /// the connection is closed with `SlowConsumer` (it resyncs from its cursor on reconnect).
+    #[serde(with = "humantime_serde_compat")]
+    pub slow_consumer_timeout: Duration,
+    /// Subscriptions per session; more are refused (`LimitReached`).
+    pub subscriptions_per_session_max: u32,
+    /// Open client connections per node; more are refused at the QUIC handshake.
+    pub connections_max: u32,
+    /// Handshakes in progress; beyond half of it, unvalidated clients get a QUIC Retry,
+    /// beyond it new connection attempts are refused.
+    pub handshakes_in_flight_max: u32,
+    /// Time a new connection has to present a valid Hello before it is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    /// Members of a group; more are refused (`LimitReached`).
+    pub group_members_max: u32,
+    /// Conversations on this node; more creates are refused (`LimitReached`).
+    pub conversations_max: u32,
+    /// Messages kept per conversation; the oldest is evicted on append.
+    pub history_messages_max: u32,
+    /// Age after which messages are evicted from history.
+    #[serde(with = "humantime_serde_compat")]
+    pub history_retention: Duration,
+    /// How long an idempotency key is remembered; a retry after that appends again.
+    #[serde(with = "humantime_serde_compat")]
+    pub dedup_window: Duration,
+    /// Idempotency keys remembered per conversation; the oldest is forgotten first.
+    pub dedup_keys_max: u32,
+    /// Requests a client may have outstanding on one connection; the broker stops reading
+    /// the connection's stream until replies drain.
+    pub requests_in_flight_max: u32,
+    /// Messages per history page (`herald history`, replay after subscribe).
+    pub history_page_len_max: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            data_dir: PathBuf::from("herald-data"),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: PathBuf::from("herald-data/dev/node.pem"),
+            key_file: PathBuf::from("herald-data/dev/node.key"),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_algorithm: "HS256".into(),
+            token_secret_file: PathBuf::from("herald-data/dev/secret"),
+            token_public_key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            payload_bytes_max: 64 * 1024,
+            frame_bytes_max: herald_client::wire::DEFAULT_FRAME_BYTES_MAX,
+            session_queue_len_max: 8192,
+            slow_consumer_timeout: Duration::from_secs(10),
+            subscriptions_per_session_max: 1000,
+            connections_max: 100_000,
+            handshakes_in_flight_max: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            group_members_max: 10_000,
+            conversations_max: 10_000_000,
+            history_messages_max: 100_000,
+            history_retention: Duration::from_secs(7 * 24 * 3600),
+            dedup_window: Duration::from_secs(24 * 3600),
+            dedup_keys_max: 100_000,
+            requests_in_flight_max: 1024,
+            history_page_len_max: 1000,
+        }
+    }
+}
+
+/// Durations in TOML are strings like `"10s"` or `"7days"` (humantime).
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
+    }
+}
+
+impl Config {
+    /// The defaults as commented TOML (`herald defaultconfig`).
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&Config::default())
+            .unwrap_or_else(|e| format!("# cannot render defaults: {e}\n"));
+        format!(
+            "# Herald node configuration. Every key is optional; shown are the defaults.\n\
+             # Any key can be overridden by an environment variable HERALD_<SECTION>_<KEY>,\n\
+             # e.g. HERALD_LISTEN, HERALD_LIMITS_PAYLOAD_BYTES_MAX, HERALD_TLS_CERT_FILE.\n\n{body}"
+        )
+    }
+
+    /// Reads `path`, then applies `HERALD_*` variables from `env`.
+    /// Returns the config and warnings (unknown keys in the file or the environment).
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_and_env(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses TOML text and applies `HERALD_*` overrides from `env`.
+    pub fn from_toml_and_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut warnings = Vec::new();
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Parse {
+            origin: "defaults".into(),
+            reason: e.to_string(),
+        })?;
+        let mut known = Vec::new();
+        leaf_paths(&defaults, &mut Vec::new(), &mut known);
+        let mut present = Vec::new();
+        leaf_paths(&value, &mut Vec::new(), &mut present);
+        for path in present.iter().filter(|p| !known.contains(p)) {
+            warnings.push(format!(
+                "{origin}: unknown key `{}` ignored (see `herald defaultconfig` for the keys)",
+                path.join(".")
+            ));
+        }
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix("HERALD_") else {
+                continue;
+            };
+            let Some(path) = known
+                .iter()
+                .find(|p| p.join("_").to_uppercase() == rest)
+            else {
+                if !CLIENT_ENV.contains(&name.as_str()) {
+                    warnings.push(format!("environment variable {name} matches no config key; ignored"));
+                }
+                continue;
+            };
+            let parsed = parse_env_value(&raw, leaf(&defaults, path));
+            set_leaf(&mut value, path, parsed);
+        }
+        let config: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok((config, warnings))
+    }
+
+    /// Every problem with this config, or Ok.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let l = &self.limits;
+        if l.payload_bytes_max == 0 || l.payload_bytes_max > 1024 * 1024 {
+            problems.push(format!(
+                "limits.payload_bytes_max = {} must be between 1 and 1048576 (1 MiB)",
+                l.payload_bytes_max
+            ));
+        }
+        if l.frame_bytes_max < l.payload_bytes_max.saturating_add(1024) {
+            problems.push(format!(
+                "limits.frame_bytes_max = {} must be at least payload_bytes_max + 1024 = {}",
+                l.frame_bytes_max,
+                l.payload_bytes_max.saturating_add(1024)
+            ));
+        }
+        if l.frame_bytes_max > herald_client::wire::FRAME_BYTES_CEILING {
+            problems.push(format!(
+                "limits.frame_bytes_max = {} is above the ceiling of {}",
+                l.frame_bytes_max,
+                herald_client::wire::FRAME_BYTES_CEILING
+            ));
+        }
+        for (name, v) in [
+            ("session_queue_len_max", l.session_queue_len_max),
+            ("subscriptions_per_session_max", l.subscriptions_per_session_max),
+            ("connections_max", l.connections_max),
+            ("handshakes_in_flight_max", l.handshakes_in_flight_max),
+            ("group_members_max", l.group_members_max),
+            ("conversations_max", l.conversations_max),
+            ("history_messages_max", l.history_messages_max),
+            ("dedup_keys_max", l.dedup_keys_max),
+            ("requests_in_flight_max", l.requests_in_flight_max),
+            ("history_page_len_max", l.history_page_len_max),
+        ] {
+            if v == 0 {
+                problems.push(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if l.group_members_max < 2 {
+            problems.push("limits.group_members_max must be at least 2".into());
+        }
+        for (name, d) in [
+            ("slow_consumer_timeout", l.slow_consumer_timeout),
+            ("handshake_timeout", l.handshake_timeout),
+            ("history_retention", l.history_retention),
+            ("dedup_window", l.dedup_window),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("limits.{name} must be longer than zero"));
+            }
+        }
+        match self.auth.token_algorithm.as_str() {
+            "HS256" => {
+                if !self.auth.token_secret_file.is_file() {
+                    problems.push(format!(
+                        "auth.token_secret_file {} does not exist (HS256 needs a secret; `herald dev` creates one)",
+                        self.auth.token_secret_file.display()
+                    ));
+                }
+            }
+            "EdDSA" | "RS256" => {
+                if !self.auth.token_public_key_file.is_file() {
+                    problems.push(format!(
+                        "auth.token_public_key_file {} does not exist ({} needs a public key PEM)",
+                        self.auth.token_public_key_file.display(),
+                        self.auth.token_algorithm
+                    ));
+                }
+            }
+            other => problems.push(format!(
+                "auth.token_algorithm = {other:?}: expected \"HS256\", \"EdDSA\" or \"RS256\""
+            )),
+        }
+        for (name, path) in [
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+        ] {
+            if !path.is_file() {
+                problems.push(format!("{name} {} does not exist", path.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// `HERALD_*` variables read by client commands, not by the node config.
+const CLIENT_ENV: &[&str] = &["HERALD_TOKEN", "HERALD_ADDR", "HERALD_CA"];
+
+fn leaf_paths(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    for (k, v) in table {
+        prefix.push(k.clone());
+        match v {
+            toml::Value::Table(t) => leaf_paths(t, prefix, out),
+            _ => out.push(prefix.clone()),
+        }
+        prefix.pop();
+    }
+}
+
+fn leaf<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut t = table;
+    for p in parents {
+        t = t.get(p)?.as_table()?;
+    }
+    t.get(last)
+}
+
+fn set_leaf(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(inner) = entry else {
+            return;
+        };
+        t = inner;
+    }
+    t.insert(last.clone(), value);
+}
+
+/// An environment value takes the type of the default it overrides.
+fn parse_env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
+    match default {
+        Some(toml::Value::Integer(_)) => raw
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .unwrap_or_else(|_| toml::Value::String(raw.to_owned())),
+        Some(toml::Value::Boolean(_)) => raw
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .unwrap_or_else(|_| toml::Value::String(raw.to_owned())),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_parses_back_to_the_defaults() {
+        let (config, warnings) =
+            Config::from_toml_and_env(&Config::default_toml(), "defaults", []).unwrap();
+        assert_eq!(config, Config::default());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file_and_takes_the_default_type() {
+        let env = [
+            ("HERALD_LIMITS_PAYLOAD_BYTES_MAX".to_string(), "1000".to_string()),
+            ("HERALD_LISTEN".to_string(), "127.0.0.1:9000".to_string()),
+            ("HERALD_LIMITS_DEDUP_WINDOW".to_string(), "5m".to_string()),
+            ("HERALD_NO_SUCH_KEY".to_string(), "1".to_string()),
+            ("HERALD_TOKEN".to_string(), "x".to_string()),
+        ];
+        let (config, warnings) =
+            Config::from_toml_and_env("[limits]\npayload_bytes_max = 5\n", "test", env).unwrap();
+        assert_eq!(config.limits.payload_bytes_max, 1000);
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(config.limits.dedup_window, Duration::from_secs(300));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("HERALD_NO_SUCH_KEY"));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_warned_with_their_name() {
+        let (config, warnings) =
+            Config::from_toml_and_env("[limits]\npayload_max = 5\n", "f.toml", []).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("limits.payload_max"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_is_an_error_naming_the_key() {
+        let err = Config::from_toml_and_env("[limits]\npayload_bytes_max = \"big\"\n", "f.toml", [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("payload_bytes_max"), "{err}");
+    }
+
+    #[test]
+    fn check_lists_every_problem() {
+        let mut config = Config::default();
+        config.limits.payload_bytes_max = 0;
+        config.limits.session_queue_len_max = 0;
+        config.auth.token_algorithm = "none".into();
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("payload_bytes_max"), "{err}");
+        assert!(err.contains("session_queue_len_max"), "{err}");
+        assert!(err.contains("token_algorithm"), "{err}");
+        assert!(err.contains("tls.cert_file"), "{err}");
+    }
+}

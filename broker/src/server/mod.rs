@@ -1,0 +1,223 @@
+//! A running node: the QUIC endpoint, its accept loop, admin HTTP, and shutdown.
+//!
+//! Owns: binding the node's one UDP port and one TCP admin port, admission control for
+//! new connections (connection and handshake bounds, QUIC Retry under a flood),
+//! periodic housekeeping, and orderly shutdown. Must not: interpret frames (see
+//! [`session`]) or change conversation state (see [`crate::engine`]).
+
+pub mod admin;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_client::io::TransportLimits;
+
+use crate::auth::{TokenAlgorithm, TokenVerifier};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Certificates or the token secret could not be loaded.
+    #[error(transparent)]
+    Cert(#[from] crate::certs::CertError),
+    /// The token key could not be loaded.
+    #[error("cannot load the token key: {0}")]
+    Auth(#[from] crate::auth::AuthError),
+    /// A port could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}; is another herald running? pick another with --listen/--admin")]
+    Bind {
+        /// QUIC or admin HTTP.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Everything a session task needs, shared by all of them.
+pub struct NodeContext {
+    /// The node's configuration.
+    pub config: Config,
+    /// Conversation state and local fan-out.
+    pub engine: Engine,
+    /// Verifies client tokens.
+    pub verifier: TokenVerifier,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// True while the node accepts sessions (`/readyz`).
+    pub ready: AtomicBool,
+    session_ids: AtomicU64,
+}
+
+impl NodeContext {
+    /// A fresh id for a session (unique in this process).
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A node that has bound its ports and is serving.
+pub struct RunningNode {
+    /// The QUIC address actually bound (useful with port 0).
+    pub quic_addr: SocketAddr,
+    /// The admin HTTP address actually bound.
+    pub admin_addr: SocketAddr,
+    /// Shared state (for in-process tests and benches).
+    pub context: Arc<NodeContext>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Binds the ports and starts serving. Returns once the node is ready.
+    pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
+        config.check()?;
+        let verifier = match config.auth.token_algorithm.as_str() {
+            "EdDSA" | "RS256" => {
+                let pem = std::fs::read(&config.auth.token_public_key_file).map_err(|source| {
+                    crate::certs::CertError::Io {
+                        action: "cannot read token public key",
+                        path: config.auth.token_public_key_file.clone(),
+                        source,
+                    }
+                })?;
+                let alg = if config.auth.token_algorithm == "EdDSA" {
+                    TokenAlgorithm::EdDsa
+                } else {
+                    TokenAlgorithm::Rs256
+                };
+                TokenVerifier::from_public_key_pem(alg, &pem)?
+            }
+            _ => TokenVerifier::hs256(&crate::certs::read_secret(&config.auth.token_secret_file)?),
+        };
+        let transport = TransportLimits::default();
+        let server_config =
+            crate::certs::server_config(&config.tls.cert_file, &config.tls.key_file, &transport)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            NodeError::Bind {
+                what: "QUIC (UDP)",
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
+            what: "QUIC (UDP)",
+            addr: config.listen,
+            source,
+        })?;
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                what: "admin HTTP (TCP)",
+                addr: config.admin_listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| NodeError::Bind {
+                what: "admin HTTP (TCP)",
+                addr: config.admin_listen,
+                source,
+            })?;
+        let metrics = Arc::new(Metrics::new());
+        let context = Arc::new(NodeContext {
+            engine: Engine::new(&config.limits, metrics.clone()),
+            config,
+            verifier,
+            metrics,
+            ready: AtomicBool::new(false),
+            session_ids: AtomicU64::new(1),
+        });
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(admin::serve(admin_listener, context.clone())));
+        tasks.push(tokio::spawn(accept_loop(endpoint.clone(), context.clone())));
+        tasks.push(tokio::spawn(housekeeping(context.clone())));
+        context.ready.store(true, Ordering::Release);
+        tracing::info!(%quic_addr, %admin_addr, "node ready");
+        Ok(RunningNode {
+            quic_addr,
+            admin_addr,
+            context,
+            endpoint,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, closes every connection, and waits (bounded) for them to go.
+    pub async fn shutdown(self) {
+        self.context.ready.store(false, Ordering::Release);
+        self.endpoint.close(
+            quinn::VarInt::from_u32(session::close_code::SHUTDOWN),
+            b"node shutting down; reconnect to another node",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>) {
+    let handshakes = Arc::new(AtomicU64::new(0));
+    let limits = ctx.config.limits.clone();
+    while let Some(incoming) = endpoint.accept().await {
+        let open = ctx.metrics.connections.get().max(0) as u64;
+        let in_flight = handshakes.load(Ordering::Relaxed);
+        if open >= u64::from(limits.connections_max) {
+            refused(&ctx, "connections_max");
+            incoming.refuse();
+            continue;
+        }
+        if in_flight >= u64::from(limits.handshakes_in_flight_max) {
+            refused(&ctx, "handshakes_in_flight_max");
+            incoming.refuse();
+            continue;
+        }
+        if in_flight >= u64::from(limits.handshakes_in_flight_max / 2)
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            // Under a handshake flood, make clients prove their address first.
+            let _ = incoming.retry();
+            continue;
+        }
+        handshakes.fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        let handshakes = handshakes.clone();
+        tokio::spawn(async move {
+            session::serve_connection(ctx, incoming, move || {
+                handshakes.fetch_sub(1, Ordering::Relaxed);
+            })
+            .await;
+        });
+    }
+}
+
+fn refused(ctx: &NodeContext, reason: &str) {
+    ctx.metrics
+        .connections_refused
+        .get_or_create(&crate::metrics::ReasonLabel {
+            reason: reason.to_owned(),
+        })
+        .inc();
+}
+
+/// Evicts expired history and dedup keys every minute.
+async fn housekeeping(ctx: Arc<NodeContext>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        ctx.engine.trim_expired();
+    }
+}

@@ -1,0 +1,589 @@
+//! One client connection: handshake, request handling, and the session's writer.
+//!
+//! Owns: the connection's single bidirectional stream. The *reader* (this task) decodes
+//! requests, authorizes and executes them through the [`Engine`], and hands replies to the
+//! *writer* task, which alone writes to the stream. The writer owns the session's
+//! per-conversation cursors (last seq sent), so ordering is decided in one place:
+//!
+//! * a live delivery with `seq == cursor + 1` is sent; `seq <= cursor` is skipped (a
+//!   duplicate); `seq > cursor + 1` means a gap, which the writer fills from history first;
+//! * subscribe with `from` sets `cursor = from - 1` and replays history up to the present,
+//!   then live deliveries continue from the cursor — no gap and no duplicate at the switch;
+//! * when the outbox overflowed (the session lagged), the writer tells the client and
+//!   re-sends from history starting at each cursor.
+//!
+//! The writer coalesces every queued frame into one stream write. If the client stops
+//! reading for longer than `slow_consumer_timeout`, the connection is closed with
+//! `SlowConsumer`; the client reconnects and resumes from its cursors.
+//!
+//! Must not: block the fan-out path (it only ever reads its own outbox), or trust any
+//! byte from the client before the wire module validated it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_client::io::{FrameReader, FrameWriter, IoError};
+use herald_client::wire::{
+    Event, Frame, Hello, HistoryPage, Refusal, RefusalCode, Reply, Request, SessionLimits,
+    Welcome, WireError,
+};
+use herald_client::wire::Principal;
+use tokio::sync::mpsc;
+
+use super::NodeContext;
+use crate::routing::{Delivery, Outbox};
+use crate::store::Action;
+
+/// Application close codes on the QUIC connection.
+pub mod close_code {
+    /// Normal close.
+    pub const NORMAL: u32 = 0;
+    /// The client broke the protocol.
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// Handshake refused (auth, version).
+    pub const REFUSED: u32 = 2;
+    /// The client did not read fast enough.
+    pub const SLOW_CONSUMER: u32 = 3;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// Deliveries drained from the outbox per writer pass (one stream write).
+const DRAIN_BATCH_LEN_MAX: usize = 1024;
+/// Bytes the writer buffers during a history replay before flushing.
+const REPLAY_FLUSH_BYTES: usize = 256 * 1024;
+
+/// What the reader asks the writer to do, in order.
+enum Control {
+    Reply { id: u64, body: Reply },
+    Subscribe { id: u64, conv: u64, from: Option<u64> },
+    Unsubscribe { id: u64, conv: u64 },
+    Goodbye(Refusal),
+}
+
+/// Serves one accepted connection until it closes.
+/// `handshake_done` runs once the QUIC handshake has finished, either way.
+pub async fn serve_connection(
+    ctx: Arc<NodeContext>,
+    connecting: quinn::Incoming,
+    handshake_done: impl FnOnce(),
+) {
+    let remote = connecting.remote_address();
+    let handshake = tokio::time::timeout(ctx.config.limits.handshake_timeout, connecting).await;
+    handshake_done();
+    let conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "QUIC handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "QUIC handshake timed out");
+            return;
+        }
+    };
+    ctx.metrics.connections_accepted.inc();
+    ctx.metrics.connections.inc();
+    let _open = scopeguard(&ctx, |c| {
+        c.metrics.connections.dec();
+    });
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() != Some(herald_client::wire::ALPN_CLIENT) {
+        // Peer (node-to-node) connections arrive with the replication issue.
+        conn.close(
+            quinn::VarInt::from_u32(close_code::REFUSED),
+            b"this node accepts only client connections (ALPN herald/1)",
+        );
+        return;
+    }
+    let limits = &ctx.config.limits;
+    let stream = tokio::time::timeout(limits.handshake_timeout, conn.accept_bi()).await;
+    let (send, recv) = match stream {
+        Ok(Ok(s)) => s,
+        _ => {
+            conn.close(
+                quinn::VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                b"no stream opened within the handshake timeout",
+            );
+            return;
+        }
+    };
+    let mut reader = FrameReader::new(recv, limits.frame_bytes_max);
+    let mut writer = FrameWriter::new(send, limits.frame_bytes_max);
+    let hello = tokio::time::timeout(limits.handshake_timeout, async {
+        reader.read_preamble().await?;
+        reader.next().await
+    })
+    .await;
+    let hello = match hello {
+        Ok(Ok(Some(Frame::Hello(hello)))) => hello,
+        Ok(Ok(Some(_))) => {
+            refuse(&conn, &mut writer, RefusalCode::NotAuthenticated, "the first frame must be Hello".into()).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(IoError::Wire(e @ WireError::UnsupportedVersion { .. }))) => {
+            refuse(&conn, &mut writer, RefusalCode::UnsupportedVersion, e.to_string()).await;
+            return;
+        }
+        Ok(Err(IoError::Wire(e))) => {
+            refuse(&conn, &mut writer, RefusalCode::ProtocolError, e.to_string()).await;
+            return;
+        }
+        Ok(Err(_)) => return,
+        Err(_) => {
+            refuse(&conn, &mut writer, RefusalCode::NotAuthenticated, "no Hello within the handshake timeout".into()).await;
+            return;
+        }
+    };
+    let principal = match authenticate(&ctx, &hello) {
+        Ok(p) => p,
+        Err(refusal) => {
+            ctx.metrics.refused(refusal.code);
+            let _ = writer.write_preamble().await;
+            let _ = writer.send(&Frame::Goodbye(refusal.clone())).await;
+            let _ = writer.finish().await;
+            close_after_flush(&conn, close_code::REFUSED, &refusal.detail).await;
+            return;
+        }
+    };
+    let session_id = ctx.next_session_id();
+    let welcome = Frame::Welcome(Welcome {
+        session_id,
+        principal: principal.clone(),
+        limits: SessionLimits {
+            frame_bytes_max: limits.frame_bytes_max,
+            payload_bytes_max: limits.payload_bytes_max,
+            subscriptions_max: limits.subscriptions_per_session_max,
+        },
+    });
+    if writer.write_preamble().await.is_err() || writer.send(&welcome).await.is_err() {
+        return;
+    }
+    ctx.metrics.sessions.inc();
+    tracing::debug!(session_id, %principal, %remote, connection_id = conn.stable_id(), "session started");
+
+    let outbox = Arc::new(Outbox::new(session_id, limits.session_queue_len_max as usize));
+    let (control_tx, control_rx) = mpsc::channel(limits.requests_in_flight_max as usize);
+    let session_writer = SessionWriter {
+        ctx: ctx.clone(),
+        conn: conn.clone(),
+        writer,
+        outbox: outbox.clone(),
+        control: control_rx,
+        cursors: HashMap::new(),
+        batch: Vec::with_capacity(DRAIN_BATCH_LEN_MAX),
+        session_id,
+    };
+    let writer_task = tokio::spawn(session_writer.run());
+
+    let reason = read_requests(&ctx, &principal, &mut reader, &control_tx).await;
+    if let Some(refusal) = reason {
+        tracing::info!(session_id, %principal, %remote, "closing session: {refusal}");
+        ctx.metrics.disconnected("protocol_error");
+        let _ = control_tx.send(Control::Goodbye(refusal)).await;
+    }
+    drop(control_tx);
+    let _ = writer_task.await;
+    ctx.metrics.sessions.dec();
+    tracing::debug!(session_id, "session ended");
+}
+
+/// Reads and executes requests until the stream ends. Returns a refusal if the client
+/// broke the protocol (the writer then says Goodbye and closes).
+async fn read_requests(
+    ctx: &Arc<NodeContext>,
+    principal: &Principal,
+    reader: &mut FrameReader,
+    control: &mpsc::Sender<Control>,
+) -> Option<Refusal> {
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(IoError::Wire(e)) => {
+                return Some(Refusal::new(RefusalCode::ProtocolError, e.to_string()));
+            }
+            Err(_) => return None,
+        };
+        let (id, body) = match frame {
+            Frame::Request { id, body } => (id, body),
+            other => {
+                return Some(Refusal::new(
+                    RefusalCode::ProtocolError,
+                    format!("expected a Request frame, got {}", frame_name(&other)),
+                ));
+            }
+        };
+        let started = Instant::now();
+        let is_publish = matches!(body, Request::Publish { .. });
+        let control_msg = execute(ctx, principal, id, body);
+        if let Control::Reply { body: Reply::Refused(r), .. } = &control_msg {
+            tracing::debug!(%principal, "request {id} refused: {r}");
+        }
+        if control.send(control_msg).await.is_err() {
+            return None;
+        }
+        if is_publish {
+            ctx.metrics
+                .publish_ack_latency_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Runs one request against the engine; subscriptions go to the writer.
+fn execute(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> Control {
+    let engine = &ctx.engine;
+    let reply = |r: Result<Reply, Refusal>| Control::Reply {
+        id,
+        body: r.unwrap_or_else(Reply::Refused),
+    };
+    match body {
+        Request::CreateConversation { conv, kind, members } => reply(
+            engine
+                .create(principal, conv, kind, members)
+                .map(|created| Reply::Created { created }),
+        ),
+        Request::AddMembers { conv, members } => {
+            reply(engine.add_members(principal, conv, members).map(|()| Reply::Done))
+        }
+        Request::RemoveMembers { conv, members } => {
+            reply(engine.remove_members(principal, conv, members).map(|()| Reply::Done))
+        }
+        Request::Publish { conv, key, payload } => reply(
+            engine
+                .publish(principal, conv, key, payload)
+                .map(|o| Reply::Published {
+                    seq: o.seq,
+                    duplicate: o.duplicate,
+                }),
+        ),
+        Request::History { conv, from, limit } => reply(
+            engine
+                .authorize(principal, Action::ReadHistory, conv)
+                .and_then(|()| {
+                    let limit = limit.min(ctx.config.limits.history_page_len_max) as usize;
+                    engine.read(conv, from.max(1), limit)
+                })
+                .map(|h| {
+                    Reply::History(HistoryPage {
+                        messages: h.messages.iter().map(|m| m.message.clone()).collect(),
+                        first_seq: h.first_seq,
+                        next_seq: h.next_seq,
+                    })
+                }),
+        ),
+        Request::Subscribe { conv, from } => {
+            match engine.authorize(principal, Action::Subscribe, conv) {
+                Ok(()) => Control::Subscribe { id, conv, from },
+                Err(r) => reply(Err(r)),
+            }
+        }
+        Request::Unsubscribe { conv } => Control::Unsubscribe { id, conv },
+    }
+}
+
+fn authenticate(ctx: &NodeContext, hello: &Hello) -> Result<Principal, Refusal> {
+    ctx.verifier.verify(&hello.token).map_err(|e| e.refusal())
+}
+
+/// The single writer of a session's stream.
+struct SessionWriter {
+    ctx: Arc<NodeContext>,
+    conn: quinn::Connection,
+    writer: FrameWriter,
+    outbox: Arc<Outbox>,
+    control: mpsc::Receiver<Control>,
+    /// conversation → last seq sent on this stream. Bounded by `subscriptions_per_session_max`.
+    cursors: HashMap<u64, u64>,
+    batch: Vec<Arc<Delivery>>,
+    session_id: u64,
+}
+
+/// Why the writer stopped.
+enum Stop {
+    /// The reader is done and everything is flushed.
+    Done,
+    /// Writing failed (connection gone) or the client was too slow.
+    Failed,
+}
+
+impl SessionWriter {
+    async fn run(mut self) {
+        let stop = self.pump().await;
+        for conv in self.cursors.keys() {
+            self.ctx.engine.router().unsubscribe(*conv, self.session_id);
+        }
+        self.ctx.metrics.subscriptions.dec_by(self.cursors.len() as i64);
+        self.outbox.close();
+        if let Stop::Done = stop {
+            let _ = self.writer.finish().await;
+            close_after_flush(&self.conn, close_code::NORMAL, "bye").await;
+        }
+    }
+
+    async fn pump(&mut self) -> Stop {
+        loop {
+            // 1. Everything the reader asked for, in order.
+            loop {
+                match self.control.try_recv() {
+                    Ok(c) => {
+                        if let Err(stop) = self.handle_control(c).await {
+                            return stop;
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return match self.flush().await {
+                            Ok(()) => Stop::Done,
+                            Err(stop) => stop,
+                        };
+                    }
+                }
+            }
+            // 2. A lagged session re-sends from history at each cursor.
+            let dropped = self.outbox.take_dropped();
+            if dropped > 0 {
+                if let Err(stop) = self.recover_from_lag(dropped).await {
+                    return stop;
+                }
+            }
+            // 3. Live deliveries, coalesced into one write.
+            self.batch.clear();
+            self.outbox.drain_into(&mut self.batch, DRAIN_BATCH_LEN_MAX);
+            let batch = std::mem::take(&mut self.batch);
+            for delivery in &batch {
+                if let Err(stop) = self.deliver_live(delivery).await {
+                    return stop;
+                }
+            }
+            self.batch = batch;
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
+            if !self.batch.is_empty() || !self.control.is_empty() {
+                continue;
+            }
+            // 4. Nothing to do: wait for the reader or the router.
+            tokio::select! {
+                biased;
+                c = self.control.recv() => match c {
+                    Some(c) => if let Err(stop) = self.handle_control(c).await { return stop },
+                    None => return match self.flush().await { Ok(()) => Stop::Done, Err(s) => s },
+                },
+                () = self.outbox.wait() => {}
+            }
+        }
+    }
+
+    async fn handle_control(&mut self, control: Control) -> Result<(), Stop> {
+        match control {
+            Control::Reply { id, body } => self.queue(&Frame::Reply { id, body }),
+            Control::Subscribe { id, conv, from } => self.subscribe(id, conv, from).await,
+            Control::Unsubscribe { id, conv } => {
+                if self.cursors.remove(&conv).is_some() {
+                    self.ctx.engine.router().unsubscribe(conv, self.session_id);
+                    self.ctx.metrics.subscriptions.dec();
+                }
+                self.queue(&Frame::Reply { id, body: Reply::Done })
+            }
+            Control::Goodbye(refusal) => {
+                self.queue(&Frame::Goodbye(refusal.clone()))?;
+                self.flush().await?;
+                let _ = self.writer.finish().await;
+                close_after_flush(&self.conn, close_code::PROTOCOL_ERROR, &refusal.detail).await;
+                Err(Stop::Failed)
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: u64, conv: u64, from: Option<u64>) -> Result<(), Stop> {
+        let limit = self.ctx.config.limits.subscriptions_per_session_max as usize;
+        if !self.cursors.contains_key(&conv) && self.cursors.len() >= limit {
+            self.ctx.metrics.refused(RefusalCode::LimitReached);
+            let refusal = Refusal::new(
+                RefusalCode::LimitReached,
+                format!("this session already has {limit} subscriptions (limits.subscriptions_per_session_max); unsubscribe first"),
+            );
+            return self.queue(&Frame::Reply { id, body: Reply::Refused(refusal) });
+        }
+        // Read next_seq before registering: anything published in between shows up as a
+        // gap at the first live delivery and is filled from history.
+        let next_seq = match self.ctx.engine.next_seq(conv) {
+            Ok(n) => n,
+            Err(r) => return self.queue(&Frame::Reply { id, body: Reply::Refused(r) }),
+        };
+        if self.ctx.engine.router().subscribe(conv, &self.outbox) {
+            self.ctx.metrics.subscriptions.inc();
+        }
+        let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
+        self.cursors.insert(conv, start - 1);
+        self.queue(&Frame::Reply { id, body: Reply::Subscribed { conv, next_seq } })?;
+        if start < next_seq {
+            self.catch_up(conv, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver_live(&mut self, delivery: &Arc<Delivery>) -> Result<(), Stop> {
+        let Some(&cursor) = self.cursors.get(&delivery.conv) else {
+            return Ok(()); // unsubscribed since it was queued
+        };
+        if delivery.seq <= cursor {
+            return Ok(()); // already sent (replay overlap)
+        }
+        if delivery.seq > cursor + 1 {
+            self.catch_up(delivery.conv, Some(delivery.seq - 1)).await?;
+        }
+        if self.cursors.get(&delivery.conv).copied() == Some(delivery.seq - 1) {
+            self.writer.queue_encoded(&delivery.frame);
+            self.cursors.insert(delivery.conv, delivery.seq);
+            self.ctx.metrics.deliveries.inc();
+        }
+        Ok(())
+    }
+
+    /// Sends history from `cursor + 1` up to `until` (inclusive) or to the present.
+    async fn catch_up(&mut self, conv: u64, until: Option<u64>) -> Result<(), Stop> {
+        let page_len = self.ctx.config.limits.history_page_len_max as usize;
+        loop {
+            let Some(&cursor) = self.cursors.get(&conv) else {
+                return Ok(());
+            };
+            if until.is_some_and(|u| cursor >= u) {
+                return Ok(());
+            }
+            let want = until.map_or(page_len, |u| ((u - cursor) as usize).min(page_len));
+            let history = match self.ctx.engine.read(conv, cursor + 1, want) {
+                Ok(h) => h,
+                Err(_) => return Ok(()), // conversation gone: nothing to replay
+            };
+            let mut cursor = cursor;
+            if history.first_seq > cursor + 1 {
+                self.queue(&Frame::Event(Event::Truncated {
+                    conv,
+                    requested_from: cursor + 1,
+                    first_available_seq: history.first_seq,
+                }))?;
+                cursor = history.first_seq - 1;
+            }
+            let mut sent = 0;
+            for stored in &history.messages {
+                if stored.message.seq == cursor + 1 && until.is_none_or(|u| stored.message.seq <= u) {
+                    self.writer.queue_encoded(&stored.delivery.frame);
+                    cursor = stored.message.seq;
+                    sent += 1;
+                }
+            }
+            self.cursors.insert(conv, cursor);
+            self.ctx.metrics.deliveries.inc_by(sent);
+            self.ctx.metrics.replayed.inc_by(sent);
+            if self.writer.pending_len() >= REPLAY_FLUSH_BYTES {
+                self.flush().await?;
+            }
+            if sent == 0 || history.messages.len() < want {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn recover_from_lag(&mut self, dropped: u64) -> Result<(), Stop> {
+        self.ctx.metrics.sessions_lagged.inc();
+        tracing::info!(
+            session_id = self.session_id,
+            connection_id = self.conn.stable_id(),
+            dropped,
+            "session lagged: outbound queue full; re-sending from history"
+        );
+        self.queue(&Frame::Event(Event::Lagged { dropped }))?;
+        let convs: Vec<u64> = self.cursors.keys().copied().collect();
+        for conv in convs {
+            self.catch_up(conv, None).await?;
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, frame: &Frame) -> Result<(), Stop> {
+        self.writer.queue(frame).map_err(|e| {
+            tracing::error!(session_id = self.session_id, "cannot encode frame: {e}");
+            Stop::Failed
+        })
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.writer.pending_len() == 0 {
+            return Ok(());
+        }
+        let timeout = self.ctx.config.limits.slow_consumer_timeout;
+        match tokio::time::timeout(timeout, self.writer.flush()).await {
+            Ok(Ok(n)) => {
+                self.ctx.metrics.sent_bytes.inc_by(n as u64);
+                self.ctx.metrics.session_writes.inc();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Stop::Failed),
+            Err(_) => {
+                tracing::warn!(
+                    session_id = self.session_id,
+                    connection_id = self.conn.stable_id(),
+                    "disconnecting slow consumer: no progress writing for {timeout:?}"
+                );
+                self.ctx.metrics.disconnected("slow_consumer");
+                self.conn.close(
+                    quinn::VarInt::from_u32(close_code::SLOW_CONSUMER),
+                    b"slow consumer: resubscribe from your cursor",
+                );
+                Err(Stop::Failed)
+            }
+        }
+    }
+}
+
+async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, code: RefusalCode, detail: String) {
+    let _ = writer.write_preamble().await;
+    let _ = writer.send(&Frame::Goodbye(Refusal::new(code, detail.clone()))).await;
+    let _ = writer.finish().await;
+    close_after_flush(conn, close_code::PROTOCOL_ERROR, &detail).await;
+}
+
+/// Gives the peer a moment to read what was sent, then closes.
+async fn close_after_flush(conn: &quinn::Connection, code: u32, reason: &str) {
+    // The peer closes first once it has read our finished stream; otherwise close
+    // after a short grace period so a misbehaving peer cannot hold the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    let reason = &reason.as_bytes()[..reason.len().min(200)];
+    conn.close(quinn::VarInt::from_u32(code), reason);
+}
+
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "Hello",
+        Frame::Welcome(_) => "Welcome",
+        Frame::Request { .. } => "Request",
+        Frame::Reply { .. } => "Reply",
+        Frame::Deliver(_) => "Deliver",
+        Frame::Event(_) => "Event",
+        Frame::Goodbye(_) => "Goodbye",
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<'a, T, F: FnOnce(&'a T)>(value: &'a T, f: F) -> impl Drop + 'a
+where
+    F: 'a,
+{
+    struct Guard<'a, T, F: FnOnce(&'a T)>(&'a T, Option<F>);
+    impl<'a, T, F: FnOnce(&'a T)> Drop for Guard<'a, T, F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.1.take() {
+                f(self.0);
+            }
+        }
+    }
+    Guard(value, Some(f))
+}

@@ -1,0 +1,985 @@
+//! Tests of the conversation state machine. Every `apply` goes through [`apply`], which
+//! runs `validate()` afterwards.
+
+use std::collections::HashMap;
+
+use herald_client::wire::{decode_body, Frame, RefusalCode, FRAME_HEADER_LEN};
+
+use super::*;
+
+const SERVICE: &str = "billing";
+
+fn svc() -> Principal {
+    Principal::Service(SERVICE.into())
+}
+
+fn user(id: u64) -> Principal {
+    Principal::User(id)
+}
+
+fn key(n: u64) -> IdempotencyKey {
+    IdempotencyKey::Producer {
+        producer_id: 1,
+        producer_seq: n,
+    }
+}
+
+/// Small bounds, so every bound is reachable in a test.
+fn small_limits() -> StoreLimits {
+    StoreLimits {
+        group_members_max: 4,
+        history_messages_max: 5,
+        history_retention_ms: 10_000,
+        dedup_window_ms: 1_000,
+        dedup_keys_max: 3,
+        conversations_max: 4,
+        frame_bytes_max: 4096,
+    }
+}
+
+fn store() -> ConversationStore {
+    ConversationStore::new(small_limits())
+}
+
+/// Applies and checks every invariant afterwards.
+fn apply(s: &mut ConversationStore, command: Command) -> Result<Applied, StoreError> {
+    let result = s.apply(command);
+    if let Err(broken) = s.validate() {
+        panic!("invariant broken after apply: {broken}");
+    }
+    result
+}
+
+fn create(
+    s: &mut ConversationStore,
+    conv: u64,
+    kind: ConvKind,
+    members: &[u64],
+) -> Result<Applied, StoreError> {
+    apply(
+        s,
+        Command::CreateConversation {
+            conv,
+            kind,
+            members: members.to_vec(),
+        },
+    )
+}
+
+fn publish_as(
+    s: &mut ConversationStore,
+    conv: u64,
+    sender: Principal,
+    key: IdempotencyKey,
+    timestamp_ms: u64,
+) -> Result<Applied, StoreError> {
+    apply(
+        s,
+        Command::Publish {
+            conv,
+            sender,
+            key,
+            payload: format!("m{timestamp_ms}").into_bytes(),
+            timestamp_ms,
+        },
+    )
+}
+
+/// Publishes as the service; returns (seq, duplicate).
+fn publish(
+    s: &mut ConversationStore,
+    conv: u64,
+    key: IdempotencyKey,
+    timestamp_ms: u64,
+) -> (u64, bool) {
+    match publish_as(s, conv, svc(), key, timestamp_ms).unwrap() {
+        Applied::Published {
+            seq,
+            duplicate,
+            stored,
+        } => {
+            assert_eq!(stored.is_none(), duplicate);
+            if let Some(stored) = stored {
+                assert_eq!(stored.message.seq, seq);
+            }
+            (seq, duplicate)
+        }
+        other => panic!("expected Published, got {other:?}"),
+    }
+}
+
+fn seqs(history: &History) -> Vec<u64> {
+    history.messages.iter().map(|m| m.message.seq).collect()
+}
+
+#[test]
+fn create_is_idempotent_for_same_kind_and_members() {
+    let mut s = store();
+    assert!(matches!(
+        create(&mut s, 7, ConvKind::Group, &[1, 2, 3]),
+        Ok(Applied::Created { created: true })
+    ));
+    // Same members in another order and with duplicates: the same conversation.
+    assert!(matches!(
+        create(&mut s, 7, ConvKind::Group, &[3, 2, 1, 2]),
+        Ok(Applied::Created { created: false })
+    ));
+    assert!(matches!(
+        create(&mut s, 8, ConvKind::Direct, &[1, 2]),
+        Ok(Applied::Created { created: true })
+    ));
+    assert!(matches!(
+        create(&mut s, 8, ConvKind::Direct, &[2, 1]),
+        Ok(Applied::Created { created: false })
+    ));
+    assert_eq!(s.conversation_count(), 2);
+    assert_eq!(s.next_seq(7), Ok(1));
+}
+
+#[test]
+fn recreate_with_other_kind_or_members_conflicts() {
+    let mut s = store();
+    create(&mut s, 7, ConvKind::Group, &[1, 2]).unwrap();
+    let err = create(&mut s, 7, ConvKind::Channel, &[1, 2]).unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { conv: 7, .. }), "{err}");
+    assert_eq!(err.refusal().code, RefusalCode::ConversationConflict);
+    let err = create(&mut s, 7, ConvKind::Group, &[1, 2, 3]).unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { conv: 7, .. }), "{err}");
+    // Compared with the current members: after an add, the new set is "the same".
+    apply(
+        &mut s,
+        Command::AddMembers {
+            conv: 7,
+            members: vec![3],
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        create(&mut s, 7, ConvKind::Group, &[1, 2, 3]),
+        Ok(Applied::Created { created: false })
+    ));
+    assert!(create(&mut s, 7, ConvKind::Group, &[1, 2]).is_err());
+}
+
+#[test]
+fn direct_needs_exactly_two_distinct_members() {
+    let mut s = store();
+    for members in [&[][..], &[1], &[1, 1], &[1, 2, 3]] {
+        let err = create(&mut s, 1, ConvKind::Direct, members).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Invalid { .. }),
+            "{members:?}: {err}"
+        );
+        assert_eq!(err.refusal().code, RefusalCode::InvalidRequest);
+    }
+    assert_eq!(s.conversation_count(), 0);
+    create(&mut s, 1, ConvKind::Direct, &[1, 2, 2]).unwrap();
+    assert_eq!(s.is_member(1, 1), Ok(true));
+    assert_eq!(s.is_member(1, 2), Ok(true));
+}
+
+#[test]
+fn direct_members_cannot_change() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Direct, &[1, 2]).unwrap();
+    let add = apply(
+        &mut s,
+        Command::AddMembers {
+            conv: 1,
+            members: vec![3],
+        },
+    );
+    assert!(matches!(add, Err(StoreError::Invalid { .. })), "{add:?}");
+    let remove = apply(
+        &mut s,
+        Command::RemoveMembers {
+            conv: 1,
+            members: vec![2],
+        },
+    );
+    assert!(
+        matches!(remove, Err(StoreError::Invalid { .. })),
+        "{remove:?}"
+    );
+    assert_eq!(s.is_member(1, 2), Ok(true));
+    assert_eq!(s.is_member(1, 3), Ok(false));
+}
+
+#[test]
+fn member_bound_applies_to_create_and_add_all_or_nothing() {
+    let mut s = store();
+    for kind in [ConvKind::Group, ConvKind::Channel] {
+        let err = create(&mut s, 1, kind, &[1, 2, 3, 4, 5]).unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::LimitReached {
+                what: "members per group or owners per channel",
+                limit: 4
+            }
+        );
+        assert_eq!(err.refusal().code, RefusalCode::LimitReached);
+    }
+    create(&mut s, 1, ConvKind::Group, &[1, 2, 3]).unwrap();
+    // Present members do not count twice; 4 is the bound.
+    apply(
+        &mut s,
+        Command::AddMembers {
+            conv: 1,
+            members: vec![3, 4, 4],
+        },
+    )
+    .unwrap();
+    let err = apply(
+        &mut s,
+        Command::AddMembers {
+            conv: 1,
+            members: vec![5, 6],
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::LimitReached { limit: 4, .. }),
+        "{err}"
+    );
+    assert_eq!(s.is_member(1, 5), Ok(false), "a refused add adds nobody");
+    apply(
+        &mut s,
+        Command::RemoveMembers {
+            conv: 1,
+            members: vec![1, 99],
+        },
+    )
+    .unwrap();
+    apply(
+        &mut s,
+        Command::AddMembers {
+            conv: 1,
+            members: vec![5],
+        },
+    )
+    .unwrap();
+    assert_eq!(s.is_member(1, 1), Ok(false));
+    assert_eq!(s.is_member(1, 5), Ok(true));
+}
+
+#[test]
+fn conversation_bound_refuses_new_ones_but_not_recreates() {
+    let mut s = store();
+    for conv in 1..=4 {
+        create(&mut s, conv, ConvKind::Group, &[]).unwrap();
+    }
+    let err = create(&mut s, 5, ConvKind::Group, &[]).unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::LimitReached {
+            what: "conversations",
+            limit: 4
+        }
+    );
+    assert!(matches!(
+        create(&mut s, 4, ConvKind::Group, &[]),
+        Ok(Applied::Created { created: false })
+    ));
+    assert_eq!(s.conversation_count(), 4);
+}
+
+#[test]
+fn unknown_conversation_is_refused_everywhere() {
+    let mut s = store();
+    let none = StoreError::NoSuchConversation { conv: 9 };
+    assert_eq!(
+        apply(
+            &mut s,
+            Command::AddMembers {
+                conv: 9,
+                members: vec![1]
+            }
+        )
+        .unwrap_err(),
+        none
+    );
+    assert_eq!(
+        apply(
+            &mut s,
+            Command::RemoveMembers {
+                conv: 9,
+                members: vec![1]
+            }
+        )
+        .unwrap_err(),
+        none
+    );
+    assert_eq!(publish_as(&mut s, 9, svc(), key(1), 0).unwrap_err(), none);
+    assert_eq!(s.read(9, 1, 10).unwrap_err(), none);
+    assert_eq!(s.next_seq(9).unwrap_err(), none);
+    assert_eq!(s.is_member(9, 1).unwrap_err(), none);
+    assert_eq!(s.kind(9).unwrap_err(), none);
+    for action in [Action::Publish, Action::Subscribe, Action::ReadHistory] {
+        assert_eq!(s.authorize(&svc(), action, 9).unwrap_err(), none);
+        assert_eq!(s.authorize(&user(1), action, 9).unwrap_err(), none);
+    }
+    assert_eq!(none.refusal().code, RefusalCode::NoSuchConversation);
+}
+
+#[test]
+fn services_may_do_everything() {
+    let mut s = store();
+    // Manage is decided by role: a service may create conversations that do not exist yet.
+    assert_eq!(s.authorize(&svc(), Action::Manage, 1), Ok(()));
+    create(&mut s, 1, ConvKind::Direct, &[1, 2]).unwrap();
+    create(&mut s, 2, ConvKind::Group, &[]).unwrap();
+    create(&mut s, 3, ConvKind::Channel, &[]).unwrap();
+    for conv in 1..=3 {
+        for action in [
+            Action::Manage,
+            Action::Publish,
+            Action::Subscribe,
+            Action::ReadHistory,
+        ] {
+            assert_eq!(
+                s.authorize(&svc(), action, conv),
+                Ok(()),
+                "{action} in {conv}"
+            );
+        }
+        assert_eq!(publish(&mut s, conv, key(1), 0), (1, false));
+    }
+}
+
+#[test]
+fn users_may_not_manage() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[5]).unwrap();
+    for conv in [1, 2] {
+        let err = s.authorize(&user(5), Action::Manage, conv).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::RoleNotAllowed {
+                    action: Action::Manage,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.refusal().code, RefusalCode::RoleNotAllowed);
+    }
+}
+
+#[test]
+fn users_need_membership_in_direct_and_group() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Direct, &[1, 2]).unwrap();
+    create(&mut s, 2, ConvKind::Group, &[1, 3]).unwrap();
+    for action in [Action::Publish, Action::Subscribe, Action::ReadHistory] {
+        assert_eq!(s.authorize(&user(1), action, 1), Ok(()));
+        assert_eq!(s.authorize(&user(1), action, 2), Ok(()));
+        assert_eq!(
+            s.authorize(&user(3), action, 1),
+            Err(StoreError::NotMember { user: 3, conv: 1 })
+        );
+        assert_eq!(
+            s.authorize(&user(2), action, 2),
+            Err(StoreError::NotMember { user: 2, conv: 2 })
+        );
+    }
+    assert!(matches!(
+        publish_as(&mut s, 1, user(2), key(1), 0),
+        Ok(Applied::Published { seq: 1, .. })
+    ));
+    let err = publish_as(&mut s, 2, user(2), key(1), 0).unwrap_err();
+    assert_eq!(err, StoreError::NotMember { user: 2, conv: 2 });
+    assert_eq!(err.refusal().code, RefusalCode::NotMember);
+    assert_eq!(s.next_seq(2), Ok(1));
+}
+
+#[test]
+fn channel_followers_read_and_subscribe_but_only_owners_and_services_publish() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Channel, &[10]).unwrap();
+    for follower in [11, 12, u64::MAX] {
+        assert_eq!(s.authorize(&user(follower), Action::Subscribe, 1), Ok(()));
+        assert_eq!(s.authorize(&user(follower), Action::ReadHistory, 1), Ok(()));
+        let err = s
+            .authorize(&user(follower), Action::Publish, 1)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::RoleNotAllowed {
+                    action: Action::Publish,
+                    conv: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    assert_eq!(s.authorize(&user(10), Action::Publish, 1), Ok(()));
+    assert_eq!(publish(&mut s, 1, key(1), 0), (1, false));
+    assert!(matches!(
+        publish_as(&mut s, 1, user(10), key(2), 0),
+        Ok(Applied::Published { seq: 2, .. })
+    ));
+    assert!(publish_as(&mut s, 1, user(11), key(3), 0).is_err());
+    assert_eq!(s.next_seq(1), Ok(3));
+}
+
+#[test]
+fn removed_member_loses_access_and_their_in_flight_publish_is_refused() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[1, 2]).unwrap();
+    assert_eq!(s.authorize(&user(2), Action::Publish, 1), Ok(()));
+    // The engine authorised user 2, then a removal got into the log first.
+    apply(
+        &mut s,
+        Command::RemoveMembers {
+            conv: 1,
+            members: vec![2],
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        publish_as(&mut s, 1, user(2), key(1), 0),
+        Err(StoreError::NotMember { user: 2, conv: 1 })
+    ));
+    assert_eq!(
+        s.authorize(&user(2), Action::Subscribe, 1),
+        Err(StoreError::NotMember { user: 2, conv: 1 })
+    );
+    assert_eq!(s.next_seq(1), Ok(1));
+}
+
+#[test]
+fn seqs_are_gapless_from_one_per_conversation() {
+    let mut s = ConversationStore::new(StoreLimits {
+        history_messages_max: 100,
+        dedup_keys_max: 100,
+        ..small_limits()
+    });
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    create(&mut s, 2, ConvKind::Group, &[]).unwrap();
+    for n in 1..=50 {
+        assert_eq!(publish(&mut s, 1, key(n), n), (n, false));
+        if n % 2 == 0 {
+            assert_eq!(publish(&mut s, 2, key(n), n), (n / 2, false));
+        }
+    }
+    let h = s.read(1, 1, 100).unwrap();
+    assert_eq!(seqs(&h), (1..=50).collect::<Vec<_>>());
+    assert_eq!((h.first_seq, h.next_seq), (1, 51));
+    assert_eq!(s.next_seq(2), Ok(26));
+    assert_eq!(s.message_count(), 75);
+}
+
+#[test]
+fn duplicate_within_window_returns_original_seq_and_appends_nothing() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    let pay = IdempotencyKey::Caller("payment-123".into());
+    assert_eq!(publish(&mut s, 1, pay.clone(), 100), (1, false));
+    assert_eq!(publish(&mut s, 1, key(1), 200), (2, false));
+    // Retries, even with another payload, get the original seq.
+    assert_eq!(publish(&mut s, 1, pay.clone(), 300), (1, true));
+    let retry = Command::Publish {
+        conv: 1,
+        sender: svc(),
+        key: key(1),
+        payload: b"other".to_vec(),
+        timestamp_ms: 1_100,
+    };
+    assert!(matches!(
+        apply(&mut s, retry),
+        Ok(Applied::Published {
+            seq: 2,
+            duplicate: true,
+            stored: None
+        })
+    ));
+    assert_eq!(s.next_seq(1), Ok(3));
+    assert_eq!(s.message_count(), 2);
+    assert_eq!(
+        s.read(1, 1, 10).unwrap().messages[1].message.payload,
+        b"m200".to_vec()
+    );
+}
+
+#[test]
+fn retry_after_the_window_appends_a_new_message() {
+    let mut s = store(); // window 1_000 ms
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    assert_eq!(publish(&mut s, 1, key(1), 5_000), (1, false));
+    // At exactly the window's end the key is still remembered …
+    assert_eq!(publish(&mut s, 1, key(1), 6_000), (1, true));
+    // … one ms later it is forgotten: the late retry is a new message.
+    assert_eq!(publish(&mut s, 1, key(1), 6_001), (2, false));
+    // And that new message's key is remembered from its own time.
+    assert_eq!(publish(&mut s, 1, key(1), 7_001), (2, true));
+}
+
+#[test]
+fn key_bound_forgets_the_oldest_key_of_the_conversation() {
+    let mut s = store(); // 3 keys per conversation
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    create(&mut s, 2, ConvKind::Group, &[]).unwrap();
+    for n in 1..=3 {
+        assert_eq!(publish(&mut s, 1, key(n), 0), (n, false));
+    }
+    // Keys live per conversation: filling conversation 2 does not touch 1.
+    for n in 1..=3 {
+        assert_eq!(publish(&mut s, 2, key(n), 0), (n, false));
+    }
+    assert_eq!(publish(&mut s, 1, key(1), 0), (1, true));
+    assert_eq!(publish(&mut s, 1, key(4), 0), (4, false)); // forgets key 1
+    assert_eq!(publish(&mut s, 1, key(2), 0), (2, true));
+    assert_eq!(
+        publish(&mut s, 1, key(1), 0),
+        (5, false),
+        "a forgotten key appends anew"
+    );
+    assert_eq!(publish(&mut s, 2, key(1), 0), (1, true));
+}
+
+#[test]
+fn producer_and_caller_keys_are_distinct_and_caller_keys_are_bounded() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    let a = IdempotencyKey::Producer {
+        producer_id: 1,
+        producer_seq: 2,
+    };
+    let b = IdempotencyKey::Producer {
+        producer_id: 2,
+        producer_seq: 1,
+    };
+    assert_eq!(publish(&mut s, 1, a, 0), (1, false));
+    assert_eq!(publish(&mut s, 1, b, 0), (2, false));
+    assert_eq!(
+        publish(&mut s, 1, IdempotencyKey::Caller("1".into()), 0),
+        (3, false)
+    );
+    for bad in [String::new(), "k".repeat(CALLER_KEY_BYTES_MAX + 1)] {
+        let err = publish_as(&mut s, 1, svc(), IdempotencyKey::Caller(bad), 0).unwrap_err();
+        assert!(matches!(err, StoreError::Invalid { .. }), "{err}");
+    }
+    let longest = IdempotencyKey::Caller("k".repeat(CALLER_KEY_BYTES_MAX));
+    assert_eq!(publish(&mut s, 1, longest, 0), (4, false));
+}
+
+#[test]
+fn history_is_bounded_by_count() {
+    let mut s = store(); // 5 messages per conversation
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    for n in 1..=12 {
+        publish(&mut s, 1, key(n), n);
+    }
+    let h = s.read(1, 1, 100).unwrap();
+    assert_eq!(seqs(&h), vec![8, 9, 10, 11, 12]);
+    assert_eq!((h.first_seq, h.next_seq), (8, 13));
+    assert_eq!(s.message_count(), 5);
+}
+
+#[test]
+fn history_is_bounded_by_age_on_publish() {
+    let mut s = store(); // 10 s retention
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    create(&mut s, 2, ConvKind::Group, &[]).unwrap();
+    publish(&mut s, 1, key(1), 1_000);
+    publish(&mut s, 1, key(2), 2_000);
+    publish(&mut s, 2, key(1), 1_000);
+    // Exactly `retention` old is kept; older is evicted, in the published conversation only.
+    publish(&mut s, 1, key(3), 11_000);
+    assert_eq!(seqs(&s.read(1, 1, 10).unwrap()), vec![1, 2, 3]);
+    publish(&mut s, 1, key(4), 12_001);
+    assert_eq!(seqs(&s.read(1, 1, 10).unwrap()), vec![3, 4]);
+    assert_eq!(seqs(&s.read(2, 1, 10).unwrap()), vec![1]);
+    assert_eq!(s.message_count(), 3);
+}
+
+#[test]
+fn trim_expired_drops_old_messages_and_keys() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    create(&mut s, 2, ConvKind::Group, &[]).unwrap();
+    publish(&mut s, 1, key(1), 1_000);
+    publish(&mut s, 2, key(1), 5_000);
+    s.trim_expired(1_500);
+    s.validate().unwrap();
+    assert_eq!(s.message_count(), 2);
+    s.trim_expired(11_001); // conv 1's message is 10_001 ms old, conv 2's 6_001
+    s.validate().unwrap();
+    assert_eq!(s.message_count(), 1);
+    let h = s.read(1, 1, 10).unwrap();
+    assert!(h.messages.is_empty());
+    assert_eq!((h.first_seq, h.next_seq), (2, 2));
+    // The key expired too (window 1 s): a retry now appends.
+    assert_eq!(publish(&mut s, 2, key(1), 11_001), (2, false));
+    s.trim_expired(100_000);
+    s.validate().unwrap();
+    assert_eq!(s.message_count(), 0);
+    assert_eq!(s.next_seq(2), Ok(3), "trimming never rewinds seqs");
+}
+
+#[test]
+fn read_of_an_evicted_range_reports_truncation_via_first_seq() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    for n in 1..=9 {
+        publish(&mut s, 1, key(n), n);
+    }
+    let h = s.read(1, 2, 3).unwrap();
+    assert!(h.first_seq > 2, "the caller detects truncation");
+    assert_eq!(h.first_seq, 5);
+    assert_eq!(seqs(&h), vec![5, 6, 7]);
+    let h = s.read(1, 0, 100).unwrap();
+    assert_eq!(seqs(&h), vec![5, 6, 7, 8, 9]);
+}
+
+#[test]
+fn read_pages_in_order_and_handles_edges() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    let empty = s.read(1, 1, 10).unwrap();
+    assert!(empty.messages.is_empty());
+    assert_eq!((empty.first_seq, empty.next_seq), (1, 1));
+    for n in 1..=5 {
+        publish(&mut s, 1, key(n), n);
+    }
+    assert_eq!(seqs(&s.read(1, 2, 2).unwrap()), vec![2, 3]);
+    assert_eq!(seqs(&s.read(1, 4, 2).unwrap()), vec![4, 5]);
+    assert_eq!(seqs(&s.read(1, 5, 100).unwrap()), vec![5]);
+    assert!(s.read(1, 6, 10).unwrap().messages.is_empty());
+    assert!(s.read(1, u64::MAX, 10).unwrap().messages.is_empty());
+    assert!(s.read(1, 1, 0).unwrap().messages.is_empty());
+    let all = s.read(1, 1, usize::MAX).unwrap();
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
+    assert_eq!(all.next_seq, 6);
+}
+
+#[test]
+fn timestamps_never_decrease_within_a_conversation() {
+    let mut s = store();
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    publish(&mut s, 1, key(1), 5_000);
+    publish(&mut s, 1, key(2), 3_000); // a leader whose clock is behind
+    let h = s.read(1, 1, 10).unwrap();
+    let stamps: Vec<u64> = h.messages.iter().map(|m| m.message.timestamp_ms).collect();
+    assert_eq!(stamps, vec![5_000, 5_000]);
+    // The dedup window runs on the clamped clock: key 1 is still fresh.
+    assert_eq!(publish(&mut s, 1, key(1), 0), (1, true));
+}
+
+#[test]
+fn stored_frame_is_the_encoded_deliver_of_the_message() {
+    let mut s = store();
+    create(&mut s, 3, ConvKind::Group, &[]).unwrap();
+    let Applied::Published {
+        stored: Some(stored),
+        ..
+    } = publish_as(&mut s, 3, svc(), key(1), 42).unwrap()
+    else {
+        panic!("expected a stored message");
+    };
+    assert_eq!((stored.delivery.conv, stored.delivery.seq), (3, 1));
+    let frame = &stored.delivery.frame;
+    let len = u32::from_le_bytes(frame[..FRAME_HEADER_LEN].try_into().unwrap()) as usize;
+    assert_eq!(len, frame.len() - FRAME_HEADER_LEN);
+    let decoded = decode_body(&frame[FRAME_HEADER_LEN..], 0).unwrap();
+    assert_eq!(decoded, Frame::Deliver(stored.message.clone()));
+    assert_eq!(stored.message.sender, svc());
+    assert_eq!(stored.message.timestamp_ms, 42);
+    // History hands out the very same allocation.
+    let h = s.read(3, 1, 1).unwrap();
+    assert!(Arc::ptr_eq(&h.messages[0], &stored));
+}
+
+#[test]
+fn payload_too_large_is_refused_and_changes_nothing() {
+    let mut s = store(); // 4096-byte frames
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    let big = Command::Publish {
+        conv: 1,
+        sender: svc(),
+        key: key(1),
+        payload: vec![0; 5000],
+        timestamp_ms: 1,
+    };
+    let err = apply(&mut s, big).unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::PayloadTooLarge {
+            conv: 1,
+            payload_bytes: 5000,
+            frame_bytes_max: 4096
+        }
+    );
+    assert_eq!(err.refusal().code, RefusalCode::PayloadTooLarge);
+    assert_eq!(s.next_seq(1), Ok(1));
+    // The key was not consumed: the same key with a fitting payload is a new message.
+    assert_eq!(publish(&mut s, 1, key(1), 2), (1, false));
+}
+
+#[test]
+fn zero_bounds_retain_nothing_but_still_assign_seqs() {
+    let limits = StoreLimits {
+        history_messages_max: 0,
+        dedup_keys_max: 0,
+        ..small_limits()
+    };
+    let mut s = ConversationStore::new(limits);
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    assert_eq!(publish(&mut s, 1, key(1), 0), (1, false));
+    assert_eq!(
+        publish(&mut s, 1, key(1), 0),
+        (2, false),
+        "no keys remembered"
+    );
+    let h = s.read(1, 1, 10).unwrap();
+    assert!(h.messages.is_empty());
+    assert_eq!((h.first_seq, h.next_seq), (3, 3));
+    assert_eq!(s.message_count(), 0);
+    let mut none = ConversationStore::new(StoreLimits {
+        conversations_max: 0,
+        ..small_limits()
+    });
+    assert!(matches!(
+        create(&mut none, 1, ConvKind::Group, &[]),
+        Err(StoreError::LimitReached { .. })
+    ));
+}
+
+#[test]
+fn default_limits_follow_the_brief() {
+    let l = StoreLimits::default();
+    assert_eq!(l.group_members_max, 10_000);
+    assert_eq!(l.history_messages_max, 100_000);
+    assert_eq!(l.history_retention_ms, 7 * 24 * 60 * 60 * 1000);
+    assert_eq!(l.dedup_window_ms, 24 * 60 * 60 * 1000);
+    assert_eq!(l.dedup_keys_max, 100_000);
+    assert_eq!(
+        l.frame_bytes_max,
+        herald_client::wire::DEFAULT_FRAME_BYTES_MAX
+    );
+    // A 64 KiB payload, the default maximum, fits in a default frame.
+    let mut s = ConversationStore::new(l);
+    create(&mut s, 1, ConvKind::Group, &[]).unwrap();
+    let max = Command::Publish {
+        conv: 1,
+        sender: svc(),
+        key: key(1),
+        payload: vec![7; 64 * 1024],
+        timestamp_ms: 0,
+    };
+    assert!(matches!(
+        apply(&mut s, max),
+        Ok(Applied::Published { seq: 1, .. })
+    ));
+}
+
+#[test]
+fn every_error_names_its_refusal_code_and_reason() {
+    let who = user(5);
+    let cases = [
+        (
+            StoreError::NoSuchConversation { conv: 1 },
+            RefusalCode::NoSuchConversation,
+        ),
+        (
+            StoreError::Conflict {
+                conv: 1,
+                reason: "it is a group, not a channel".into(),
+            },
+            RefusalCode::ConversationConflict,
+        ),
+        (
+            StoreError::NotMember { user: 5, conv: 1 },
+            RefusalCode::NotMember,
+        ),
+        (
+            StoreError::RoleNotAllowed {
+                principal: who,
+                action: Action::Manage,
+                conv: 1,
+                reason: "only services create conversations and change members",
+            },
+            RefusalCode::RoleNotAllowed,
+        ),
+        (
+            StoreError::LimitReached {
+                what: "conversations",
+                limit: 1,
+            },
+            RefusalCode::LimitReached,
+        ),
+        (
+            StoreError::Invalid {
+                reason: "a direct conversation has exactly 2 distinct members".into(),
+            },
+            RefusalCode::InvalidRequest,
+        ),
+        (
+            StoreError::PayloadTooLarge {
+                conv: 1,
+                payload_bytes: 2,
+                frame_bytes_max: 1,
+            },
+            RefusalCode::PayloadTooLarge,
+        ),
+    ];
+    for (err, code) in cases {
+        let refusal = err.refusal();
+        assert_eq!(refusal.code, code);
+        assert_eq!(refusal.detail, err.to_string());
+        assert!(
+            refusal.detail.len() > 20,
+            "a sentence, not a code: {}",
+            refusal.detail
+        );
+    }
+}
+
+/// xorshift64*: a small deterministic PRNG so the run is reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A name per kind of outcome, to check the random run reaches every path.
+fn outcome_name(result: &Result<Applied, StoreError>) -> &'static str {
+    match result {
+        Ok(Applied::Created { created: true }) => "created",
+        Ok(Applied::Created { created: false }) => "recreated",
+        Ok(Applied::MembersChanged) => "members changed",
+        Ok(Applied::Published {
+            duplicate: false, ..
+        }) => "published",
+        Ok(Applied::Published {
+            duplicate: true, ..
+        }) => "duplicate",
+        Err(StoreError::NoSuchConversation { .. }) => "no such conversation",
+        Err(StoreError::Conflict { .. }) => "conflict",
+        Err(StoreError::NotMember { .. }) => "not member",
+        Err(StoreError::RoleNotAllowed { .. }) => "role not allowed",
+        Err(StoreError::LimitReached { .. }) => "limit reached",
+        Err(StoreError::Invalid { .. }) => "invalid",
+        Err(StoreError::PayloadTooLarge { .. }) => "payload too large",
+    }
+}
+
+#[test]
+fn randomized_commands_keep_every_invariant() {
+    let mut seen: HashMap<&'static str, usize> = HashMap::new();
+    for seed in 1..=8u64 {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+        let mut s = store();
+        let mut now = 0u64;
+        // Model: next seq per conversation and the seqs each key has been given.
+        let mut next: HashMap<u64, u64> = HashMap::new();
+        let mut given: HashMap<(u64, IdempotencyKey), Vec<u64>> = HashMap::new();
+        for _ in 0..3_000 {
+            // Time mostly moves forward, sometimes back (another leader's clock).
+            now = match rng.below(10) {
+                0 => now.saturating_sub(rng.below(2_000)),
+                _ => now + rng.below(400),
+            };
+            let conv = rng.below(6);
+            let members: Vec<u64> = (0..rng.below(6)).map(|_| rng.below(8)).collect();
+            let command = match rng.below(10) {
+                0 => {
+                    let kind = [ConvKind::Direct, ConvKind::Group, ConvKind::Channel]
+                        [rng.below(3) as usize];
+                    Command::CreateConversation {
+                        conv,
+                        kind,
+                        members,
+                    }
+                }
+                1 => Command::AddMembers { conv, members },
+                2 => Command::RemoveMembers { conv, members },
+                3 => {
+                    s.trim_expired(now);
+                    s.validate().unwrap();
+                    continue;
+                }
+                _ => Command::Publish {
+                    conv,
+                    sender: if rng.below(3) == 0 {
+                        user(rng.below(8))
+                    } else {
+                        svc()
+                    },
+                    key: key(rng.below(12)),
+                    payload: vec![0; rng.below(6000) as usize],
+                    timestamp_ms: now,
+                },
+            };
+            let before = (
+                s.conversation_count(),
+                s.message_count(),
+                s.next_seq(conv).ok(),
+            );
+            let publish_key = match &command {
+                Command::Publish { key, .. } => Some(key.clone()),
+                _ => None,
+            };
+            let result = apply(&mut s, command);
+            *seen.entry(outcome_name(&result)).or_default() += 1;
+            match result {
+                Err(_) if publish_key.is_some() => {
+                    let after = (
+                        s.conversation_count(),
+                        s.message_count(),
+                        s.next_seq(conv).ok(),
+                    );
+                    assert_eq!(before, after, "a refused publish changes nothing");
+                }
+                Err(_) => assert_eq!(before.0, s.conversation_count()),
+                Ok(Applied::Created { created: true }) => {
+                    assert_eq!(next.insert(conv, 1), None);
+                }
+                Ok(Applied::Published {
+                    seq,
+                    duplicate,
+                    stored,
+                }) => {
+                    let given = given.entry((conv, publish_key.unwrap())).or_default();
+                    let expected = next.get_mut(&conv).unwrap();
+                    if duplicate {
+                        assert!(stored.is_none());
+                        assert_eq!(
+                            given.last(),
+                            Some(&seq),
+                            "a duplicate returns the key's latest seq"
+                        );
+                    } else {
+                        assert_eq!(seq, *expected, "seqs are gapless");
+                        *expected += 1;
+                        given.push(seq);
+                    }
+                }
+                Ok(_) => {}
+            }
+            // Any read is gapless, in order, and inside [first_seq, next_seq).
+            if let Ok(h) = s.read(conv, rng.below(40), rng.below(8) as usize) {
+                for (i, m) in h.messages.iter().enumerate() {
+                    assert_eq!(m.message.seq, h.messages[0].message.seq + i as u64);
+                    assert!(m.message.seq >= h.first_seq && m.message.seq < h.next_seq);
+                }
+            }
+        }
+        assert!(
+            s.message_count() > 0,
+            "seed {seed}: the run should publish something"
+        );
+    }
+}
