@@ -57,6 +57,8 @@ pub struct NodeContext {
     pub metrics: Arc<Metrics>,
     /// True while the node accepts sessions (`/readyz`).
     pub ready: AtomicBool,
+    /// Live sessions per user (to end subscriptions of removed members).
+    pub sessions: session::Registry,
     session_ids: AtomicU64,
 }
 
@@ -137,6 +139,7 @@ impl RunningNode {
             verifier,
             metrics,
             ready: AtomicBool::new(false),
+            sessions: session::Registry::default(),
             session_ids: AtomicU64::new(1),
         });
         let mut tasks = Vec::new();

@@ -55,11 +55,61 @@ const DRAIN_BATCH_LEN_MAX: usize = 1024;
 const REPLAY_FLUSH_BYTES: usize = 256 * 1024;
 
 /// What the reader asks the writer to do, in order.
-enum Control {
+pub(crate) enum Control {
     Reply { id: u64, body: Reply },
     Subscribe { id: u64, conv: u64, from: Option<u64> },
     Unsubscribe { id: u64, conv: u64 },
+    /// The user was removed from `conv`: end the subscription and say why.
+    Revoke { conv: u64, reason: Refusal },
     Goodbye(Refusal),
+}
+
+/// The live sessions of each user on this node, so that removing a member can end that
+/// user's subscriptions. Bounded by the number of open connections (`connections_max`).
+#[derive(Default)]
+pub struct Registry {
+    by_user: dashmap::DashMap<u64, Vec<(u64, mpsc::Sender<Control>)>>,
+}
+
+impl Registry {
+    fn register(&self, user: u64, session_id: u64, control: mpsc::Sender<Control>) {
+        self.by_user.entry(user).or_default().push((session_id, control));
+    }
+
+    fn unregister(&self, user: u64, session_id: u64) {
+        if let dashmap::Entry::Occupied(mut e) = self.by_user.entry(user) {
+            e.get_mut().retain(|(id, _)| *id != session_id);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+    }
+
+    /// Ends `users`' subscriptions to `conv` on this node.
+    fn revoke(&self, conv: u64, users: &[u64]) {
+        for user in users {
+            let Some(sessions) = self.by_user.get(user) else {
+                continue;
+            };
+            for (_, control) in sessions.iter() {
+                let message = Control::Revoke {
+                    conv,
+                    reason: Refusal::new(
+                        RefusalCode::NotMember,
+                        format!("user {user} was removed from conversation {conv}"),
+                    ),
+                };
+                // At the bound (the session's control queue is full) hand it to a task
+                // rather than block the request that removed the member.
+                if let Err(mpsc::error::TrySendError::Full(message)) = control.try_send(message) {
+                    let control = control.clone();
+                    tokio::spawn(async move {
+                        let _ = control.send(message).await;
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// Serves one accepted connection until it closes.
@@ -178,14 +228,21 @@ pub async fn serve_connection(
         cursors: HashMap::new(),
         batch: Vec::with_capacity(DRAIN_BATCH_LEN_MAX),
         session_id,
+        principal: principal.clone(),
     };
     let writer_task = tokio::spawn(session_writer.run());
+    if let Principal::User(user) = principal {
+        ctx.sessions.register(user, session_id, control_tx.clone());
+    }
 
     let reason = read_requests(&ctx, &principal, &mut reader, &control_tx).await;
     if let Some(refusal) = reason {
         tracing::info!(session_id, %principal, %remote, "closing session: {refusal}");
         ctx.metrics.disconnected("protocol_error");
         let _ = control_tx.send(Control::Goodbye(refusal)).await;
+    }
+    if let Principal::User(user) = principal {
+        ctx.sessions.unregister(user, session_id);
     }
     drop(control_tx);
     let _ = writer_task.await;
@@ -253,7 +310,11 @@ fn execute(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> 
             reply(engine.add_members(principal, conv, members).map(|()| Reply::Done))
         }
         Request::RemoveMembers { conv, members } => {
-            reply(engine.remove_members(principal, conv, members).map(|()| Reply::Done))
+            let result = engine.remove_members(principal, conv, members.clone());
+            if result.is_ok() {
+                ctx.sessions.revoke(conv, &members);
+            }
+            reply(result.map(|()| Reply::Done))
         }
         Request::Publish { conv, key, payload } => reply(
             engine
@@ -303,6 +364,7 @@ struct SessionWriter {
     cursors: HashMap<u64, u64>,
     batch: Vec<Arc<Delivery>>,
     session_id: u64,
+    principal: Principal,
 }
 
 /// Why the writer stopped.
@@ -357,11 +419,16 @@ impl SessionWriter {
             self.batch.clear();
             self.outbox.drain_into(&mut self.batch, DRAIN_BATCH_LEN_MAX);
             let batch = std::mem::take(&mut self.batch);
+            let mut sent = 0;
             for delivery in &batch {
-                if let Err(stop) = self.deliver_live(delivery).await {
-                    return stop;
+                match self.deliver_live(delivery).await {
+                    Ok(true) => sent += 1,
+                    Ok(false) => {}
+                    Err(stop) => return stop,
                 }
             }
+            // One shared-counter update per batch, not per delivery.
+            self.ctx.metrics.deliveries.inc_by(sent);
             self.batch = batch;
             if let Err(stop) = self.flush().await {
                 return stop;
@@ -391,6 +458,18 @@ impl SessionWriter {
                     self.ctx.metrics.subscriptions.dec();
                 }
                 self.queue(&Frame::Reply { id, body: Reply::Done })
+            }
+            Control::Revoke { conv, reason } => {
+                // A channel follower needs no membership: only revoke where it matters.
+                if self.cursors.contains_key(&conv)
+                    && self.ctx.engine.authorize(&self.principal, Action::Subscribe, conv).is_err()
+                {
+                    self.cursors.remove(&conv);
+                    self.ctx.engine.router().unsubscribe(conv, self.session_id);
+                    self.ctx.metrics.subscriptions.dec();
+                    self.queue(&Frame::Event(Event::Unsubscribed { conv, reason }))?;
+                }
+                Ok(())
             }
             Control::Goodbye(refusal) => {
                 self.queue(&Frame::Goodbye(refusal.clone()))?;
@@ -430,12 +509,13 @@ impl SessionWriter {
         Ok(())
     }
 
-    async fn deliver_live(&mut self, delivery: &Arc<Delivery>) -> Result<(), Stop> {
+    /// Sends one live delivery if it is next for its conversation; true if sent.
+    async fn deliver_live(&mut self, delivery: &Arc<Delivery>) -> Result<bool, Stop> {
         let Some(&cursor) = self.cursors.get(&delivery.conv) else {
-            return Ok(()); // unsubscribed since it was queued
+            return Ok(false); // unsubscribed since it was queued
         };
         if delivery.seq <= cursor {
-            return Ok(()); // already sent (replay overlap)
+            return Ok(false); // already sent (replay overlap)
         }
         if delivery.seq > cursor + 1 {
             self.catch_up(delivery.conv, Some(delivery.seq - 1)).await?;
@@ -443,9 +523,9 @@ impl SessionWriter {
         if self.cursors.get(&delivery.conv).copied() == Some(delivery.seq - 1) {
             self.writer.queue_encoded(&delivery.frame);
             self.cursors.insert(delivery.conv, delivery.seq);
-            self.ctx.metrics.deliveries.inc();
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Sends history from `cursor + 1` up to `until` (inclusive) or to the present.
