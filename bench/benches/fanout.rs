@@ -83,10 +83,10 @@ fn measure(router: &Router, outboxes: &[Arc<Outbox>], iters: u64) -> Duration {
     total
 }
 
-fn group_for(
-    c: &mut Criterion,
+fn group_for<'a>(
+    c: &'a mut Criterion,
     name: &str,
-) -> criterion::BenchmarkGroup<'_, criterion::measurement::WallTime> {
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
     let mut group = c.benchmark_group(name);
     group
         .sample_size(10)

@@ -86,7 +86,8 @@ pub struct Limits {
     /// Must exceed `payload_bytes_max` by at least 1 KiB for the envelope.
     pub frame_bytes_max: u32,
     /// Deliveries queued per session; beyond it the session is told it lagged and is
-    /// re-sent from history (nothing lost, nobody else slowed).
+    /// re-sent from history (nothing lost, nobody else slowed). The queue is allocated
+    /// up front at 16 bytes per slot, so this is also 16 B × it of memory per session.
     pub session_queue_len_max: u32,
     /// How long a session's writer may stay blocked on a client that does not read before
     /// the connection is closed with `SlowConsumer` (it resyncs from its cursor on reconnect).
@@ -160,7 +161,7 @@ impl Default for Limits {
         Limits {
             payload_bytes_max: 64 * 1024,
             frame_bytes_max: herald_client::wire::DEFAULT_FRAME_BYTES_MAX,
-            session_queue_len_max: 8192,
+            session_queue_len_max: 1024,
             slow_consumer_timeout: Duration::from_secs(10),
             subscriptions_per_session_max: 1000,
             connections_max: 100_000,

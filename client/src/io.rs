@@ -70,6 +70,11 @@ impl FrameReader {
         }
     }
 
+    /// Bytes of complete frames read so far (after the preamble).
+    pub fn frame_bytes_read(&self) -> u64 {
+        self.decoder.offset()
+    }
+
     /// Stops the peer from sending more (best effort).
     pub fn stop(&mut self, code: u32) {
         let _ = self.recv.stop(quinn::VarInt::from_u32(code));

@@ -71,7 +71,9 @@ pub enum Offer {
 /// concurrent consumer stays memory-safe and loses nothing, but may wake spuriously).
 ///
 /// Memory: a fixed ring of `capacity` slots of 16 bytes, allocated up front so that
-/// offering never allocates, plus about 512 bytes of header.
+/// offering never allocates, plus 640 bytes for the outbox in its `Arc` (the ring's
+/// head and tail sit on their own cache lines so producers and the writer do not
+/// contend).
 #[derive(Debug)]
 pub struct Outbox {
     /// Producers touch the tail line of the ring, the ring's slot, and `state`.
