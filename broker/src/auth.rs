@@ -260,11 +260,11 @@ impl TokenVerifier {
         }
         ensure_crypto_provider();
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(|e| self.from_jwt(e, token))?;
+            .map_err(|e| self.map_jwt_error(e, token))?;
         principal_from_claims(&data.claims, now_unix_s)
     }
 
-    fn from_jwt(&self, err: jsonwebtoken::errors::Error, token: &str) -> AuthError {
+    fn map_jwt_error(&self, err: jsonwebtoken::errors::Error, token: &str) -> AuthError {
         match err.kind() {
             ErrorKind::InvalidSignature => AuthError::BadSignature,
             ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm {
