@@ -258,6 +258,7 @@ async fn read_requests(
     reader: &mut FrameReader,
     control: &mpsc::Sender<Control>,
 ) -> Option<Refusal> {
+    let mut counted_bytes = reader.frame_bytes_read();
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -276,6 +277,9 @@ async fn read_requests(
                 ));
             }
         };
+        let read = reader.frame_bytes_read();
+        ctx.metrics.received_bytes.inc_by(read - counted_bytes);
+        counted_bytes = read;
         let started = Instant::now();
         let is_publish = matches!(body, Request::Publish { .. });
         let control_msg = execute(ctx, principal, id, body);
