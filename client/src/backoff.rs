@@ -64,6 +64,7 @@ impl Backoff {
     }
 
     /// Attempts made since creation or the last reset.
+    #[cfg(test)]
     pub(crate) fn attempts(&self) -> u32 {
         self.attempt
     }
@@ -109,7 +110,10 @@ mod tests {
             for _ in 0..20 {
                 let cap = b.ceiling();
                 let d = b.next_delay_with(&mut rng);
-                assert!(d >= 50 * MS && d <= cap && cap <= 3000 * MS, "{d:?} {cap:?}");
+                assert!(
+                    d >= 50 * MS && d <= cap && cap <= 3000 * MS,
+                    "{d:?} {cap:?}"
+                );
             }
         }
     }

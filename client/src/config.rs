@@ -45,8 +45,10 @@ pub(crate) struct SeedAddr {
 impl SeedAddr {
     /// Parses `HOST:PORT`, `[IPv6]:PORT`.
     pub(crate) fn parse(text: &str) -> Result<SeedAddr, Error> {
-        let bad = |why: &str| Error::Config {
+        let bad = |why: &str| {
+            Error::Config {
             reason: format!("bad broker address `{text}`: {why}; expected HOST:PORT, e.g. 127.0.0.1:7400, localhost:7400 or [::1]:7400"),
+        }
         };
         let trimmed = text.trim();
         let Some((host, port)) = trimmed.rsplit_once(':') else {
@@ -77,7 +79,9 @@ impl SeedAddr {
         }
         // The host is also the name the broker's certificate must carry.
         if rustls_pki_types::ServerName::try_from(host).is_err() {
-            return Err(bad("the host is neither an IP address nor a valid DNS name"));
+            return Err(bad(
+                "the host is neither an IP address nor a valid DNS name",
+            ));
         }
         Ok(SeedAddr {
             text: trimmed.to_string(),
@@ -155,7 +159,10 @@ impl ClientConfig {
 impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
-            .field("addrs", &self.addrs.iter().map(|a| &a.text).collect::<Vec<_>>())
+            .field(
+                "addrs",
+                &self.addrs.iter().map(|a| &a.text).collect::<Vec<_>>(),
+            )
             .field("token", &"<redacted>")
             .field("client_name", &self.client_name)
             .field("connect_timeout", &self.connect_timeout)
@@ -340,16 +347,14 @@ impl ClientConfigBuilder {
                 ))
             }
             Some(CaSource::Pem(pem)) => pem,
-            Some(CaSource::File(path)) => std::fs::read(&path).map_err(|e| {
-                config_err(format!("cannot read CA file {}: {e}", path.display()))
-            })?,
+            Some(CaSource::File(path)) => std::fs::read(&path)
+                .map_err(|e| config_err(format!("cannot read CA file {}: {e}", path.display())))?,
         };
 
         let token = self.token.unwrap_or_default();
         if token.trim().is_empty() {
             return Err(config_err(
-                "no token: pass a JWT (`herald token --secret-file F --user ID` prints one)"
-                    .into(),
+                "no token: pass a JWT (`herald token --secret-file F --user ID` prints one)".into(),
             ));
         }
 
@@ -453,10 +458,7 @@ mod tests {
             .build()
             .unwrap();
         let hosts: Vec<_> = c.addrs.iter().map(|a| (a.host.as_str(), a.port)).collect();
-        assert_eq!(
-            hosts,
-            [("localhost", 7400), ("::1", 7401), ("10.0.0.1", 1)]
-        );
+        assert_eq!(hosts, [("localhost", 7400), ("::1", 7401), ("10.0.0.1", 1)]);
         for bad in [
             "127.0.0.1",
             "127.0.0.1:",
@@ -495,15 +497,19 @@ mod tests {
     fn bounds_are_checked() {
         assert!(reason(valid().connect_timeout(Duration::ZERO)).contains("connect_timeout"));
         assert!(reason(valid().request_timeout(Duration::ZERO)).contains("request_timeout"));
-        assert!(reason(
-            valid().reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1))
-        )
-        .contains("min"));
-        assert!(reason(valid().reconnect_backoff(Duration::ZERO, Duration::from_secs(1)))
-            .contains("min"));
+        assert!(
+            reason(valid().reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1)))
+                .contains("min")
+        );
+        assert!(
+            reason(valid().reconnect_backoff(Duration::ZERO, Duration::from_secs(1)))
+                .contains("min")
+        );
         assert!(reason(valid().outbound_queue_len_max(0)).contains("outbound_queue_len_max"));
-        assert!(reason(valid().requests_in_flight_max(QUEUE_LEN_CEILING + 1))
-            .contains("requests_in_flight_max"));
+        assert!(
+            reason(valid().requests_in_flight_max(QUEUE_LEN_CEILING + 1))
+                .contains("requests_in_flight_max")
+        );
         let limits = TransportLimits {
             keep_alive_interval: Duration::from_secs(30),
             ..TransportLimits::default()

@@ -238,8 +238,7 @@ impl Core {
         let timeout = |what: String| Error::Timeout { what, after };
 
         // Bound: `requests_in_flight_max` slots; without one we wait (within the timeout).
-        let _permit = match tokio::time::timeout_at(deadline, self.state.permits.acquire()).await
-        {
+        let _permit = match tokio::time::timeout_at(deadline, self.state.permits.acquire()).await {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return Err(Error::Closed),
             Err(_) => {
@@ -364,10 +363,7 @@ impl Driver {
             let connected_at = Instant::now();
             let session_id = current.info.session_id;
             let addr = current.info.addr.clone();
-            let reason = match self
-                .serve(current, generation, reconnected_to.take())
-                .await
-            {
+            let reason = match self.serve(current, generation, reconnected_to.take()).await {
                 Next::Stop(stop) => {
                     self.finish(Terminal::Closed);
                     if let Stop::Close(done) = stop {
@@ -401,11 +397,6 @@ impl Driver {
                     if let Stop::Close(done) = stop {
                         let _ = done.send(());
                     }
-                    return;
-                }
-                Err(Next::Fatal(error)) | Err(Next::Lost(_) | Next::Stop(_)) if false => {
-                    // Unreachable arm kept for exhaustiveness clarity.
-                    self.fail(error).await;
                     return;
                 }
                 Err(Next::Fatal(error)) => {
@@ -616,7 +607,11 @@ impl Driver {
                 }
             }
             let delay = self.backoff.next_delay();
-            tracing::debug!(?delay, attempt = attempts + 1, "waiting before reconnecting");
+            tracing::debug!(
+                ?delay,
+                attempt = attempts + 1,
+                "waiting before reconnecting"
+            );
             self.until_stop(tokio::time::sleep(delay))
                 .await
                 .map_err(Next::Stop)?;
@@ -755,7 +750,10 @@ async fn read_loop(
             other => {
                 reader.stop(STOP_CODE);
                 return ReaderEnd::Failed(Error::Protocol {
-                    reason: format!("unexpected {} frame after the handshake", frame_kind(&other)),
+                    reason: format!(
+                        "unexpected {} frame after the handshake",
+                        frame_kind(&other)
+                    ),
                 });
             }
         }
@@ -781,7 +779,11 @@ impl ReaderCtx {
     async fn on_deliver(&mut self, message: Message) {
         let (conv, seq) = (message.conv, message.seq);
         if !lock(&self.state.cursors).check(conv, seq).delivers() {
-            tracing::trace!(conv, seq, "dropping a delivery already seen or not subscribed");
+            tracing::trace!(
+                conv,
+                seq,
+                "dropping a delivery already seen or not subscribed"
+            );
             return;
         }
         // Room first, then record: the cursor moves only for a message that will

@@ -100,7 +100,10 @@ impl Cursors {
     /// so a later resubscription does not ask for the lost range again.
     pub(crate) fn truncated(&mut self, conv: u64, first_available_seq: u64) {
         if let Some(c) = self.convs.get_mut(&conv) {
-            c.resume = Some(c.resume.map_or(first_available_seq, |r| r.max(first_available_seq)));
+            c.resume = Some(
+                c.resume
+                    .map_or(first_available_seq, |r| r.max(first_available_seq)),
+            );
         }
     }
 

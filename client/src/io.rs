@@ -199,7 +199,9 @@ impl TransportLimits {
 #[non_exhaustive]
 pub enum TlsError {
     /// The CA file held no certificate.
-    #[error("no PEM certificate found in the CA file; expected a `-----BEGIN CERTIFICATE-----` block")]
+    #[error(
+        "no PEM certificate found in the CA file; expected a `-----BEGIN CERTIFICATE-----` block"
+    )]
     NoCertificate,
     /// A PEM block could not be parsed.
     #[error("cannot parse PEM: {0}")]

@@ -41,7 +41,9 @@ fn build_herald() -> anyhow::Result<PathBuf> {
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "herald-broker", "--bin", "herald"]);
+    // `--workspace` resolves features as `cargo test --workspace` does, so the
+    // dependencies built for the tests are reused rather than built a second time.
+    cmd.args(["build", "--quiet", "--workspace", "--bin", "herald"]);
     if release {
         cmd.arg("--release");
     }

@@ -100,7 +100,9 @@ pub enum WireError {
         reason: String,
     },
     /// The stream ended inside a frame.
-    #[error("stream ended inside a frame at offset {offset}: {available} of {needed} bytes present")]
+    #[error(
+        "stream ended inside a frame at offset {offset}: {available} of {needed} bytes present"
+    )]
     Truncated {
         /// Stream offset of the incomplete frame.
         offset: u64,
@@ -341,7 +343,10 @@ mod tests {
                 conv: 7,
                 from: Some(1),
             },
-            Request::Subscribe { conv: 7, from: None },
+            Request::Subscribe {
+                conv: 7,
+                from: None,
+            },
             Request::Unsubscribe { conv: 7 },
             Request::History {
                 conv: 7,
@@ -394,14 +399,18 @@ mod tests {
             }),
             Frame::Goodbye(refusal),
         ];
-        frames.extend(requests.into_iter().enumerate().map(|(i, body)| Frame::Request {
-            id: i as u64,
-            body,
-        }));
-        frames.extend(replies.into_iter().enumerate().map(|(i, body)| Frame::Reply {
-            id: i as u64,
-            body,
-        }));
+        frames.extend(
+            requests
+                .into_iter()
+                .enumerate()
+                .map(|(i, body)| Frame::Request { id: i as u64, body }),
+        );
+        frames.extend(
+            replies
+                .into_iter()
+                .enumerate()
+                .map(|(i, body)| Frame::Reply { id: i as u64, body }),
+        );
         frames
     }
 

@@ -1,0 +1,212 @@
+//! The service API: create conversations, manage members, publish, read history.
+//!
+//! Owns: [`Publisher`] (a cheap, cloneable handle on one connection) and
+//! [`PublishAck`]. Must not: report a publish as `Ok` unless the broker
+//! acknowledged it (the ack means durable on a quorum), or invent an idempotency
+//! key per retry — a retry always reuses the key of the first attempt.
+
+use std::sync::Arc;
+
+use crate::config::ClientConfig;
+use crate::connection::{unexpected_reply, Core, CursorOp};
+use crate::error::Error;
+use crate::wire::{
+    ConvKind, HistoryPage, IdempotencyKey, Principal, Reply, Request, SessionLimits,
+};
+
+/// The broker's acknowledgement of a publish: the message is durable on a quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublishAck {
+    /// The message's seq in its conversation.
+    pub seq: u64,
+    /// True when the key was seen before: nothing was appended and `seq` is the
+    /// original message's.
+    pub duplicate: bool,
+}
+
+/// A backend service's connection to Herald.
+///
+/// Cloning is cheap and every clone shares the connection (and the automatic
+/// idempotency key sequence); calls from many tasks at once are pipelined on it, up
+/// to `requests_in_flight_max`. The connection reconnects by itself (see the crate
+/// docs); dropping the last clone closes it in the background, [`Publisher::close`]
+/// closes it and waits.
+#[derive(Clone)]
+pub struct Publisher {
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let info = self.core.info();
+        f.debug_struct("Publisher")
+            .field("session_id", &info.session_id)
+            .field("principal", &info.principal)
+            .field("addr", &info.addr)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// Connects: one pass over the seed list (starting at a random entry); the first
+    /// broker that completes the handshake wins. Fails with the last address's error,
+    /// or at once with [`Error::Refused`] if the broker refuses the token.
+    pub async fn connect(config: ClientConfig) -> Result<Publisher, Error> {
+        let core = Core::connect(config, None).await?;
+        Ok(Publisher {
+            core: Arc::new(core),
+        })
+    }
+
+    /// Creates a conversation; `Ok(false)` when it already exists with the same kind
+    /// and members (creation is idempotent), [`Error::Refused`] with
+    /// `ConversationConflict` when it exists otherwise.
+    pub async fn create_conversation(
+        &self,
+        conv: u64,
+        kind: ConvKind,
+        members: &[u64],
+    ) -> Result<bool, Error> {
+        let body = Request::CreateConversation {
+            conv,
+            kind,
+            members: members.to_vec(),
+        };
+        match self
+            .core
+            .request(body, CursorOp::None, || {
+                format!("creating conversation {conv}")
+            })
+            .await?
+        {
+            Reply::Created { created } => Ok(created),
+            other => Err(unexpected_reply("CreateConversation", &other)),
+        }
+    }
+
+    /// Adds members (owners, for a channel); present ones are ignored.
+    pub async fn add_members(&self, conv: u64, members: &[u64]) -> Result<(), Error> {
+        let body = Request::AddMembers {
+            conv,
+            members: members.to_vec(),
+        };
+        expect_done(
+            "AddMembers",
+            self.core
+                .request(body, CursorOp::None, || {
+                    format!("adding members to conversation {conv}")
+                })
+                .await?,
+        )
+    }
+
+    /// Removes members; absent ones are ignored.
+    pub async fn remove_members(&self, conv: u64, members: &[u64]) -> Result<(), Error> {
+        let body = Request::RemoveMembers {
+            conv,
+            members: members.to_vec(),
+        };
+        expect_done(
+            "RemoveMembers",
+            self.core
+                .request(body, CursorOp::None, || {
+                    format!("removing members from conversation {conv}")
+                })
+                .await?,
+        )
+    }
+
+    /// Publishes with an automatic key (this publisher's random producer id and the
+    /// next producer seq). `Ok` only once the broker acknowledged it. Retried on
+    /// reconnect with the same key within the request timeout, so it is appended at
+    /// most once; on [`Error::Timeout`] it may or may not be stored — use
+    /// [`Publisher::publish_with_key`] when the caller must be able to find out.
+    pub async fn publish(
+        &self,
+        conv: u64,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<PublishAck, Error> {
+        publish(&self.core, conv, self.core.next_key(), payload.into()).await
+    }
+
+    /// Publishes with a caller-chosen key (e.g. a payment id): publishing the same
+    /// key again inside the broker's dedup window returns the original seq with
+    /// `duplicate: true` and appends nothing.
+    pub async fn publish_with_key(
+        &self,
+        conv: u64,
+        key: IdempotencyKey,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<PublishAck, Error> {
+        publish(&self.core, conv, key, payload.into()).await
+    }
+
+    /// Reads up to `limit` stored messages from seq `from` (1 = oldest retained).
+    pub async fn history(&self, conv: u64, from: u64, limit: u32) -> Result<HistoryPage, Error> {
+        history(&self.core, conv, from, limit).await
+    }
+
+    /// The broker's id for the current connection (changes on reconnect).
+    pub fn session_id(&self) -> u64 {
+        self.core.info().session_id
+    }
+
+    /// Who the broker says we are.
+    pub fn principal(&self) -> Principal {
+        self.core.info().principal
+    }
+
+    /// The limits the broker announced for this session.
+    pub fn limits(&self) -> SessionLimits {
+        self.core.info().limits
+    }
+
+    /// Closes the connection for every clone: finishes the stream, waits for
+    /// replies to requests already sent and for the broker to close (at most the
+    /// request timeout), then returns. Later calls on any clone get
+    /// [`Error::Closed`].
+    pub async fn close(self) {
+        self.core.close().await;
+    }
+}
+
+pub(crate) fn expect_done(request: &str, reply: Reply) -> Result<(), Error> {
+    match reply {
+        Reply::Done => Ok(()),
+        other => Err(unexpected_reply(request, &other)),
+    }
+}
+
+pub(crate) async fn publish(
+    core: &Core,
+    conv: u64,
+    key: IdempotencyKey,
+    payload: Vec<u8>,
+) -> Result<PublishAck, Error> {
+    core.check_payload(payload.len())?;
+    let key_copy = key.clone();
+    let what = move || format!("publish to conversation {conv} with key {key_copy:?}");
+    let body = Request::Publish { conv, key, payload };
+    match core.request(body, CursorOp::None, what).await? {
+        Reply::Published { seq, duplicate } => Ok(PublishAck { seq, duplicate }),
+        other => Err(unexpected_reply("Publish", &other)),
+    }
+}
+
+pub(crate) async fn history(
+    core: &Core,
+    conv: u64,
+    from: u64,
+    limit: u32,
+) -> Result<HistoryPage, Error> {
+    let body = Request::History { conv, from, limit };
+    match core
+        .request(body, CursorOp::None, || {
+            format!("reading history of conversation {conv}")
+        })
+        .await?
+    {
+        Reply::History(page) => Ok(page),
+        other => Err(unexpected_reply("History", &other)),
+    }
+}
