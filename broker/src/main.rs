@@ -10,9 +10,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Herald: a Raft-replicated message-delivery broker over QUIC.
+/// Herald: message delivery over QUIC. Run a node (`herald dev`), mint tokens, and
+/// publish and subscribe from a shell.
 #[derive(Parser, Debug)]
-#[command(name = "herald", version, about, long_about = None)]
+#[command(name = "herald", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

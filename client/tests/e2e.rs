@@ -397,7 +397,7 @@ async fn slow_reader_is_disconnected_then_resyncs_without_gap_or_duplicate() -> 
         let metrics = node.metrics()?;
         if metrics.lines().any(|l| {
             l.starts_with("herald_sessions_disconnected_total")
-                && l.contains("SlowConsumer")
+                && (l.contains("slow_consumer") || l.contains("SlowConsumer"))
                 && !l.ends_with(" 0")
         }) {
             break;

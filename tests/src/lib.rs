@@ -167,7 +167,7 @@ impl DevNode {
     pub fn client_config(&self, token: &str) -> anyhow::Result<herald_client::ClientConfig> {
         Ok(herald_client::ClientConfig::builder()
             .addrs([self.quic_addr.to_string().as_str()])
-            .ca_file(&self.ca_path())
+            .ca_file(self.ca_path())
             .token(token.to_owned())
             .client_name("herald-tests")
             .build()?)

@@ -12,28 +12,30 @@ use herald_client::{Publisher, Session, SessionEvent};
 use herald_tests::{DevNode, RawClient, DEADLINE};
 
 /// Receives `count` messages of `conv` and checks they are exactly `first..first+count`.
-async fn expect_in_order(session: &mut Session, conv: u64, first: u64, count: u64) -> anyhow::Result<()> {
+async fn expect_in_order(
+    session: &mut Session,
+    conv: u64,
+    first: u64,
+    count: u64,
+) -> anyhow::Result<()> {
     let mut expected = first;
     let end = first + count;
     tokio::time::timeout(DEADLINE, async {
         while expected < end {
-            match session.next().await.context("stream ended")?? {
-                SessionEvent::Message(m) => {
-                    anyhow::ensure!(m.conv == conv, "message of conversation {}", m.conv);
-                    anyhow::ensure!(
-                        m.seq == expected,
-                        "gap or duplicate: expected seq {expected}, got {}",
-                        m.seq
-                    );
-                    anyhow::ensure!(
-                        m.payload == format!("msg {}", m.seq).into_bytes(),
-                        "payload of seq {} is {:?}",
-                        m.seq,
-                        String::from_utf8_lossy(&m.payload)
-                    );
-                    expected += 1;
-                }
-                _ => {}
+            if let SessionEvent::Message(m) = session.next().await.context("stream ended")?? {
+                anyhow::ensure!(m.conv == conv, "message of conversation {}", m.conv);
+                anyhow::ensure!(
+                    m.seq == expected,
+                    "gap or duplicate: expected seq {expected}, got {}",
+                    m.seq
+                );
+                anyhow::ensure!(
+                    m.payload == format!("msg {}", m.seq).into_bytes(),
+                    "payload of seq {} is {:?}",
+                    m.seq,
+                    String::from_utf8_lossy(&m.payload)
+                );
+                expected += 1;
             }
         }
         Ok(())
@@ -46,10 +48,14 @@ async fn expect_in_order(session: &mut Session, conv: u64, first: u64, count: u6
 async fn three_members_each_receive_1000_messages_in_order() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let publisher = Publisher::connect(node.client_config(&node.service_token("svc")?)?).await?;
-    assert!(publisher.create_conversation(1, ConvKind::Group, &[1, 2, 3]).await?);
+    assert!(
+        publisher
+            .create_conversation(1, ConvKind::Group, &[1, 2, 3])
+            .await?
+    );
     let mut sessions = Vec::new();
     for user in 1..=3 {
-        let mut s = Session::connect(node.client_config(&node.user_token(user)?)?).await?;
+        let s = Session::connect(node.client_config(&node.user_token(user)?)?).await?;
         s.subscribe(1, Some(1)).await?;
         sessions.push(s);
     }
@@ -131,11 +137,14 @@ async fn publish_range(publisher: &Publisher, from: u64, to: u64) -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_subscriber_restarted_with_its_cursor_gets_exactly_what_it_missed() -> anyhow::Result<()> {
+async fn killed_subscriber_restarted_with_its_cursor_gets_exactly_what_it_missed(
+) -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let service = node.service_token("svc")?;
     let publisher = Publisher::connect(node.client_config(&service)?).await?;
-    publisher.create_conversation(1, ConvKind::Group, &[7]).await?;
+    publisher
+        .create_conversation(1, ConvKind::Group, &[7])
+        .await?;
     let user = node.user_token(7)?;
 
     let first = CliSubscriber::start(&node, &user, &["--from", "1"])?;
@@ -149,7 +158,11 @@ async fn killed_subscriber_restarted_with_its_cursor_gets_exactly_what_it_missed
     let from = (cursor + 1).to_string();
     let second = CliSubscriber::start(&node, &user, &["--from", &from, "--count", "200"])?;
     let resumed = tokio::task::block_in_place(|| second.seqs(200))?;
-    assert_eq!(resumed, (301..=500).collect::<Vec<_>>(), "exactly the missed messages");
+    assert_eq!(
+        resumed,
+        (301..=500).collect::<Vec<_>>(),
+        "exactly the missed messages"
+    );
     // `--count 200` exits 0 after 200 deliveries, and printed nothing more.
     let mut second = second;
     let status = tokio::task::block_in_place(|| second.child.wait())?;
@@ -166,18 +179,39 @@ async fn a_subscriber_that_never_reads_does_not_stop_the_others() -> anyhow::Res
         ("HERALD_LIMITS_SLOW_CONSUMER_TIMEOUT", "2s"),
     ])?;
     let publisher = Publisher::connect(node.client_config(&node.service_token("svc")?)?).await?;
-    publisher.create_conversation(1, ConvKind::Group, &[1, 2, 3]).await?;
+    publisher
+        .create_conversation(1, ConvKind::Group, &[1, 2, 3])
+        .await?;
 
     // User 1 subscribes at the protocol level and then never reads again.
     let (mut stalled, welcome) = RawClient::hello(&node, &node.user_token(1)?).await?;
     anyhow::ensure!(matches!(welcome, Frame::Welcome(_)));
-    stalled.request(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
-    let reply = stalled.read_until(|f| matches!(f, Frame::Reply { .. })).await?;
-    anyhow::ensure!(matches!(reply, Frame::Reply { body: Reply::Subscribed { .. }, .. }), "{reply:?}");
+    stalled
+        .request(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(1),
+            },
+        )
+        .await?;
+    let reply = stalled
+        .read_until(|f| matches!(f, Frame::Reply { .. }))
+        .await?;
+    anyhow::ensure!(
+        matches!(
+            reply,
+            Frame::Reply {
+                body: Reply::Subscribed { .. },
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
 
     let mut others = Vec::new();
     for user in [2, 3] {
-        let mut s = Session::connect(node.client_config(&node.user_token(user)?)?).await?;
+        let s = Session::connect(node.client_config(&node.user_token(user)?)?).await?;
         s.subscribe(1, Some(1)).await?;
         others.push(s);
     }
@@ -211,7 +245,8 @@ async fn a_subscriber_that_never_reads_does_not_stop_the_others() -> anyhow::Res
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
         let (_, metrics) = node.admin_get("/metrics")?;
-        let disconnected = metrics.contains("herald_sessions_disconnected_total{reason=\"slow_consumer\"} 1");
+        let disconnected =
+            metrics.contains("herald_sessions_disconnected_total{reason=\"slow_consumer\"} 1");
         let lagged = metrics
             .lines()
             .find(|l| l.starts_with("herald_sessions_lagged_total"))

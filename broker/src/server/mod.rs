@@ -142,10 +142,11 @@ impl RunningNode {
             sessions: session::Registry::default(),
             session_ids: AtomicU64::new(1),
         });
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(admin::serve(admin_listener, context.clone())));
-        tasks.push(tokio::spawn(accept_loop(endpoint.clone(), context.clone())));
-        tasks.push(tokio::spawn(housekeeping(context.clone())));
+        let tasks = vec![
+            tokio::spawn(admin::serve(admin_listener, context.clone())),
+            tokio::spawn(accept_loop(endpoint.clone(), context.clone())),
+            tokio::spawn(housekeeping(context.clone())),
+        ];
         context.ready.store(true, Ordering::Release);
         tracing::info!(%quic_addr, %admin_addr, "node ready");
         Ok(RunningNode {

@@ -657,9 +657,9 @@ fn frame_name(frame: &Frame) -> &'static str {
 }
 
 /// Runs `f` when dropped.
-fn scopeguard<'a, T, F: FnOnce(&'a T)>(value: &'a T, f: F) -> impl Drop + 'a
+fn scopeguard<'a, T, F>(value: &'a T, f: F) -> impl Drop + 'a
 where
-    F: 'a,
+    F: FnOnce(&'a T) + 'a,
 {
     struct Guard<'a, T, F: FnOnce(&'a T)>(&'a T, Option<F>);
     impl<'a, T, F: FnOnce(&'a T)> Drop for Guard<'a, T, F> {
