@@ -169,6 +169,9 @@ impl Engine {
                     let stats = self.router.fan_out(&stored.delivery);
                     self.metrics.sessions_lagged.inc_by(stats.overflowed);
                     self.metrics.publishes.inc();
+                    self.metrics
+                        .history_messages
+                        .set(store.message_count() as i64);
                 }
                 if duplicate {
                     self.metrics.publish_duplicates.inc();

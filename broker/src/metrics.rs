@@ -118,7 +118,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a broker-initiated disconnect.
+    /// Counts a broker-initiated disconnect; `reason` is a refusal code name.
     pub fn disconnected(&self, reason: &str) {
         self.sessions_disconnected
             .get_or_create(&ReasonLabel {

@@ -246,7 +246,7 @@ async fn a_subscriber_that_never_reads_does_not_stop_the_others() -> anyhow::Res
     loop {
         let (_, metrics) = node.admin_get("/metrics")?;
         let disconnected =
-            metrics.contains("herald_sessions_disconnected_total{reason=\"slow_consumer\"} 1");
+            metrics.contains("herald_sessions_disconnected_total{reason=\"SlowConsumer\"} 1");
         let lagged = metrics
             .lines()
             .find(|l| l.starts_with("herald_sessions_lagged_total"))

@@ -106,13 +106,21 @@ impl RunningNode {
         let transport = TransportLimits::default();
         let server_config =
             crate::certs::server_config(&config.tls.cert_file, &config.tls.key_file, &transport)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            NodeError::Bind {
-                what: "QUIC (UDP)",
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let reset_key =
+            crate::certs::stateless_reset_key(&config.data_dir.join("node/stateless-reset.key"))?;
+        let bind_error = |source| NodeError::Bind {
+            what: "QUIC (UDP)",
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         let quic_addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
             what: "QUIC (UDP)",
             addr: config.listen,

@@ -238,7 +238,7 @@ pub async fn serve_connection(
     let reason = read_requests(&ctx, &principal, &mut reader, &control_tx).await;
     if let Some(refusal) = reason {
         tracing::info!(session_id, %principal, %remote, "closing session: {refusal}");
-        ctx.metrics.disconnected("protocol_error");
+        ctx.metrics.disconnected("ProtocolError");
         let _ = control_tx.send(Control::Goodbye(refusal)).await;
     }
     if let Principal::User(user) = principal {
@@ -617,7 +617,7 @@ impl SessionWriter {
                     connection_id = self.conn.stable_id(),
                     "disconnecting slow consumer: no progress writing for {timeout:?}"
                 );
-                self.ctx.metrics.disconnected("slow_consumer");
+                self.ctx.metrics.disconnected("SlowConsumer");
                 self.conn.close(
                     quinn::VarInt::from_u32(close_code::SLOW_CONSUMER),
                     b"slow consumer: resubscribe from your cursor",
