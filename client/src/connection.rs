@@ -752,7 +752,7 @@ async fn read_loop(
                 return ReaderEnd::Failed(Error::Protocol {
                     reason: format!(
                         "unexpected {} frame after the handshake",
-                        frame_kind(&other)
+                        other.kind_name()
                     ),
                 });
             }
@@ -876,19 +876,6 @@ impl ReaderCtx {
     }
 }
 
-/// A frame's name, for errors.
-pub(crate) fn frame_kind(frame: &Frame) -> &'static str {
-    match frame {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome(_) => "Welcome",
-        Frame::Request { .. } => "Request",
-        Frame::Reply { .. } => "Reply",
-        Frame::Deliver(_) => "Deliver",
-        Frame::Event(_) => "Event",
-        Frame::Goodbye(_) => "Goodbye",
-    }
-}
-
 /// A reply's name, for errors.
 pub(crate) fn reply_kind(reply: &Reply) -> &'static str {
     match reply {
@@ -1005,7 +992,7 @@ async fn handshake(config: &ClientConfig, addr: &SeedAddr) -> Result<Established
             Err(Error::Protocol {
                 reason: format!(
                     "expected Welcome or Goodbye after Hello, got {}",
-                    frame_kind(&other)
+                    other.kind_name()
                 ),
             })
         }

@@ -280,6 +280,28 @@ impl RawClient {
         Ok((client, answer))
     }
 
+    /// Connects and says Hello as `token`, expecting a Welcome.
+    pub async fn welcomed(node: &DevNode, token: &str) -> anyhow::Result<RawClient> {
+        let (client, answer) = Self::hello(node, token).await?;
+        anyhow::ensure!(
+            matches!(answer, Frame::Welcome(_)),
+            "expected Welcome, got {answer:?}"
+        );
+        Ok(client)
+    }
+
+    /// Sends a request and returns its reply body (other frames before it are skipped).
+    pub async fn call(&mut self, id: u64, body: Request) -> anyhow::Result<wire::Reply> {
+        self.request(id, body).await?;
+        match self
+            .read_until(|f| matches!(f, Frame::Reply { id: i, .. } if *i == id))
+            .await?
+        {
+            Frame::Reply { body, .. } => Ok(body),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+
     /// Writes one frame.
     pub async fn write_frame(&mut self, frame: &Frame) -> anyhow::Result<()> {
         let bytes = wire::encode_frame(frame, wire::FRAME_BYTES_CEILING)?;

@@ -4,27 +4,8 @@
 use herald_client::wire::{ConvKind, Event, Frame, IdempotencyKey, Reply, Request};
 use herald_tests::{DevNode, RawClient};
 
-async fn session(node: &DevNode, token: &str) -> anyhow::Result<RawClient> {
-    let (client, answer) = RawClient::hello(node, token).await?;
-    anyhow::ensure!(matches!(answer, Frame::Welcome(_)), "expected Welcome, got {answer:?}");
-    Ok(client)
-}
-
-async fn call(client: &mut RawClient, id: u64, body: Request) -> anyhow::Result<Reply> {
-    client.request(id, body).await?;
-    match client
-        .read_until(|f| matches!(f, Frame::Reply { id: i, .. } if *i == id))
-        .await?
-    {
-        Frame::Reply { body, .. } => Ok(body),
-        other => anyhow::bail!("unexpected {other:?}"),
-    }
-}
-
 async fn create_group(service: &mut RawClient, conv: u64, members: Vec<u64>) -> anyhow::Result<()> {
-    let reply = call(
-        service,
-        1_000_000 + conv,
+    let reply = service.call(1_000_000 + conv,
         Request::CreateConversation {
             conv,
             kind: ConvKind::Group,
@@ -79,16 +60,16 @@ async fn read_deliveries(client: &mut RawClient, conv: u64, first: u64, last: u6
 #[tokio::test]
 async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishing() -> anyhow::Result<()> {
     let node = DevNode::start()?;
-    let mut service = session(&node, &node.service_token("svc")?).await?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     create_group(&mut service, 1, vec![1]).await?;
     publish_many(&mut service, 1, 1, 300).await?;
 
     // A second publisher keeps publishing while the subscriber replays.
-    let mut publisher = session(&node, &node.service_token("svc2")?).await?;
+    let mut publisher = RawClient::welcomed(&node, &node.service_token("svc2")?).await?;
     let background = tokio::spawn(async move { publish_many(&mut publisher, 1, 10_000, 700).await });
 
-    let mut user = session(&node, &node.user_token(1)?).await?;
-    let reply = call(&mut user, 1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
+    let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
+    let reply = user.call(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
     assert!(matches!(reply, Reply::Subscribed { conv: 1, .. }), "{reply:?}");
     let acked = background.await??;
     assert_eq!(acked.len(), 700);
@@ -98,11 +79,11 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishin
 #[tokio::test]
 async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()> {
     let node = DevNode::start()?;
-    let mut service = session(&node, &node.service_token("svc")?).await?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     create_group(&mut service, 1, vec![1]).await?;
     publish_many(&mut service, 1, 1, 5).await?;
-    let mut user = session(&node, &node.user_token(1)?).await?;
-    let reply = call(&mut user, 1, Request::Subscribe { conv: 1, from: None }).await?;
+    let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
+    let reply = user.call(1, Request::Subscribe { conv: 1, from: None }).await?;
     assert_eq!(reply, Reply::Subscribed { conv: 1, next_seq: 6 });
     publish_many(&mut service, 1, 100, 3).await?;
     read_deliveries(&mut user, 1, 6, 8).await
@@ -111,11 +92,11 @@ async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()>
 #[tokio::test]
 async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
     let node = DevNode::start_with_env(&[("HERALD_LIMITS_HISTORY_MESSAGES_MAX", "10")])?;
-    let mut service = session(&node, &node.service_token("svc")?).await?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     create_group(&mut service, 1, vec![1]).await?;
     publish_many(&mut service, 1, 1, 25).await?;
-    let mut user = session(&node, &node.user_token(1)?).await?;
-    let reply = call(&mut user, 1, Request::Subscribe { conv: 1, from: Some(3) }).await?;
+    let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
+    let reply = user.call(1, Request::Subscribe { conv: 1, from: Some(3) }).await?;
     assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     let frame = user
         .read_until(|f| matches!(f, Frame::Event(_) | Frame::Deliver(_)))
@@ -137,22 +118,22 @@ async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
 #[tokio::test]
 async fn idempotent_retry_returns_the_original_seq_and_appends_nothing() -> anyhow::Result<()> {
     let node = DevNode::start()?;
-    let mut service = session(&node, &node.service_token("svc")?).await?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     create_group(&mut service, 1, vec![1]).await?;
     let publish = |key: &str| Request::Publish {
         conv: 1,
         key: IdempotencyKey::Caller(key.to_owned()),
         payload: b"red packet".to_vec(),
     };
-    let first = call(&mut service, 1, publish("pay-1")).await?;
+    let first = service.call(1, publish("pay-1")).await?;
     assert_eq!(first, Reply::Published { seq: 1, duplicate: false });
     // A retry on another connection (as after a reconnect) is still deduplicated.
-    let mut again = session(&node, &node.service_token("svc")?).await?;
-    let retry = call(&mut again, 1, publish("pay-1")).await?;
+    let mut again = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
+    let retry = again.call(1, publish("pay-1")).await?;
     assert_eq!(retry, Reply::Published { seq: 1, duplicate: true });
-    let other = call(&mut again, 2, publish("pay-2")).await?;
+    let other = again.call(2, publish("pay-2")).await?;
     assert_eq!(other, Reply::Published { seq: 2, duplicate: false });
-    let Reply::History(page) = call(&mut again, 3, Request::History { conv: 1, from: 1, limit: 10 }).await? else {
+    let Reply::History(page) = again.call(3, Request::History { conv: 1, from: 1, limit: 10 }).await? else {
         anyhow::bail!("history refused");
     };
     assert_eq!(page.messages.len(), 2);

@@ -11,25 +11,6 @@ use herald_client::wire::{
 };
 use herald_tests::{DevNode, RawClient};
 
-/// Connects as `token`, expecting a Welcome.
-async fn session(node: &DevNode, token: &str) -> anyhow::Result<RawClient> {
-    let (client, answer) = RawClient::hello(node, token).await?;
-    anyhow::ensure!(matches!(answer, Frame::Welcome(_)), "expected Welcome, got {answer:?}");
-    Ok(client)
-}
-
-/// Sends a request and returns its reply body.
-async fn call(client: &mut RawClient, id: u64, body: Request) -> anyhow::Result<Reply> {
-    client.request(id, body).await?;
-    match client
-        .read_until(|f| matches!(f, Frame::Reply { id: i, .. } if *i == id))
-        .await?
-    {
-        Frame::Reply { body, .. } => Ok(body),
-        other => anyhow::bail!("unexpected {other:?}"),
-    }
-}
-
 fn refusal_code(reply: &Reply) -> Option<RefusalCode> {
     match reply {
         Reply::Refused(Refusal { code, .. }) => Some(*code),
@@ -47,10 +28,8 @@ async fn goodbye(client: &mut RawClient) -> anyhow::Result<Refusal> {
 
 /// A service session with group conversation 1 = {1, 2}, and an ack for one message.
 async fn setup(node: &DevNode) -> anyhow::Result<RawClient> {
-    let mut service = session(node, &node.service_token("tests")?).await?;
-    let reply = call(
-        &mut service,
-        1,
+    let mut service = RawClient::welcomed(&node, &node.service_token("tests")?).await?;
+    let reply = service.call(1,
         Request::CreateConversation {
             conv: 1,
             kind: ConvKind::Group,
@@ -63,9 +42,7 @@ async fn setup(node: &DevNode) -> anyhow::Result<RawClient> {
 }
 
 async fn publish(client: &mut RawClient, id: u64, text: &str) -> anyhow::Result<u64> {
-    match call(
-        client,
-        id,
+    match client.call(id,
         Request::Publish {
             conv: 1,
             key: IdempotencyKey::Caller(format!("key-{id}")),
@@ -81,11 +58,9 @@ async fn publish(client: &mut RawClient, id: u64, text: &str) -> anyhow::Result<
 
 /// Everything acked is still in history, in order, and the node still serves.
 async fn assert_still_serving(node: &DevNode, acked: &[u64]) -> anyhow::Result<()> {
-    let mut service = session(node, &node.service_token("check")?).await?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("check")?).await?;
     let next = publish(&mut service, 900, "still alive").await?;
-    let reply = call(
-        &mut service,
-        901,
+    let reply = service.call(901,
         Request::History {
             conv: 1,
             from: 1,
@@ -110,7 +85,7 @@ async fn garbage_bytes_close_only_that_connection() -> anyhow::Result<()> {
     let mut service = setup(&node).await?;
     let acked = publish(&mut service, 2, "before").await?;
 
-    let mut bad = session(&node, &node.service_token("bad")?).await?;
+    let mut bad = RawClient::welcomed(&node, &node.service_token("bad")?).await?;
     // A length prefix that fits, then bytes that are no rkyv archive of a Frame.
     let mut garbage = 64u32.to_le_bytes().to_vec();
     garbage.extend((0..64u8).map(|i| i.wrapping_mul(37) ^ 0xa5));
@@ -130,7 +105,7 @@ async fn oversized_length_prefix_is_refused_before_the_body() -> anyhow::Result<
     let node = DevNode::start()?;
     let mut service = setup(&node).await?;
     let acked = publish(&mut service, 2, "before").await?;
-    let mut bad = session(&node, &node.service_token("bad")?).await?;
+    let mut bad = RawClient::welcomed(&node, &node.service_token("bad")?).await?;
     bad.send.write_all(&u32::MAX.to_le_bytes()).await?;
     let refusal = goodbye(&mut bad).await?;
     assert_eq!(refusal.code, RefusalCode::ProtocolError);
@@ -241,12 +216,10 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
     let mut service = setup(&node).await?;
     let acked = publish(&mut service, 2, "members only").await?;
 
-    let mut outsider = session(&node, &node.user_token(9)?).await?;
-    let reply = call(&mut outsider, 1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
+    let mut outsider = RawClient::welcomed(&node, &node.user_token(9)?).await?;
+    let reply = outsider.call(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
     assert_eq!(refusal_code(&reply), Some(RefusalCode::NotMember), "{reply:?}");
-    let reply = call(
-        &mut outsider,
-        2,
+    let reply = outsider.call(2,
         Request::Publish {
             conv: 1,
             key: IdempotencyKey::Caller("x".into()),
@@ -255,11 +228,9 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(refusal_code(&reply), Some(RefusalCode::NotMember), "{reply:?}");
-    let reply = call(&mut outsider, 3, Request::History { conv: 1, from: 1, limit: 10 }).await?;
+    let reply = outsider.call(3, Request::History { conv: 1, from: 1, limit: 10 }).await?;
     assert_eq!(refusal_code(&reply), Some(RefusalCode::NotMember), "{reply:?}");
-    let reply = call(
-        &mut outsider,
-        4,
+    let reply = outsider.call(4,
         Request::CreateConversation {
             conv: 2,
             kind: ConvKind::Group,
@@ -268,12 +239,12 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(refusal_code(&reply), Some(RefusalCode::RoleNotAllowed), "{reply:?}");
-    let reply = call(&mut outsider, 5, Request::Subscribe { conv: 77, from: None }).await?;
+    let reply = outsider.call(5, Request::Subscribe { conv: 77, from: None }).await?;
     assert_eq!(refusal_code(&reply), Some(RefusalCode::NoSuchConversation), "{reply:?}");
 
     // A member may; the refusals changed nothing.
-    let mut member = session(&node, &node.user_token(2)?).await?;
-    let reply = call(&mut member, 1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
+    let mut member = RawClient::welcomed(&node, &node.user_token(2)?).await?;
+    let reply = member.call(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
     assert!(matches!(reply, Reply::Subscribed { conv: 1, next_seq: 2 }), "{reply:?}");
     assert_still_serving(&node, &[acked]).await
 }
@@ -286,9 +257,7 @@ async fn payload_over_the_limit_is_refused() -> anyhow::Result<()> {
     ])?;
     let mut service = setup(&node).await?;
     let acked = publish(&mut service, 2, "small").await?;
-    let reply = call(
-        &mut service,
-        3,
+    let reply = service.call(3,
         Request::Publish {
             conv: 1,
             key: IdempotencyKey::Caller("big".into()),
@@ -301,9 +270,7 @@ async fn payload_over_the_limit_is_refused() -> anyhow::Result<()> {
         assert!(r.detail.contains("1001") && r.detail.contains("1000"), "{r}");
     }
     // Exactly at the limit is fine.
-    let reply = call(
-        &mut service,
-        4,
+    let reply = service.call(4,
         Request::Publish {
             conv: 1,
             key: IdempotencyKey::Caller("edge".into()),
@@ -320,9 +287,7 @@ async fn subscriptions_over_the_limit_are_refused() -> anyhow::Result<()> {
     let node = DevNode::start_with_env(&[("HERALD_LIMITS_SUBSCRIPTIONS_PER_SESSION_MAX", "2")])?;
     let mut service = setup(&node).await?;
     for conv in [2, 3] {
-        let reply = call(
-            &mut service,
-            conv,
+        let reply = service.call(conv,
             Request::CreateConversation {
                 conv,
                 kind: ConvKind::Group,
@@ -332,17 +297,17 @@ async fn subscriptions_over_the_limit_are_refused() -> anyhow::Result<()> {
         .await?;
         anyhow::ensure!(matches!(reply, Reply::Created { .. }), "{reply:?}");
     }
-    let mut user = session(&node, &node.user_token(1)?).await?;
+    let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     for conv in [1, 2] {
-        let reply = call(&mut user, conv, Request::Subscribe { conv, from: None }).await?;
+        let reply = user.call(conv, Request::Subscribe { conv, from: None }).await?;
         assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     }
-    let reply = call(&mut user, 3, Request::Subscribe { conv: 3, from: None }).await?;
+    let reply = user.call(3, Request::Subscribe { conv: 3, from: None }).await?;
     assert_eq!(refusal_code(&reply), Some(RefusalCode::LimitReached), "{reply:?}");
     // Unsubscribing frees a place.
-    let reply = call(&mut user, 4, Request::Unsubscribe { conv: 1 }).await?;
+    let reply = user.call(4, Request::Unsubscribe { conv: 1 }).await?;
     assert_eq!(reply, Reply::Done);
-    let reply = call(&mut user, 5, Request::Subscribe { conv: 3, from: None }).await?;
+    let reply = user.call(5, Request::Subscribe { conv: 3, from: None }).await?;
     assert!(matches!(reply, Reply::Subscribed { conv: 3, .. }), "{reply:?}");
     Ok(())
 }
@@ -351,10 +316,10 @@ async fn subscriptions_over_the_limit_are_refused() -> anyhow::Result<()> {
 async fn a_removed_member_stops_receiving() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = setup(&node).await?;
-    let mut user = session(&node, &node.user_token(2)?).await?;
-    let reply = call(&mut user, 1, Request::Subscribe { conv: 1, from: None }).await?;
+    let mut user = RawClient::welcomed(&node, &node.user_token(2)?).await?;
+    let reply = user.call(1, Request::Subscribe { conv: 1, from: None }).await?;
     assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
-    let reply = call(&mut service, 2, Request::RemoveMembers { conv: 1, members: vec![2] }).await?;
+    let reply = service.call(2, Request::RemoveMembers { conv: 1, members: vec![2] }).await?;
     assert_eq!(reply, Reply::Done);
     let event = user
         .read_until(|f| matches!(f, Frame::Event(wire::Event::Unsubscribed { .. })))

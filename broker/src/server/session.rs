@@ -273,7 +273,7 @@ async fn read_requests(
             other => {
                 return Some(Refusal::new(
                     RefusalCode::ProtocolError,
-                    format!("expected a Request frame, got {}", frame_name(&other)),
+                    format!("expected a Request frame, got {}", other.kind_name()),
                 ));
             }
         };
@@ -642,18 +642,6 @@ async fn close_after_flush(conn: &quinn::Connection, code: u32, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     let reason = &reason.as_bytes()[..reason.len().min(200)];
     conn.close(quinn::VarInt::from_u32(code), reason);
-}
-
-fn frame_name(frame: &Frame) -> &'static str {
-    match frame {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome(_) => "Welcome",
-        Frame::Request { .. } => "Request",
-        Frame::Reply { .. } => "Reply",
-        Frame::Deliver(_) => "Deliver",
-        Frame::Event(_) => "Event",
-        Frame::Goodbye(_) => "Goodbye",
-    }
 }
 
 /// Runs `f` when dropped.

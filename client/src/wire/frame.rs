@@ -37,6 +37,21 @@ pub enum Frame {
     Goodbye(Refusal),
 }
 
+impl Frame {
+    /// The variant's name, for logs and errors.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome(_) => "Welcome",
+            Frame::Request { .. } => "Request",
+            Frame::Reply { .. } => "Reply",
+            Frame::Deliver(_) => "Deliver",
+            Frame::Event(_) => "Event",
+            Frame::Goodbye(_) => "Goodbye",
+        }
+    }
+}
+
 /// The handshake a client opens its stream with (after the preamble).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
