@@ -5,6 +5,11 @@
 
 mod cli;
 
+/// mimalloc instead of the system allocator: profiles of the fan-out path showed
+/// glibc malloc/free at ~17% of CPU (buffers freed on other threads than allocated them).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
