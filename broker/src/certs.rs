@@ -285,7 +285,12 @@ mod tests {
         files.ensure().unwrap();
         assert_eq!(std::fs::read(&files.ca_pem).unwrap(), ca);
         assert_eq!(read_secret(&files.secret).unwrap(), secret);
-        server_config(&files.node_cert, &files.node_key, &TransportLimits::default()).unwrap();
+        server_config(
+            &files.node_cert,
+            &files.node_key,
+            &TransportLimits::default(),
+        )
+        .unwrap();
         herald_client::io::client_config(&ca, ALPN_CLIENT, &TransportLimits::default()).unwrap();
     }
 

@@ -232,10 +232,11 @@ impl Config {
             reason: e.to_string(),
         })?;
         let mut warnings = Vec::new();
-        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Parse {
-            origin: "defaults".into(),
-            reason: e.to_string(),
-        })?;
+        let defaults =
+            toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Parse {
+                origin: "defaults".into(),
+                reason: e.to_string(),
+            })?;
         let mut known = Vec::new();
         leaf_paths(&defaults, &mut Vec::new(), &mut known);
         let mut present = Vec::new();
@@ -250,22 +251,23 @@ impl Config {
             let Some(rest) = name.strip_prefix("HERALD_") else {
                 continue;
             };
-            let Some(path) = known
-                .iter()
-                .find(|p| p.join("_").to_uppercase() == rest)
-            else {
+            let Some(path) = known.iter().find(|p| p.join("_").to_uppercase() == rest) else {
                 if !CLIENT_ENV.contains(&name.as_str()) {
-                    warnings.push(format!("environment variable {name} matches no config key; ignored"));
+                    warnings.push(format!(
+                        "environment variable {name} matches no config key; ignored"
+                    ));
                 }
                 continue;
             };
             let parsed = parse_env_value(&raw, leaf(&defaults, path));
             set_leaf(&mut value, path, parsed);
         }
-        let config: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: origin.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin: origin.to_owned(),
+                reason: e.to_string(),
+            })?;
         Ok((config, warnings))
     }
 
@@ -295,7 +297,10 @@ impl Config {
         }
         for (name, v) in [
             ("session_queue_len_max", l.session_queue_len_max),
-            ("subscriptions_per_session_max", l.subscriptions_per_session_max),
+            (
+                "subscriptions_per_session_max",
+                l.subscriptions_per_session_max,
+            ),
             ("connections_max", l.connections_max),
             ("handshakes_in_flight_max", l.handshakes_in_flight_max),
             ("group_members_max", l.group_members_max),
@@ -433,7 +438,10 @@ mod tests {
     #[test]
     fn env_overrides_file_and_takes_the_default_type() {
         let env = [
-            ("HERALD_LIMITS_PAYLOAD_BYTES_MAX".to_string(), "1000".to_string()),
+            (
+                "HERALD_LIMITS_PAYLOAD_BYTES_MAX".to_string(),
+                "1000".to_string(),
+            ),
             ("HERALD_LISTEN".to_string(), "127.0.0.1:9000".to_string()),
             ("HERALD_LIMITS_DEDUP_WINDOW".to_string(), "5m".to_string()),
             ("HERALD_NO_SUCH_KEY".to_string(), "1".to_string()),
@@ -459,9 +467,10 @@ mod tests {
 
     #[test]
     fn a_wrongly_typed_value_is_an_error_naming_the_key() {
-        let err = Config::from_toml_and_env("[limits]\npayload_bytes_max = \"big\"\n", "f.toml", [])
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::from_toml_and_env("[limits]\npayload_bytes_max = \"big\"\n", "f.toml", [])
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("payload_bytes_max"), "{err}");
     }
 

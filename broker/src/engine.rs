@@ -74,11 +74,15 @@ impl Engine {
         kind: ConvKind,
         members: Vec<u64>,
     ) -> Result<bool, Refusal> {
-        self.manage(principal, conv, Command::CreateConversation {
+        self.manage(
+            principal,
             conv,
-            kind,
-            members,
-        })
+            Command::CreateConversation {
+                conv,
+                kind,
+                members,
+            },
+        )
         .map(|applied| matches!(applied, Applied::Created { created: true }))
     }
 
@@ -104,7 +108,12 @@ impl Engine {
             .map(|_| ())
     }
 
-    fn manage(&self, principal: &Principal, conv: u64, command: Command) -> Result<Applied, Refusal> {
+    fn manage(
+        &self,
+        principal: &Principal,
+        conv: u64,
+        command: Command,
+    ) -> Result<Applied, Refusal> {
         let mut store = self.lock()?;
         if matches!(command, Command::CreateConversation { .. }) {
             // Creating needs only the role check; everything else needs the conversation.

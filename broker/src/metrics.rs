@@ -88,24 +88,92 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("herald_connections", "Open client connections", m.connections.clone());
-        r.register("herald_connections_accepted", "Client connections accepted", m.connections_accepted.clone());
-        r.register("herald_connections_refused", "Connection attempts refused, by reason", m.connections_refused.clone());
-        r.register("herald_sessions", "Authenticated sessions", m.sessions.clone());
-        r.register("herald_subscriptions", "Active subscriptions", m.subscriptions.clone());
+        r.register(
+            "herald_connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "herald_connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "herald_connections_refused",
+            "Connection attempts refused, by reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "herald_sessions",
+            "Authenticated sessions",
+            m.sessions.clone(),
+        );
+        r.register(
+            "herald_subscriptions",
+            "Active subscriptions",
+            m.subscriptions.clone(),
+        );
         r.register("herald_publishes", "Messages appended", m.publishes.clone());
-        r.register("herald_publish_duplicates", "Publishes answered from the dedup table", m.publish_duplicates.clone());
-        r.register("herald_refusals", "Requests refused, by refusal code", m.refusals.clone());
-        r.register("herald_deliveries", "Messages written to sessions", m.deliveries.clone());
-        r.register("herald_replayed", "Messages re-sent from history", m.replayed.clone());
-        r.register("herald_sessions_lagged", "Session outbound queue overflows", m.sessions_lagged.clone());
-        r.register("herald_sessions_disconnected", "Sessions disconnected by the broker, by reason", m.sessions_disconnected.clone());
-        r.register("herald_received_bytes", "Bytes received on session streams", m.received_bytes.clone());
-        r.register("herald_sent_bytes", "Bytes sent on session streams", m.sent_bytes.clone());
-        r.register("herald_publish_ack_latency_seconds", "Publish received to ack sent", m.publish_ack_latency_seconds.clone());
-        r.register("herald_session_writes", "Stream writes to sessions", m.session_writes.clone());
-        r.register("herald_conversations", "Conversations stored", m.conversations.clone());
-        r.register("herald_history_messages", "Messages held in history", m.history_messages.clone());
+        r.register(
+            "herald_publish_duplicates",
+            "Publishes answered from the dedup table",
+            m.publish_duplicates.clone(),
+        );
+        r.register(
+            "herald_refusals",
+            "Requests refused, by refusal code",
+            m.refusals.clone(),
+        );
+        r.register(
+            "herald_deliveries",
+            "Messages written to sessions",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "herald_replayed",
+            "Messages re-sent from history",
+            m.replayed.clone(),
+        );
+        r.register(
+            "herald_sessions_lagged",
+            "Session outbound queue overflows",
+            m.sessions_lagged.clone(),
+        );
+        r.register(
+            "herald_sessions_disconnected",
+            "Sessions disconnected by the broker, by reason",
+            m.sessions_disconnected.clone(),
+        );
+        r.register(
+            "herald_received_bytes",
+            "Bytes received on session streams",
+            m.received_bytes.clone(),
+        );
+        r.register(
+            "herald_sent_bytes",
+            "Bytes sent on session streams",
+            m.sent_bytes.clone(),
+        );
+        r.register(
+            "herald_publish_ack_latency_seconds",
+            "Publish received to ack sent",
+            m.publish_ack_latency_seconds.clone(),
+        );
+        r.register(
+            "herald_session_writes",
+            "Stream writes to sessions",
+            m.session_writes.clone(),
+        );
+        r.register(
+            "herald_conversations",
+            "Conversations stored",
+            m.conversations.clone(),
+        );
+        r.register(
+            "herald_history_messages",
+            "Messages held in history",
+            m.history_messages.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -154,8 +222,14 @@ mod tests {
         m.refused(herald_client::wire::RefusalCode::NotMember);
         let text = m.render();
         assert!(text.contains("herald_publishes_total 1"), "{text}");
-        assert!(text.contains("herald_refusals_total{reason=\"NotMember\"} 1"), "{text}");
-        assert!(text.contains("herald_publish_ack_latency_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("herald_refusals_total{reason=\"NotMember\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herald_publish_ack_latency_seconds_bucket"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("herald_"), "{line}");
         }

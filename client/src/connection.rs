@@ -750,10 +750,7 @@ async fn read_loop(
             other => {
                 reader.stop(STOP_CODE);
                 return ReaderEnd::Failed(Error::Protocol {
-                    reason: format!(
-                        "unexpected {} frame after the handshake",
-                        other.kind_name()
-                    ),
+                    reason: format!("unexpected {} frame after the handshake", other.kind_name()),
                 });
             }
         }

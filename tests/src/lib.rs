@@ -158,7 +158,10 @@ impl DevNode {
             .args(who)
             .output()?;
         if !out.status.success() {
-            bail!("herald token failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "herald token failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }

@@ -5,20 +5,27 @@ use herald_client::wire::{ConvKind, Event, Frame, IdempotencyKey, Reply, Request
 use herald_tests::{DevNode, RawClient};
 
 async fn create_group(service: &mut RawClient, conv: u64, members: Vec<u64>) -> anyhow::Result<()> {
-    let reply = service.call(1_000_000 + conv,
-        Request::CreateConversation {
-            conv,
-            kind: ConvKind::Group,
-            members,
-        },
-    )
-    .await?;
+    let reply = service
+        .call(
+            1_000_000 + conv,
+            Request::CreateConversation {
+                conv,
+                kind: ConvKind::Group,
+                members,
+            },
+        )
+        .await?;
     anyhow::ensure!(matches!(reply, Reply::Created { .. }), "{reply:?}");
     Ok(())
 }
 
 /// Publishes `count` messages with pipelined requests; returns the acked seqs.
-async fn publish_many(service: &mut RawClient, conv: u64, first_id: u64, count: u64) -> anyhow::Result<Vec<u64>> {
+async fn publish_many(
+    service: &mut RawClient,
+    conv: u64,
+    first_id: u64,
+    count: u64,
+) -> anyhow::Result<Vec<u64>> {
     for i in 0..count {
         service
             .request(
@@ -33,7 +40,10 @@ async fn publish_many(service: &mut RawClient, conv: u64, first_id: u64, count: 
     }
     let mut seqs = Vec::new();
     while seqs.len() < count as usize {
-        match service.read_until(|f| matches!(f, Frame::Reply { .. })).await? {
+        match service
+            .read_until(|f| matches!(f, Frame::Reply { .. }))
+            .await?
+        {
             Frame::Reply {
                 body: Reply::Published { seq, .. },
                 ..
@@ -45,20 +55,34 @@ async fn publish_many(service: &mut RawClient, conv: u64, first_id: u64, count: 
 }
 
 /// Reads deliveries of `conv` until `last` arrives; fails on any gap or duplicate.
-async fn read_deliveries(client: &mut RawClient, conv: u64, first: u64, last: u64) -> anyhow::Result<()> {
+async fn read_deliveries(
+    client: &mut RawClient,
+    conv: u64,
+    first: u64,
+    last: u64,
+) -> anyhow::Result<()> {
     let mut expected = first;
     while expected <= last {
-        let frame = client.read_until(|f| matches!(f, Frame::Deliver(_))).await?;
-        let Frame::Deliver(m) = frame else { unreachable!() };
+        let frame = client
+            .read_until(|f| matches!(f, Frame::Deliver(_)))
+            .await?;
+        let Frame::Deliver(m) = frame else {
+            unreachable!()
+        };
         assert_eq!(m.conv, conv);
-        assert_eq!(m.seq, expected, "gap or duplicate: expected seq {expected}, got {}", m.seq);
+        assert_eq!(
+            m.seq, expected,
+            "gap or duplicate: expected seq {expected}, got {}",
+            m.seq
+        );
         expected += 1;
     }
     Ok(())
 }
 
 #[tokio::test]
-async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishing() -> anyhow::Result<()> {
+async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishing(
+) -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     create_group(&mut service, 1, vec![1]).await?;
@@ -66,11 +90,23 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishin
 
     // A second publisher keeps publishing while the subscriber replays.
     let mut publisher = RawClient::welcomed(&node, &node.service_token("svc2")?).await?;
-    let background = tokio::spawn(async move { publish_many(&mut publisher, 1, 10_000, 700).await });
+    let background =
+        tokio::spawn(async move { publish_many(&mut publisher, 1, 10_000, 700).await });
 
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user.call(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
-    assert!(matches!(reply, Reply::Subscribed { conv: 1, .. }), "{reply:?}");
+    let reply = user
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(1),
+            },
+        )
+        .await?;
+    assert!(
+        matches!(reply, Reply::Subscribed { conv: 1, .. }),
+        "{reply:?}"
+    );
     let acked = background.await??;
     assert_eq!(acked.len(), 700);
     read_deliveries(&mut user, 1, 1, 1000).await
@@ -83,8 +119,22 @@ async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()>
     create_group(&mut service, 1, vec![1]).await?;
     publish_many(&mut service, 1, 1, 5).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user.call(1, Request::Subscribe { conv: 1, from: None }).await?;
-    assert_eq!(reply, Reply::Subscribed { conv: 1, next_seq: 6 });
+    let reply = user
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: None,
+            },
+        )
+        .await?;
+    assert_eq!(
+        reply,
+        Reply::Subscribed {
+            conv: 1,
+            next_seq: 6
+        }
+    );
     publish_many(&mut service, 1, 100, 3).await?;
     read_deliveries(&mut user, 1, 6, 8).await
 }
@@ -96,7 +146,15 @@ async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
     create_group(&mut service, 1, vec![1]).await?;
     publish_many(&mut service, 1, 1, 25).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user.call(1, Request::Subscribe { conv: 1, from: Some(3) }).await?;
+    let reply = user
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(3),
+            },
+        )
+        .await?;
     assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     let frame = user
         .read_until(|f| matches!(f, Frame::Event(_) | Frame::Deliver(_)))
@@ -126,14 +184,42 @@ async fn idempotent_retry_returns_the_original_seq_and_appends_nothing() -> anyh
         payload: b"red packet".to_vec(),
     };
     let first = service.call(1, publish("pay-1")).await?;
-    assert_eq!(first, Reply::Published { seq: 1, duplicate: false });
+    assert_eq!(
+        first,
+        Reply::Published {
+            seq: 1,
+            duplicate: false
+        }
+    );
     // A retry on another connection (as after a reconnect) is still deduplicated.
     let mut again = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     let retry = again.call(1, publish("pay-1")).await?;
-    assert_eq!(retry, Reply::Published { seq: 1, duplicate: true });
+    assert_eq!(
+        retry,
+        Reply::Published {
+            seq: 1,
+            duplicate: true
+        }
+    );
     let other = again.call(2, publish("pay-2")).await?;
-    assert_eq!(other, Reply::Published { seq: 2, duplicate: false });
-    let Reply::History(page) = again.call(3, Request::History { conv: 1, from: 1, limit: 10 }).await? else {
+    assert_eq!(
+        other,
+        Reply::Published {
+            seq: 2,
+            duplicate: false
+        }
+    );
+    let Reply::History(page) = again
+        .call(
+            3,
+            Request::History {
+                conv: 1,
+                from: 1,
+                limit: 10,
+            },
+        )
+        .await?
+    else {
         anyhow::bail!("history refused");
     };
     assert_eq!(page.messages.len(), 2);

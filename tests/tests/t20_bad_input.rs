@@ -20,7 +20,10 @@ fn refusal_code(reply: &Reply) -> Option<RefusalCode> {
 
 /// The Goodbye a misbehaving connection gets before it closes.
 async fn goodbye(client: &mut RawClient) -> anyhow::Result<Refusal> {
-    match client.read_until(|f| matches!(f, Frame::Goodbye(_))).await? {
+    match client
+        .read_until(|f| matches!(f, Frame::Goodbye(_)))
+        .await?
+    {
         Frame::Goodbye(r) => Ok(r),
         other => anyhow::bail!("unexpected {other:?}"),
     }
@@ -28,28 +31,32 @@ async fn goodbye(client: &mut RawClient) -> anyhow::Result<Refusal> {
 
 /// A service session with group conversation 1 = {1, 2}, and an ack for one message.
 async fn setup(node: &DevNode) -> anyhow::Result<RawClient> {
-    let mut service = RawClient::welcomed(&node, &node.service_token("tests")?).await?;
-    let reply = service.call(1,
-        Request::CreateConversation {
-            conv: 1,
-            kind: ConvKind::Group,
-            members: vec![1, 2],
-        },
-    )
-    .await?;
+    let mut service = RawClient::welcomed(node, &node.service_token("tests")?).await?;
+    let reply = service
+        .call(
+            1,
+            Request::CreateConversation {
+                conv: 1,
+                kind: ConvKind::Group,
+                members: vec![1, 2],
+            },
+        )
+        .await?;
     anyhow::ensure!(reply == Reply::Created { created: true }, "{reply:?}");
     Ok(service)
 }
 
 async fn publish(client: &mut RawClient, id: u64, text: &str) -> anyhow::Result<u64> {
-    match client.call(id,
-        Request::Publish {
-            conv: 1,
-            key: IdempotencyKey::Caller(format!("key-{id}")),
-            payload: text.as_bytes().to_vec(),
-        },
-    )
-    .await?
+    match client
+        .call(
+            id,
+            Request::Publish {
+                conv: 1,
+                key: IdempotencyKey::Caller(format!("key-{id}")),
+                payload: text.as_bytes().to_vec(),
+            },
+        )
+        .await?
     {
         Reply::Published { seq, .. } => Ok(seq),
         other => anyhow::bail!("publish refused: {other:?}"),
@@ -58,16 +65,18 @@ async fn publish(client: &mut RawClient, id: u64, text: &str) -> anyhow::Result<
 
 /// Everything acked is still in history, in order, and the node still serves.
 async fn assert_still_serving(node: &DevNode, acked: &[u64]) -> anyhow::Result<()> {
-    let mut service = RawClient::welcomed(&node, &node.service_token("check")?).await?;
+    let mut service = RawClient::welcomed(node, &node.service_token("check")?).await?;
     let next = publish(&mut service, 900, "still alive").await?;
-    let reply = service.call(901,
-        Request::History {
-            conv: 1,
-            from: 1,
-            limit: 1000,
-        },
-    )
-    .await?;
+    let reply = service
+        .call(
+            901,
+            Request::History {
+                conv: 1,
+                from: 1,
+                limit: 1000,
+            },
+        )
+        .await?;
     let Reply::History(page) = reply else {
         anyhow::bail!("history refused: {reply:?}");
     };
@@ -189,8 +198,14 @@ async fn bad_tokens_are_refused_with_their_reason() -> anyhow::Result<()> {
     let secret = secret.trim().as_bytes();
     let hs256 = jsonwebtoken::Algorithm::HS256;
     let cases = [
-        (sign(hs256, secret, now_s() - 60)?, RefusalCode::TokenExpired),
-        (sign(hs256, b"not the secret", now_s() + 600)?, RefusalCode::BadSignature),
+        (
+            sign(hs256, secret, now_s() - 60)?,
+            RefusalCode::TokenExpired,
+        ),
+        (
+            sign(hs256, b"not the secret", now_s() + 600)?,
+            RefusalCode::BadSignature,
+        ),
         (
             sign(jsonwebtoken::Algorithm::HS384, secret, now_s() + 600)?,
             RefusalCode::WrongAlgorithm,
@@ -217,35 +232,101 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
     let acked = publish(&mut service, 2, "members only").await?;
 
     let mut outsider = RawClient::welcomed(&node, &node.user_token(9)?).await?;
-    let reply = outsider.call(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::NotMember), "{reply:?}");
-    let reply = outsider.call(2,
-        Request::Publish {
-            conv: 1,
-            key: IdempotencyKey::Caller("x".into()),
-            payload: b"let me in".to_vec(),
-        },
-    )
-    .await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::NotMember), "{reply:?}");
-    let reply = outsider.call(3, Request::History { conv: 1, from: 1, limit: 10 }).await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::NotMember), "{reply:?}");
-    let reply = outsider.call(4,
-        Request::CreateConversation {
-            conv: 2,
-            kind: ConvKind::Group,
-            members: vec![9],
-        },
-    )
-    .await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::RoleNotAllowed), "{reply:?}");
-    let reply = outsider.call(5, Request::Subscribe { conv: 77, from: None }).await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::NoSuchConversation), "{reply:?}");
+    let reply = outsider
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(1),
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::NotMember),
+        "{reply:?}"
+    );
+    let reply = outsider
+        .call(
+            2,
+            Request::Publish {
+                conv: 1,
+                key: IdempotencyKey::Caller("x".into()),
+                payload: b"let me in".to_vec(),
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::NotMember),
+        "{reply:?}"
+    );
+    let reply = outsider
+        .call(
+            3,
+            Request::History {
+                conv: 1,
+                from: 1,
+                limit: 10,
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::NotMember),
+        "{reply:?}"
+    );
+    let reply = outsider
+        .call(
+            4,
+            Request::CreateConversation {
+                conv: 2,
+                kind: ConvKind::Group,
+                members: vec![9],
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::RoleNotAllowed),
+        "{reply:?}"
+    );
+    let reply = outsider
+        .call(
+            5,
+            Request::Subscribe {
+                conv: 77,
+                from: None,
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::NoSuchConversation),
+        "{reply:?}"
+    );
 
     // A member may; the refusals changed nothing.
     let mut member = RawClient::welcomed(&node, &node.user_token(2)?).await?;
-    let reply = member.call(1, Request::Subscribe { conv: 1, from: Some(1) }).await?;
-    assert!(matches!(reply, Reply::Subscribed { conv: 1, next_seq: 2 }), "{reply:?}");
+    let reply = member
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(1),
+            },
+        )
+        .await?;
+    assert!(
+        matches!(
+            reply,
+            Reply::Subscribed {
+                conv: 1,
+                next_seq: 2
+            }
+        ),
+        "{reply:?}"
+    );
     assert_still_serving(&node, &[acked]).await
 }
 
@@ -257,28 +338,42 @@ async fn payload_over_the_limit_is_refused() -> anyhow::Result<()> {
     ])?;
     let mut service = setup(&node).await?;
     let acked = publish(&mut service, 2, "small").await?;
-    let reply = service.call(3,
-        Request::Publish {
-            conv: 1,
-            key: IdempotencyKey::Caller("big".into()),
-            payload: vec![b'x'; 1001],
-        },
-    )
-    .await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::PayloadTooLarge), "{reply:?}");
+    let reply = service
+        .call(
+            3,
+            Request::Publish {
+                conv: 1,
+                key: IdempotencyKey::Caller("big".into()),
+                payload: vec![b'x'; 1001],
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::PayloadTooLarge),
+        "{reply:?}"
+    );
     if let Reply::Refused(r) = &reply {
-        assert!(r.detail.contains("1001") && r.detail.contains("1000"), "{r}");
+        assert!(
+            r.detail.contains("1001") && r.detail.contains("1000"),
+            "{r}"
+        );
     }
     // Exactly at the limit is fine.
-    let reply = service.call(4,
-        Request::Publish {
-            conv: 1,
-            key: IdempotencyKey::Caller("edge".into()),
-            payload: vec![b'x'; 1000],
-        },
-    )
-    .await?;
-    assert!(matches!(reply, Reply::Published { seq: 2, .. }), "{reply:?}");
+    let reply = service
+        .call(
+            4,
+            Request::Publish {
+                conv: 1,
+                key: IdempotencyKey::Caller("edge".into()),
+                payload: vec![b'x'; 1000],
+            },
+        )
+        .await?;
+    assert!(
+        matches!(reply, Reply::Published { seq: 2, .. }),
+        "{reply:?}"
+    );
     assert_still_serving(&node, &[acked, 2]).await
 }
 
@@ -287,28 +382,55 @@ async fn subscriptions_over_the_limit_are_refused() -> anyhow::Result<()> {
     let node = DevNode::start_with_env(&[("HERALD_LIMITS_SUBSCRIPTIONS_PER_SESSION_MAX", "2")])?;
     let mut service = setup(&node).await?;
     for conv in [2, 3] {
-        let reply = service.call(conv,
-            Request::CreateConversation {
+        let reply = service
+            .call(
                 conv,
-                kind: ConvKind::Group,
-                members: vec![1],
-            },
-        )
-        .await?;
+                Request::CreateConversation {
+                    conv,
+                    kind: ConvKind::Group,
+                    members: vec![1],
+                },
+            )
+            .await?;
         anyhow::ensure!(matches!(reply, Reply::Created { .. }), "{reply:?}");
     }
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     for conv in [1, 2] {
-        let reply = user.call(conv, Request::Subscribe { conv, from: None }).await?;
+        let reply = user
+            .call(conv, Request::Subscribe { conv, from: None })
+            .await?;
         assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     }
-    let reply = user.call(3, Request::Subscribe { conv: 3, from: None }).await?;
-    assert_eq!(refusal_code(&reply), Some(RefusalCode::LimitReached), "{reply:?}");
+    let reply = user
+        .call(
+            3,
+            Request::Subscribe {
+                conv: 3,
+                from: None,
+            },
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&reply),
+        Some(RefusalCode::LimitReached),
+        "{reply:?}"
+    );
     // Unsubscribing frees a place.
     let reply = user.call(4, Request::Unsubscribe { conv: 1 }).await?;
     assert_eq!(reply, Reply::Done);
-    let reply = user.call(5, Request::Subscribe { conv: 3, from: None }).await?;
-    assert!(matches!(reply, Reply::Subscribed { conv: 3, .. }), "{reply:?}");
+    let reply = user
+        .call(
+            5,
+            Request::Subscribe {
+                conv: 3,
+                from: None,
+            },
+        )
+        .await?;
+    assert!(
+        matches!(reply, Reply::Subscribed { conv: 3, .. }),
+        "{reply:?}"
+    );
     Ok(())
 }
 
@@ -317,9 +439,25 @@ async fn a_removed_member_stops_receiving() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = setup(&node).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(2)?).await?;
-    let reply = user.call(1, Request::Subscribe { conv: 1, from: None }).await?;
+    let reply = user
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: None,
+            },
+        )
+        .await?;
     assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
-    let reply = service.call(2, Request::RemoveMembers { conv: 1, members: vec![2] }).await?;
+    let reply = service
+        .call(
+            2,
+            Request::RemoveMembers {
+                conv: 1,
+                members: vec![2],
+            },
+        )
+        .await?;
     assert_eq!(reply, Reply::Done);
     let event = user
         .read_until(|f| matches!(f, Frame::Event(wire::Event::Unsubscribed { .. })))

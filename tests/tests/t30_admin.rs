@@ -23,8 +23,14 @@ fn health_ready_metrics_and_cluster_answer() -> anyhow::Result<()> {
     ] {
         assert!(metrics.contains(name), "metric {name} missing:\n{metrics}");
     }
-    for line in metrics.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        assert!(line.starts_with("herald_"), "un-prefixed metric line: {line}");
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        assert!(
+            line.starts_with("herald_"),
+            "un-prefixed metric line: {line}"
+        );
     }
 
     let (code, cluster) = node.admin_get("/cluster")?;

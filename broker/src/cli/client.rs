@@ -11,7 +11,12 @@ use herald_client::{ClientConfig, Publisher, Session, SessionEvent};
 #[derive(Args, Debug, Clone)]
 pub struct ClientFlags {
     /// Seed nodes, HOST:PORT[,HOST:PORT…]; the client finds the right node itself.
-    #[arg(long, env = "HERALD_ADDR", default_value = "127.0.0.1:7400", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HERALD_ADDR",
+        default_value = "127.0.0.1:7400",
+        value_delimiter = ','
+    )]
     addr: Vec<String>,
     /// CA certificate to trust (default: herald-data/dev/ca.pem when it exists).
     #[arg(long, env = "HERALD_CA")]
@@ -152,7 +157,11 @@ pub async fn conv_members(args: ConvMembersArgs, add: bool) -> anyhow::Result<()
     } else {
         publisher.remove_members(args.id, &args.members).await?;
     }
-    println!("conversation {}: members {}", args.id, if add { "added" } else { "removed" });
+    println!(
+        "conversation {}: members {}",
+        args.id,
+        if add { "added" } else { "removed" }
+    );
     publisher.close().await;
     Ok(())
 }

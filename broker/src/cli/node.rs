@@ -49,8 +49,14 @@ pub async fn dev(data_dir: PathBuf, listen: SocketAddr, admin: SocketAddr) -> an
     println!("Herald dev node is ready.");
     println!("  QUIC (clients):  {}", node.quic_addr);
     println!("  admin HTTP:      http://{}", node.admin_addr);
-    println!("  CA certificate:  {}   (clients: --ca)", files.ca_pem.display());
-    println!("  token secret:    {}   (herald token --secret-file …)", files.secret.display());
+    println!(
+        "  CA certificate:  {}   (clients: --ca)",
+        files.ca_pem.display()
+    );
+    println!(
+        "  token secret:    {}   (herald token --secret-file …)",
+        files.secret.display()
+    );
     println!("Try, in another shell:");
     println!(
         "  export HERALD_TOKEN=$(herald token --secret-file {} --service cli)",
@@ -58,7 +64,10 @@ pub async fn dev(data_dir: PathBuf, listen: SocketAddr, admin: SocketAddr) -> an
     );
     println!("  herald conv create --id 1 --kind group --members 1,2");
     println!("  herald sub --conv 1 --from 1 &   herald pub --conv 1 hello");
-    println!("listening quic={} admin={}", node.quic_addr, node.admin_addr);
+    println!(
+        "listening quic={} admin={}",
+        node.quic_addr, node.admin_addr
+    );
     run_until_signal(node).await
 }
 
@@ -68,7 +77,10 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let node = RunningNode::start(config).await?;
-    println!("listening quic={} admin={}", node.quic_addr, node.admin_addr);
+    println!(
+        "listening quic={} admin={}",
+        node.quic_addr, node.admin_addr
+    );
     run_until_signal(node).await
 }
 
@@ -118,7 +130,12 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
     }
     println!("NODE  ADDR                   READY");
     for n in cluster["nodes"].as_array().into_iter().flatten() {
-        println!("{:<5} {:<22} {}", n["id"], n["addr"].as_str().unwrap_or("?"), n["ready"]);
+        println!(
+            "{:<5} {:<22} {}",
+            n["id"],
+            n["addr"].as_str().unwrap_or("?"),
+            n["ready"]
+        );
     }
     println!();
     println!("GROUP  LEADER  TERM  COMMIT  REPLICAS  LAG");
@@ -133,13 +150,13 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
 
 /// A minimal HTTP/1.1 GET (admin endpoints are plain HTTP on loopback or a private network).
 async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .with_context(|| format!("timed out connecting to admin HTTP at {addr}"))?
-    .with_context(|| format!("cannot connect to admin HTTP at {addr}; is the node running? (--admin)"))?;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .with_context(|| format!("timed out connecting to admin HTTP at {addr}"))?
+            .with_context(|| {
+                format!("cannot connect to admin HTTP at {addr}; is the node running? (--admin)")
+            })?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
@@ -151,7 +168,10 @@ async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
         bail!("malformed HTTP response from {addr}");
     };
     if !head.starts_with("HTTP/1.1 200") {
-        bail!("{addr}{path} answered {}", head.lines().next().unwrap_or(""));
+        bail!(
+            "{addr}{path} answered {}",
+            head.lines().next().unwrap_or("")
+        );
     }
     Ok(body.to_owned())
 }

@@ -113,7 +113,7 @@ impl RunningNode {
             addr: config.listen,
             source,
         };
-        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let socket = bind_udp(config.listen).map_err(bind_error)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::new(Arc::new(reset_key)),
             Some(server_config),
@@ -178,6 +178,35 @@ impl RunningNode {
             task.abort();
         }
     }
+}
+
+/// Socket buffer sizes for the node's UDP port. Linux's defaults (~200 KiB) overflow
+/// when a fan-out burst to many connections meets their ACKs: the drops showed up as
+/// congestion events and multi-second tail stalls in `herald-bench fanout`.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Binds the QUIC port with enlarged socket buffers (the kernel may clamp them to
+/// `net.core.rmem_max`/`wmem_max`; a warning says so).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    let recv = socket.recv_buffer_size().unwrap_or(0);
+    if recv < UDP_BUFFER_BYTES {
+        tracing::warn!(
+            "UDP receive buffer is {recv} bytes, below the {UDP_BUFFER_BYTES} asked for; \
+             raise net.core.rmem_max to avoid packet drops under bursts"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>) {

@@ -24,11 +24,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_client::io::{FrameReader, FrameWriter, IoError};
-use herald_client::wire::{
-    Event, Frame, Hello, HistoryPage, Refusal, RefusalCode, Reply, Request, SessionLimits,
-    Welcome, WireError,
-};
 use herald_client::wire::Principal;
+use herald_client::wire::{
+    Event, Frame, Hello, HistoryPage, Refusal, RefusalCode, Reply, Request, SessionLimits, Welcome,
+    WireError,
+};
 use tokio::sync::mpsc;
 
 use super::NodeContext;
@@ -56,11 +56,24 @@ const REPLAY_FLUSH_BYTES: usize = 256 * 1024;
 
 /// What the reader asks the writer to do, in order.
 pub(crate) enum Control {
-    Reply { id: u64, body: Reply },
-    Subscribe { id: u64, conv: u64, from: Option<u64> },
-    Unsubscribe { id: u64, conv: u64 },
+    Reply {
+        id: u64,
+        body: Reply,
+    },
+    Subscribe {
+        id: u64,
+        conv: u64,
+        from: Option<u64>,
+    },
+    Unsubscribe {
+        id: u64,
+        conv: u64,
+    },
     /// The user was removed from `conv`: end the subscription and say why.
-    Revoke { conv: u64, reason: Refusal },
+    Revoke {
+        conv: u64,
+        reason: Refusal,
+    },
     Goodbye(Refusal),
 }
 
@@ -73,7 +86,10 @@ pub struct Registry {
 
 impl Registry {
     fn register(&self, user: u64, session_id: u64, control: mpsc::Sender<Control>) {
-        self.by_user.entry(user).or_default().push((session_id, control));
+        self.by_user
+            .entry(user)
+            .or_default()
+            .push((session_id, control));
     }
 
     fn unregister(&self, user: u64, session_id: u64) {
@@ -172,21 +188,45 @@ pub async fn serve_connection(
     let hello = match hello {
         Ok(Ok(Some(Frame::Hello(hello)))) => hello,
         Ok(Ok(Some(_))) => {
-            refuse(&conn, &mut writer, RefusalCode::NotAuthenticated, "the first frame must be Hello".into()).await;
+            refuse(
+                &conn,
+                &mut writer,
+                RefusalCode::NotAuthenticated,
+                "the first frame must be Hello".into(),
+            )
+            .await;
             return;
         }
         Ok(Ok(None)) => return,
         Ok(Err(IoError::Wire(e @ WireError::UnsupportedVersion { .. }))) => {
-            refuse(&conn, &mut writer, RefusalCode::UnsupportedVersion, e.to_string()).await;
+            refuse(
+                &conn,
+                &mut writer,
+                RefusalCode::UnsupportedVersion,
+                e.to_string(),
+            )
+            .await;
             return;
         }
         Ok(Err(IoError::Wire(e))) => {
-            refuse(&conn, &mut writer, RefusalCode::ProtocolError, e.to_string()).await;
+            refuse(
+                &conn,
+                &mut writer,
+                RefusalCode::ProtocolError,
+                e.to_string(),
+            )
+            .await;
             return;
         }
         Ok(Err(_)) => return,
         Err(_) => {
-            refuse(&conn, &mut writer, RefusalCode::NotAuthenticated, "no Hello within the handshake timeout".into()).await;
+            refuse(
+                &conn,
+                &mut writer,
+                RefusalCode::NotAuthenticated,
+                "no Hello within the handshake timeout".into(),
+            )
+            .await;
             return;
         }
     };
@@ -217,7 +257,10 @@ pub async fn serve_connection(
     ctx.metrics.sessions.inc();
     tracing::debug!(session_id, %principal, %remote, connection_id = conn.stable_id(), "session started");
 
-    let outbox = Arc::new(Outbox::new(session_id, limits.session_queue_len_max as usize));
+    let outbox = Arc::new(Outbox::new(
+        session_id,
+        limits.session_queue_len_max as usize,
+    ));
     let (control_tx, control_rx) = mpsc::channel(limits.requests_in_flight_max as usize);
     let session_writer = SessionWriter {
         ctx: ctx.clone(),
@@ -225,7 +268,7 @@ pub async fn serve_connection(
         writer,
         outbox: outbox.clone(),
         control: control_rx,
-        cursors: HashMap::new(),
+        cursors: HashMap::default(),
         batch: Vec::with_capacity(DRAIN_BATCH_LEN_MAX),
         session_id,
         principal: principal.clone(),
@@ -283,7 +326,11 @@ async fn read_requests(
         let started = Instant::now();
         let is_publish = matches!(body, Request::Publish { .. });
         let control_msg = execute(ctx, principal, id, body);
-        if let Control::Reply { body: Reply::Refused(r), .. } = &control_msg {
+        if let Control::Reply {
+            body: Reply::Refused(r),
+            ..
+        } = &control_msg
+        {
             tracing::debug!(%principal, "request {id} refused: {r}");
         }
         if control.send(control_msg).await.is_err() {
@@ -305,14 +352,20 @@ fn execute(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> 
         body: r.unwrap_or_else(Reply::Refused),
     };
     match body {
-        Request::CreateConversation { conv, kind, members } => reply(
+        Request::CreateConversation {
+            conv,
+            kind,
+            members,
+        } => reply(
             engine
                 .create(principal, conv, kind, members)
                 .map(|created| Reply::Created { created }),
         ),
-        Request::AddMembers { conv, members } => {
-            reply(engine.add_members(principal, conv, members).map(|()| Reply::Done))
-        }
+        Request::AddMembers { conv, members } => reply(
+            engine
+                .add_members(principal, conv, members)
+                .map(|()| Reply::Done),
+        ),
         Request::RemoveMembers { conv, members } => {
             let result = engine.remove_members(principal, conv, members.clone());
             if result.is_ok() {
@@ -365,7 +418,7 @@ struct SessionWriter {
     outbox: Arc<Outbox>,
     control: mpsc::Receiver<Control>,
     /// conversation → last seq sent on this stream. Bounded by `subscriptions_per_session_max`.
-    cursors: HashMap<u64, u64>,
+    cursors: HashMap<u64, u64, BuildConvHasher>,
     batch: Vec<Arc<Delivery>>,
     session_id: u64,
     principal: Principal,
@@ -385,7 +438,10 @@ impl SessionWriter {
         for conv in self.cursors.keys() {
             self.ctx.engine.router().unsubscribe(*conv, self.session_id);
         }
-        self.ctx.metrics.subscriptions.dec_by(self.cursors.len() as i64);
+        self.ctx
+            .metrics
+            .subscriptions
+            .dec_by(self.cursors.len() as i64);
         self.outbox.close();
         if let Stop::Done = stop {
             let _ = self.writer.finish().await;
@@ -461,12 +517,19 @@ impl SessionWriter {
                     self.ctx.engine.router().unsubscribe(conv, self.session_id);
                     self.ctx.metrics.subscriptions.dec();
                 }
-                self.queue(&Frame::Reply { id, body: Reply::Done })
+                self.queue(&Frame::Reply {
+                    id,
+                    body: Reply::Done,
+                })
             }
             Control::Revoke { conv, reason } => {
                 // A channel follower needs no membership: only revoke where it matters.
                 if self.cursors.contains_key(&conv)
-                    && self.ctx.engine.authorize(&self.principal, Action::Subscribe, conv).is_err()
+                    && self
+                        .ctx
+                        .engine
+                        .authorize(&self.principal, Action::Subscribe, conv)
+                        .is_err()
                 {
                     self.cursors.remove(&conv);
                     self.ctx.engine.router().unsubscribe(conv, self.session_id);
@@ -493,20 +556,31 @@ impl SessionWriter {
                 RefusalCode::LimitReached,
                 format!("this session already has {limit} subscriptions (limits.subscriptions_per_session_max); unsubscribe first"),
             );
-            return self.queue(&Frame::Reply { id, body: Reply::Refused(refusal) });
+            return self.queue(&Frame::Reply {
+                id,
+                body: Reply::Refused(refusal),
+            });
         }
         // Read next_seq before registering: anything published in between shows up as a
         // gap at the first live delivery and is filled from history.
         let next_seq = match self.ctx.engine.next_seq(conv) {
             Ok(n) => n,
-            Err(r) => return self.queue(&Frame::Reply { id, body: Reply::Refused(r) }),
+            Err(r) => {
+                return self.queue(&Frame::Reply {
+                    id,
+                    body: Reply::Refused(r),
+                })
+            }
         };
         if self.ctx.engine.router().subscribe(conv, &self.outbox) {
             self.ctx.metrics.subscriptions.inc();
         }
         let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
         self.cursors.insert(conv, start - 1);
-        self.queue(&Frame::Reply { id, body: Reply::Subscribed { conv, next_seq } })?;
+        self.queue(&Frame::Reply {
+            id,
+            body: Reply::Subscribed { conv, next_seq },
+        })?;
         if start < next_seq {
             self.catch_up(conv, None).await?;
         }
@@ -515,21 +589,27 @@ impl SessionWriter {
 
     /// Sends one live delivery if it is next for its conversation; true if sent.
     async fn deliver_live(&mut self, delivery: &Arc<Delivery>) -> Result<bool, Stop> {
-        let Some(&cursor) = self.cursors.get(&delivery.conv) else {
+        let Some(cursor) = self.cursors.get_mut(&delivery.conv) else {
             return Ok(false); // unsubscribed since it was queued
         };
-        if delivery.seq <= cursor {
-            return Ok(false); // already sent (replay overlap)
-        }
-        if delivery.seq > cursor + 1 {
-            self.catch_up(delivery.conv, Some(delivery.seq - 1)).await?;
-        }
-        if self.cursors.get(&delivery.conv).copied() == Some(delivery.seq - 1) {
+        if delivery.seq == *cursor + 1 {
+            // The common case: one map lookup, no history read.
+            *cursor = delivery.seq;
             self.writer.queue_encoded(&delivery.frame);
-            self.cursors.insert(delivery.conv, delivery.seq);
             return Ok(true);
         }
-        Ok(false)
+        if delivery.seq <= *cursor {
+            return Ok(false); // already sent (replay overlap)
+        }
+        self.catch_up(delivery.conv, Some(delivery.seq - 1)).await?;
+        match self.cursors.get_mut(&delivery.conv) {
+            Some(cursor) if *cursor + 1 == delivery.seq => {
+                *cursor = delivery.seq;
+                self.writer.queue_encoded(&delivery.frame);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Sends history from `cursor + 1` up to `until` (inclusive) or to the present.
@@ -558,7 +638,8 @@ impl SessionWriter {
             }
             let mut sent = 0;
             for stored in &history.messages {
-                if stored.message.seq == cursor + 1 && until.is_none_or(|u| stored.message.seq <= u) {
+                if stored.message.seq == cursor + 1 && until.is_none_or(|u| stored.message.seq <= u)
+                {
                     self.writer.queue_encoded(&stored.delivery.frame);
                     cursor = stored.message.seq;
                     sent += 1;
@@ -628,9 +709,16 @@ impl SessionWriter {
     }
 }
 
-async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, code: RefusalCode, detail: String) {
+async fn refuse(
+    conn: &quinn::Connection,
+    writer: &mut FrameWriter,
+    code: RefusalCode,
+    detail: String,
+) {
     let _ = writer.write_preamble().await;
-    let _ = writer.send(&Frame::Goodbye(Refusal::new(code, detail.clone()))).await;
+    let _ = writer
+        .send(&Frame::Goodbye(Refusal::new(code, detail.clone())))
+        .await;
     let _ = writer.finish().await;
     close_after_flush(conn, close_code::PROTOCOL_ERROR, &detail).await;
 }
@@ -642,6 +730,37 @@ async fn close_after_flush(conn: &quinn::Connection, code: u32, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     let reason = &reason.as_bytes()[..reason.len().min(200)];
     conn.close(quinn::VarInt::from_u32(code), reason);
+}
+
+/// Conversation ids are chosen by backends, not by attackers of this map's memory (it is
+/// per session and bounded by `subscriptions_per_session_max`), so a multiplicative hash
+/// replaces SipHash on the per-delivery path.
+#[derive(Default, Clone, Copy)]
+struct BuildConvHasher;
+
+impl std::hash::BuildHasher for BuildConvHasher {
+    type Hasher = ConvHasher;
+    fn build_hasher(&self) -> ConvHasher {
+        ConvHasher(0)
+    }
+}
+
+/// See [`BuildConvHasher`].
+struct ConvHasher(u64);
+
+impl std::hash::Hasher for ConvHasher {
+    fn finish(&self) -> u64 {
+        // The multiply mixes upwards; fold the high half down for bucket indexes.
+        self.0 ^ (self.0 >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// Runs `f` when dropped.
