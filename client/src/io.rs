@@ -27,8 +27,12 @@ pub enum IoError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Size of one read from a stream into the decoder.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Size of one read from a stream into the decoder. Small on purpose: every connection
+/// holds one, and a million mostly idle sessions must not cost a million large buffers;
+/// quinn hands over what it has buffered in pieces of this size, so throughput holds.
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// A writer buffer that grew past this during a burst is released after the flush.
+const WRITE_BUFFER_KEEP_BYTES: usize = 64 * 1024;
 
 /// Reads frames from the receiving half of a stream.
 pub struct FrameReader {
@@ -94,7 +98,7 @@ impl FrameWriter {
         FrameWriter {
             send,
             frame_bytes_max,
-            buffer: Vec::with_capacity(16 * 1024),
+            buffer: Vec::new(),
         }
     }
 
@@ -126,6 +130,9 @@ impl FrameWriter {
         if n > 0 {
             self.send.write_all(&self.buffer).await?;
             self.buffer.clear();
+            if self.buffer.capacity() > WRITE_BUFFER_KEEP_BYTES {
+                self.buffer = Vec::new();
+            }
         }
         Ok(n)
     }

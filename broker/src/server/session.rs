@@ -269,7 +269,7 @@ pub async fn serve_connection(
         outbox: outbox.clone(),
         control: control_rx,
         cursors: HashMap::default(),
-        batch: Vec::with_capacity(DRAIN_BATCH_LEN_MAX),
+        batch: Vec::new(),
         session_id,
         principal: principal.clone(),
     };
