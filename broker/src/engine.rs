@@ -175,6 +175,8 @@ impl Engine {
                 if let Some(stored) = stored {
                     // Under the store lock: outboxes receive each conversation's
                     // messages in seq order. The router never blocks.
+                    // A session's lag is counted here, when its outbox first overflows
+                    // (a stalled writer may never get to recover and count it).
                     let stats = self.router.fan_out(&stored.delivery);
                     self.metrics.sessions_lagged.inc_by(stats.overflowed);
                     self.metrics.publishes.inc();

@@ -200,6 +200,9 @@ impl SessionHandle {
     /// a reconnect, resubscribes from the seq after the last one it handed over.
     /// Subscribing again to the same conversation restarts it from `from`.
     pub async fn subscribe(&self, conv: u64, from: Option<u64>) -> Result<u64, Error> {
+        let was_subscribed = crate::connection::lock(&self.core.state.cursors)
+            .resume_from(conv)
+            .is_some();
         let body = Request::Subscribe { conv, from };
         let result = self
             .core
@@ -210,19 +213,23 @@ impl SessionHandle {
         match result {
             Ok(Reply::Subscribed { next_seq, .. }) => Ok(next_seq),
             Ok(other) => {
-                self.forget(conv);
+                self.forget_unless(conv, was_subscribed);
                 Err(unexpected_reply("Subscribe", &other))
             }
             Err(e) => {
-                // Not subscribed as far as the application knows: do not resubscribe it.
-                self.forget(conv);
+                self.forget_unless(conv, was_subscribed);
                 Err(e)
             }
         }
     }
 
-    fn forget(&self, conv: u64) {
-        crate::connection::lock(&self.core.state.cursors).remove(conv);
+    /// After a failed subscribe: a conversation that was not subscribed before is
+    /// forgotten (not resubscribed on reconnect); one that was stays subscribed, because
+    /// its earlier subscription is still live at the broker.
+    fn forget_unless(&self, conv: u64, was_subscribed: bool) {
+        if !was_subscribed {
+            crate::connection::lock(&self.core.state.cursors).remove(conv);
+        }
     }
 
     /// Stops receiving `conv`. Deliveries of it still in flight are dropped.

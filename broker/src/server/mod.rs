@@ -215,7 +215,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>) {
     while let Some(incoming) = endpoint.accept().await {
         let open = ctx.metrics.connections.get().max(0) as u64;
         let in_flight = handshakes.load(Ordering::Relaxed);
-        if open >= u64::from(limits.connections_max) {
+        // Connections still in their handshake count too, so the bound holds.
+        if open + in_flight >= u64::from(limits.connections_max) {
             refused(&ctx, "connections_max");
             incoming.refuse();
             continue;

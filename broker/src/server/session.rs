@@ -51,7 +51,7 @@ pub mod close_code {
 
 /// Deliveries drained from the outbox per writer pass (one stream write).
 const DRAIN_BATCH_LEN_MAX: usize = 1024;
-/// Bytes the writer buffers during a history replay before flushing.
+/// Bytes the writer buffers (replay or live) before it flushes.
 const REPLAY_FLUSH_BYTES: usize = 256 * 1024;
 
 /// What the reader asks the writer to do, in order.
@@ -389,8 +389,22 @@ fn execute(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> 
                     engine.read(conv, from.max(1), limit)
                 })
                 .map(|h| {
+                    // A page must fit one frame: stop before the encoded messages would
+                    // exceed half the frame maximum (rkyv's envelope is small; half leaves
+                    // ample room). The client asks again from the last seq it got.
+                    let budget = ctx.config.limits.frame_bytes_max as usize / 2;
+                    let mut used = 0;
+                    let messages = h
+                        .messages
+                        .iter()
+                        .take_while(|m| {
+                            used += m.delivery.frame.len();
+                            used <= budget
+                        })
+                        .map(|m| m.message.clone())
+                        .collect();
                     Reply::History(HistoryPage {
-                        messages: h.messages.iter().map(|m| m.message.clone()).collect(),
+                        messages,
                         first_seq: h.first_seq,
                         next_seq: h.next_seq,
                     })
@@ -443,9 +457,17 @@ impl SessionWriter {
             .subscriptions
             .dec_by(self.cursors.len() as i64);
         self.outbox.close();
-        if let Stop::Done = stop {
-            let _ = self.writer.finish().await;
-            close_after_flush(&self.conn, close_code::NORMAL, "bye").await;
+        match stop {
+            Stop::Done => {
+                let _ = self.writer.finish().await;
+                close_after_flush(&self.conn, close_code::NORMAL, "bye").await;
+            }
+            // Close at once so the reader stops and the client reconnects and resyncs,
+            // rather than keeping a connection whose subscriptions are gone.
+            Stop::Failed => self.conn.close(
+                quinn::VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                b"session writer stopped; reconnect and resubscribe",
+            ),
         }
     }
 
@@ -485,6 +507,12 @@ impl SessionWriter {
                     Ok(true) => sent += 1,
                     Ok(false) => {}
                     Err(stop) => return stop,
+                }
+                // Bound the writer's buffer, whatever the frame sizes.
+                if self.writer.pending_len() >= REPLAY_FLUSH_BYTES {
+                    if let Err(stop) = self.flush().await {
+                        return stop;
+                    }
                 }
             }
             // One shared-counter update per batch, not per delivery.
@@ -561,8 +589,18 @@ impl SessionWriter {
                 body: Reply::Refused(refusal),
             });
         }
-        // Read next_seq before registering: anything published in between shows up as a
-        // gap at the first live delivery and is filled from history.
+        // Authorize again here: a member removal may have been handled (as a Revoke)
+        // between the reader's check and this point, and must win.
+        if let Err(refusal) = self
+            .ctx
+            .engine
+            .authorize(&self.principal, Action::Subscribe, conv)
+        {
+            return self.queue(&Frame::Reply {
+                id,
+                body: Reply::Refused(refusal),
+            });
+        }
         let next_seq = match self.ctx.engine.next_seq(conv) {
             Ok(n) => n,
             Err(r) => {
@@ -572,19 +610,35 @@ impl SessionWriter {
                 })
             }
         };
+        let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
+        if start > next_seq {
+            // The client claims messages this node never had (e.g. state lost with a
+            // restart): say so instead of silently skipping seqs below its cursor.
+            self.ctx.metrics.refused(RefusalCode::InvalidRequest);
+            let refusal = Refusal::new(
+                RefusalCode::InvalidRequest,
+                format!(
+                    "cannot subscribe to conversation {conv} from seq {start}: its next seq is {next_seq}"
+                ),
+            );
+            return self.queue(&Frame::Reply {
+                id,
+                body: Reply::Refused(refusal),
+            });
+        }
         if self.ctx.engine.router().subscribe(conv, &self.outbox) {
             self.ctx.metrics.subscriptions.inc();
         }
-        let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
         self.cursors.insert(conv, start - 1);
         self.queue(&Frame::Reply {
             id,
             body: Reply::Subscribed { conv, next_seq },
         })?;
-        if start < next_seq {
-            self.catch_up(conv, None).await?;
-        }
-        Ok(())
+        // Always catch up after registering: a message published between reading
+        // next_seq and registering reached no outbox of ours and must come from history
+        // now, not only when a later message reveals the gap. At the head this reads
+        // an empty page.
+        self.catch_up(conv, None).await
     }
 
     /// Sends one live delivery if it is next for its conversation; true if sent.
@@ -643,6 +697,10 @@ impl SessionWriter {
                     self.writer.queue_encoded(&stored.delivery.frame);
                     cursor = stored.message.seq;
                     sent += 1;
+                    if self.writer.pending_len() >= REPLAY_FLUSH_BYTES {
+                        self.cursors.insert(conv, cursor);
+                        self.flush().await?;
+                    }
                 }
             }
             self.cursors.insert(conv, cursor);
@@ -658,7 +716,6 @@ impl SessionWriter {
     }
 
     async fn recover_from_lag(&mut self, dropped: u64) -> Result<(), Stop> {
-        self.ctx.metrics.sessions_lagged.inc();
         tracing::info!(
             session_id = self.session_id,
             connection_id = self.conn.stable_id(),

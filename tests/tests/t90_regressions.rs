@@ -1,0 +1,166 @@
+//! t90: regressions — each test names the bug it keeps fixed.
+
+use herald_client::wire::{ConvKind, Frame, IdempotencyKey, RefusalCode, Reply, Request};
+use herald_tests::{DevNode, RawClient};
+
+/// A history page larger than one frame used to fail encoding in the session writer,
+/// which then stopped delivering while the connection stayed open.
+#[tokio::test]
+async fn a_history_page_larger_than_a_frame_is_cut_and_the_session_lives_on() -> anyhow::Result<()>
+{
+    let node = DevNode::start()?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
+    let reply = service
+        .call(
+            1,
+            Request::CreateConversation {
+                conv: 1,
+                kind: ConvKind::Group,
+                members: vec![1],
+            },
+        )
+        .await?;
+    anyhow::ensure!(matches!(reply, Reply::Created { .. }), "{reply:?}");
+    // 1,000 messages of 200 bytes: ~250 KB encoded, far above the 68 KiB frame maximum.
+    for i in 0..1000u64 {
+        service
+            .request(
+                10 + i,
+                Request::Publish {
+                    conv: 1,
+                    key: IdempotencyKey::Caller(format!("k{i}")),
+                    payload: vec![b'x'; 200],
+                },
+            )
+            .await?;
+    }
+    for _ in 0..1000 {
+        let frame = service
+            .read_until(|f| matches!(f, Frame::Reply { .. }))
+            .await?;
+        anyhow::ensure!(
+            matches!(
+                frame,
+                Frame::Reply {
+                    body: Reply::Published { .. },
+                    ..
+                }
+            ),
+            "{frame:?}"
+        );
+    }
+    let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
+    let reply = user
+        .call(
+            1,
+            Request::History {
+                conv: 1,
+                from: 1,
+                limit: 1000,
+            },
+        )
+        .await?;
+    let Reply::History(page) = reply else {
+        anyhow::bail!("history refused: {reply:?}");
+    };
+    assert!(
+        !page.messages.is_empty() && page.messages.len() < 1000,
+        "{} messages",
+        page.messages.len()
+    );
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(page.next_seq, 1001);
+
+    // The session still works: subscribe and receive a new message live.
+    let reply = user
+        .call(
+            2,
+            Request::Subscribe {
+                conv: 1,
+                from: None,
+            },
+        )
+        .await?;
+    assert_eq!(
+        reply,
+        Reply::Subscribed {
+            conv: 1,
+            next_seq: 1001
+        }
+    );
+    let reply = service
+        .call(
+            2000,
+            Request::Publish {
+                conv: 1,
+                key: IdempotencyKey::Caller("live".into()),
+                payload: b"live".to_vec(),
+            },
+        )
+        .await?;
+    assert!(
+        matches!(reply, Reply::Published { seq: 1001, .. }),
+        "{reply:?}"
+    );
+    let frame = user.read_until(|f| matches!(f, Frame::Deliver(_))).await?;
+    let Frame::Deliver(m) = frame else {
+        unreachable!()
+    };
+    assert_eq!((m.seq, m.payload.as_slice()), (1001, b"live".as_slice()));
+    Ok(())
+}
+
+/// A cursor beyond the conversation's head used to be accepted, and every seq below it
+/// was then silently skipped as "already sent".
+#[tokio::test]
+async fn a_cursor_beyond_the_head_is_refused_not_silently_skipped() -> anyhow::Result<()> {
+    let node = DevNode::start()?;
+    let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
+    service
+        .call(
+            1,
+            Request::CreateConversation {
+                conv: 1,
+                kind: ConvKind::Group,
+                members: vec![1],
+            },
+        )
+        .await?;
+    let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
+    let reply = user
+        .call(
+            1,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(5000),
+            },
+        )
+        .await?;
+    let Reply::Refused(refusal) = reply else {
+        anyhow::bail!("a cursor beyond the head was accepted: {reply:?}");
+    };
+    assert_eq!(refusal.code, RefusalCode::InvalidRequest);
+    assert!(
+        refusal.detail.contains("5000") && refusal.detail.contains("next seq is 1"),
+        "{refusal}"
+    );
+    // The head itself is a valid cursor (a caught-up client reconnecting).
+    let reply = user
+        .call(
+            2,
+            Request::Subscribe {
+                conv: 1,
+                from: Some(1),
+            },
+        )
+        .await?;
+    assert_eq!(
+        reply,
+        Reply::Subscribed {
+            conv: 1,
+            next_seq: 1
+        }
+    );
+    Ok(())
+}
