@@ -61,11 +61,6 @@ impl Engine {
         &self.router
     }
 
-    /// The node's metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Creates a conversation (idempotent). Returns whether this call created it.
     pub fn create(
         &self,
@@ -220,14 +215,6 @@ impl Engine {
         self.lock()?.next_seq(conv).map_err(|e| e.refusal())
     }
 
-    /// Whether `user` is a member of `conv` now.
-    pub fn is_member(&self, conv: u64, user: u64) -> bool {
-        self.lock()
-            .ok()
-            .and_then(|s| s.is_member(conv, user).ok())
-            .unwrap_or(false)
-    }
-
     /// Evicts expired history and dedup keys; updates gauges.
     pub fn trim_expired(&self) {
         if let Ok(mut store) = self.lock() {
@@ -239,11 +226,6 @@ impl Engine {
                 .conversations
                 .set(store.conversation_count() as i64);
         }
-    }
-
-    /// Checks the store's invariants (tests and debug endpoints).
-    pub fn validate(&self) -> Result<(), String> {
-        self.lock().map_err(|r| r.detail)?.validate()
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, ConversationStore>, Refusal> {

@@ -208,11 +208,6 @@ impl DevNode {
             .parse()?;
         Ok((code, body.to_owned()))
     }
-
-    /// True while the process is running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
 }
 
 impl Drop for DevNode {
@@ -303,6 +298,64 @@ impl RawClient {
             Frame::Reply { body, .. } => Ok(body),
             other => bail!("unexpected {other:?}"),
         }
+    }
+
+    /// Creates group `conv` with `members` (request id `u64::MAX`, never used by tests);
+    /// returns whether this call created it.
+    pub async fn create_group(&mut self, conv: u64, members: Vec<u64>) -> anyhow::Result<bool> {
+        let reply = self
+            .call(
+                u64::MAX,
+                Request::CreateConversation {
+                    conv,
+                    kind: wire::ConvKind::Group,
+                    members,
+                },
+            )
+            .await?;
+        match reply {
+            wire::Reply::Created { created } => Ok(created),
+            other => bail!("create refused: {other:?}"),
+        }
+    }
+
+    /// Publishes `count` messages to `conv`, pipelined, with request ids and caller keys
+    /// `first_id..`; payloads are `m<id>` padded with `padding_bytes` of `x`. Returns the
+    /// acked seqs in ack order.
+    pub async fn publish_many(
+        &mut self,
+        conv: u64,
+        first_id: u64,
+        count: u64,
+        padding_bytes: usize,
+    ) -> anyhow::Result<Vec<u64>> {
+        for id in first_id..first_id + count {
+            let mut payload = format!("m{id}").into_bytes();
+            payload.resize(payload.len() + padding_bytes, b'x');
+            self.request(
+                id,
+                Request::Publish {
+                    conv,
+                    key: wire::IdempotencyKey::Caller(format!("k{id}")),
+                    payload,
+                },
+            )
+            .await?;
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < count as usize {
+            match self
+                .read_until(|f| matches!(f, Frame::Reply { .. }))
+                .await?
+            {
+                Frame::Reply {
+                    body: wire::Reply::Published { seq, .. },
+                    ..
+                } => seqs.push(seq),
+                other => bail!("publish failed: {other:?}"),
+            }
+        }
+        Ok(seqs)
     }
 
     /// Writes one frame.

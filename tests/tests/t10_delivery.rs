@@ -4,12 +4,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::time::Duration;
 
 use anyhow::Context;
 use herald_client::wire::{ConvKind, Frame, Reply, Request};
 use herald_client::{Publisher, Session, SessionEvent};
-use herald_tests::{DevNode, RawClient, DEADLINE};
+use herald_tests::{wait_until, DevNode, RawClient, DEADLINE};
 
 /// Receives `count` messages of `conv` and checks they are exactly `first..first+count`.
 async fn expect_in_order(
@@ -242,26 +241,25 @@ async fn a_subscriber_that_never_reads_does_not_stop_the_others() -> anyhow::Res
         .with_context(|| format!("a healthy subscriber stalled at seq {expected}"))??;
     }
     // The broker noticed: the stalled session lagged and was eventually disconnected.
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let (_, metrics) = node.admin_get("/metrics")?;
-        let disconnected =
-            metrics.contains("herald_sessions_disconnected_total{reason=\"SlowConsumer\"} 1");
-        let lagged = metrics
-            .lines()
-            .find(|l| l.starts_with("herald_sessions_lagged_total"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        if disconnected && lagged >= 1 {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the stalled session was never reported (lagged={lagged}, disconnected={disconnected})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the stalled session to be reported lagged and disconnected",
+        DEADLINE,
+        || {
+            let Ok((_, metrics)) = node.admin_get("/metrics") else {
+                return false;
+            };
+            let disconnected =
+                metrics.contains("herald_sessions_disconnected_total{reason=\"SlowConsumer\"} 1");
+            let lagged = metrics
+                .lines()
+                .find(|l| l.starts_with("herald_sessions_lagged_total"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            disconnected && lagged >= 1
+        },
+    )
+    .await?;
     drop(stalled);
     publisher.close().await;
     Ok(())

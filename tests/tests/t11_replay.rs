@@ -1,58 +1,8 @@
 //! t11: subscribing with a cursor replays history, then switches to live with no gap and
 //! no duplicate; a cursor older than retention is told `Truncated` explicitly.
 
-use herald_client::wire::{ConvKind, Event, Frame, IdempotencyKey, Reply, Request};
+use herald_client::wire::{Event, Frame, IdempotencyKey, Reply, Request};
 use herald_tests::{DevNode, RawClient};
-
-async fn create_group(service: &mut RawClient, conv: u64, members: Vec<u64>) -> anyhow::Result<()> {
-    let reply = service
-        .call(
-            1_000_000 + conv,
-            Request::CreateConversation {
-                conv,
-                kind: ConvKind::Group,
-                members,
-            },
-        )
-        .await?;
-    anyhow::ensure!(matches!(reply, Reply::Created { .. }), "{reply:?}");
-    Ok(())
-}
-
-/// Publishes `count` messages with pipelined requests; returns the acked seqs.
-async fn publish_many(
-    service: &mut RawClient,
-    conv: u64,
-    first_id: u64,
-    count: u64,
-) -> anyhow::Result<Vec<u64>> {
-    for i in 0..count {
-        service
-            .request(
-                first_id + i,
-                Request::Publish {
-                    conv,
-                    key: IdempotencyKey::Caller(format!("k{}", first_id + i)),
-                    payload: format!("m{}", first_id + i).into_bytes(),
-                },
-            )
-            .await?;
-    }
-    let mut seqs = Vec::new();
-    while seqs.len() < count as usize {
-        match service
-            .read_until(|f| matches!(f, Frame::Reply { .. }))
-            .await?
-        {
-            Frame::Reply {
-                body: Reply::Published { seq, .. },
-                ..
-            } => seqs.push(seq),
-            other => anyhow::bail!("publish failed: {other:?}"),
-        }
-    }
-    Ok(seqs)
-}
 
 /// Reads deliveries of `conv` until `last` arrives; fails on any gap or duplicate.
 async fn read_deliveries(
@@ -85,13 +35,12 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishin
 ) -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
-    create_group(&mut service, 1, vec![1]).await?;
-    publish_many(&mut service, 1, 1, 300).await?;
+    service.create_group(1, vec![1]).await?;
+    service.publish_many(1, 1, 300, 0).await?;
 
     // A second publisher keeps publishing while the subscriber replays.
     let mut publisher = RawClient::welcomed(&node, &node.service_token("svc2")?).await?;
-    let background =
-        tokio::spawn(async move { publish_many(&mut publisher, 1, 10_000, 700).await });
+    let background = tokio::spawn(async move { publisher.publish_many(1, 10_000, 700, 0).await });
 
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     let reply = user
@@ -116,8 +65,8 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishin
 async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
-    create_group(&mut service, 1, vec![1]).await?;
-    publish_many(&mut service, 1, 1, 5).await?;
+    service.create_group(1, vec![1]).await?;
+    service.publish_many(1, 1, 5, 0).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     let reply = user
         .call(
@@ -135,7 +84,7 @@ async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()>
             next_seq: 6
         }
     );
-    publish_many(&mut service, 1, 100, 3).await?;
+    service.publish_many(1, 100, 3, 0).await?;
     read_deliveries(&mut user, 1, 6, 8).await
 }
 
@@ -143,8 +92,8 @@ async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()>
 async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
     let node = DevNode::start_with_env(&[("HERALD_LIMITS_HISTORY_MESSAGES_MAX", "10")])?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
-    create_group(&mut service, 1, vec![1]).await?;
-    publish_many(&mut service, 1, 1, 25).await?;
+    service.create_group(1, vec![1]).await?;
+    service.publish_many(1, 1, 25, 0).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     let reply = user
         .call(
@@ -169,7 +118,7 @@ async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
         "the first thing after subscribing must be the truncation notice"
     );
     read_deliveries(&mut user, 1, 16, 25).await?;
-    publish_many(&mut service, 1, 100, 2).await?;
+    service.publish_many(1, 100, 2, 0).await?;
     read_deliveries(&mut user, 1, 26, 27).await
 }
 
@@ -177,7 +126,7 @@ async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
 async fn idempotent_retry_returns_the_original_seq_and_appends_nothing() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
-    create_group(&mut service, 1, vec![1]).await?;
+    service.create_group(1, vec![1]).await?;
     let publish = |key: &str| Request::Publish {
         conv: 1,
         key: IdempotencyKey::Caller(key.to_owned()),

@@ -32,17 +32,10 @@ async fn goodbye(client: &mut RawClient) -> anyhow::Result<Refusal> {
 /// A service session with group conversation 1 = {1, 2}, and an ack for one message.
 async fn setup(node: &DevNode) -> anyhow::Result<RawClient> {
     let mut service = RawClient::welcomed(node, &node.service_token("tests")?).await?;
-    let reply = service
-        .call(
-            1,
-            Request::CreateConversation {
-                conv: 1,
-                kind: ConvKind::Group,
-                members: vec![1, 2],
-            },
-        )
-        .await?;
-    anyhow::ensure!(reply == Reply::Created { created: true }, "{reply:?}");
+    anyhow::ensure!(
+        service.create_group(1, vec![1, 2]).await?,
+        "conversation 1 already existed"
+    );
     Ok(service)
 }
 

@@ -1,6 +1,6 @@
 //! t90: regressions — each test names the bug it keeps fixed.
 
-use herald_client::wire::{ConvKind, Frame, IdempotencyKey, RefusalCode, Reply, Request};
+use herald_client::wire::{Frame, IdempotencyKey, RefusalCode, Reply, Request};
 use herald_tests::{DevNode, RawClient};
 
 /// A history page larger than one frame used to fail encoding in the session writer,
@@ -10,45 +10,10 @@ async fn a_history_page_larger_than_a_frame_is_cut_and_the_session_lives_on() ->
 {
     let node = DevNode::start()?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
-    let reply = service
-        .call(
-            1,
-            Request::CreateConversation {
-                conv: 1,
-                kind: ConvKind::Group,
-                members: vec![1],
-            },
-        )
-        .await?;
-    anyhow::ensure!(matches!(reply, Reply::Created { .. }), "{reply:?}");
-    // 1,000 messages of 200 bytes: ~250 KB encoded, far above the 68 KiB frame maximum.
-    for i in 0..1000u64 {
-        service
-            .request(
-                10 + i,
-                Request::Publish {
-                    conv: 1,
-                    key: IdempotencyKey::Caller(format!("k{i}")),
-                    payload: vec![b'x'; 200],
-                },
-            )
-            .await?;
-    }
-    for _ in 0..1000 {
-        let frame = service
-            .read_until(|f| matches!(f, Frame::Reply { .. }))
-            .await?;
-        anyhow::ensure!(
-            matches!(
-                frame,
-                Frame::Reply {
-                    body: Reply::Published { .. },
-                    ..
-                }
-            ),
-            "{frame:?}"
-        );
-    }
+    service.create_group(1, vec![1]).await?;
+    // 1,000 messages of ~200 bytes: ~250 KB encoded, far above the 68 KiB frame maximum.
+    let acked = service.publish_many(1, 10, 1000, 200).await?;
+    assert_eq!(acked, (1..=1000).collect::<Vec<_>>());
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     let reply = user
         .call(
@@ -117,16 +82,7 @@ async fn a_history_page_larger_than_a_frame_is_cut_and_the_session_lives_on() ->
 async fn a_cursor_beyond_the_head_is_refused_not_silently_skipped() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
-    service
-        .call(
-            1,
-            Request::CreateConversation {
-                conv: 1,
-                kind: ConvKind::Group,
-                members: vec![1],
-            },
-        )
-        .await?;
+    service.create_group(1, vec![1]).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     let reply = user
         .call(

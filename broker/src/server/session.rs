@@ -706,9 +706,6 @@ impl SessionWriter {
             self.cursors.insert(conv, cursor);
             self.ctx.metrics.deliveries.inc_by(sent);
             self.ctx.metrics.replayed.inc_by(sent);
-            if self.writer.pending_len() >= REPLAY_FLUSH_BYTES {
-                self.flush().await?;
-            }
             if sent == 0 || history.messages.len() < want {
                 return Ok(());
             }
