@@ -300,6 +300,16 @@ impl RawClient {
         }
     }
 
+    /// Subscribes to `conv` from `from` and returns the reply.
+    pub async fn subscribe(
+        &mut self,
+        id: u64,
+        conv: u64,
+        from: Option<u64>,
+    ) -> anyhow::Result<wire::Reply> {
+        self.call(id, Request::Subscribe { conv, from }).await
+    }
+
     /// Creates group `conv` with `members` (request id `u64::MAX`, never used by tests);
     /// returns whether this call created it.
     pub async fn create_group(&mut self, conv: u64, members: Vec<u64>) -> anyhow::Result<bool> {

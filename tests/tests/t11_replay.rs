@@ -43,15 +43,7 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_publishin
     let background = tokio::spawn(async move { publisher.publish_many(1, 10_000, 700, 0).await });
 
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: Some(1),
-            },
-        )
-        .await?;
+    let reply = user.subscribe(1, 1, Some(1)).await?;
     assert!(
         matches!(reply, Reply::Subscribed { conv: 1, .. }),
         "{reply:?}"
@@ -68,15 +60,7 @@ async fn subscribe_without_cursor_gets_only_new_messages() -> anyhow::Result<()>
     service.create_group(1, vec![1]).await?;
     service.publish_many(1, 1, 5, 0).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: None,
-            },
-        )
-        .await?;
+    let reply = user.subscribe(1, 1, None).await?;
     assert_eq!(
         reply,
         Reply::Subscribed {
@@ -95,15 +79,7 @@ async fn cursor_older_than_retention_is_told_truncated() -> anyhow::Result<()> {
     service.create_group(1, vec![1]).await?;
     service.publish_many(1, 1, 25, 0).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: Some(3),
-            },
-        )
-        .await?;
+    let reply = user.subscribe(1, 1, Some(3)).await?;
     assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     let frame = user
         .read_until(|f| matches!(f, Frame::Event(_) | Frame::Deliver(_)))

@@ -225,15 +225,7 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
     let acked = publish(&mut service, 2, "members only").await?;
 
     let mut outsider = RawClient::welcomed(&node, &node.user_token(9)?).await?;
-    let reply = outsider
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: Some(1),
-            },
-        )
-        .await?;
+    let reply = outsider.subscribe(1, 1, Some(1)).await?;
     assert_eq!(
         refusal_code(&reply),
         Some(RefusalCode::NotMember),
@@ -284,15 +276,7 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
         Some(RefusalCode::RoleNotAllowed),
         "{reply:?}"
     );
-    let reply = outsider
-        .call(
-            5,
-            Request::Subscribe {
-                conv: 77,
-                from: None,
-            },
-        )
-        .await?;
+    let reply = outsider.subscribe(5, 77, None).await?;
     assert_eq!(
         refusal_code(&reply),
         Some(RefusalCode::NoSuchConversation),
@@ -301,15 +285,7 @@ async fn users_are_refused_outside_their_conversations() -> anyhow::Result<()> {
 
     // A member may; the refusals changed nothing.
     let mut member = RawClient::welcomed(&node, &node.user_token(2)?).await?;
-    let reply = member
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: Some(1),
-            },
-        )
-        .await?;
+    let reply = member.subscribe(1, 1, Some(1)).await?;
     assert!(
         matches!(
             reply,
@@ -389,20 +365,10 @@ async fn subscriptions_over_the_limit_are_refused() -> anyhow::Result<()> {
     }
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
     for conv in [1, 2] {
-        let reply = user
-            .call(conv, Request::Subscribe { conv, from: None })
-            .await?;
+        let reply = user.subscribe(conv, conv, None).await?;
         assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     }
-    let reply = user
-        .call(
-            3,
-            Request::Subscribe {
-                conv: 3,
-                from: None,
-            },
-        )
-        .await?;
+    let reply = user.subscribe(3, 3, None).await?;
     assert_eq!(
         refusal_code(&reply),
         Some(RefusalCode::LimitReached),
@@ -411,15 +377,7 @@ async fn subscriptions_over_the_limit_are_refused() -> anyhow::Result<()> {
     // Unsubscribing frees a place.
     let reply = user.call(4, Request::Unsubscribe { conv: 1 }).await?;
     assert_eq!(reply, Reply::Done);
-    let reply = user
-        .call(
-            5,
-            Request::Subscribe {
-                conv: 3,
-                from: None,
-            },
-        )
-        .await?;
+    let reply = user.subscribe(5, 3, None).await?;
     assert!(
         matches!(reply, Reply::Subscribed { conv: 3, .. }),
         "{reply:?}"
@@ -432,15 +390,7 @@ async fn a_removed_member_stops_receiving() -> anyhow::Result<()> {
     let node = DevNode::start()?;
     let mut service = setup(&node).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(2)?).await?;
-    let reply = user
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: None,
-            },
-        )
-        .await?;
+    let reply = user.subscribe(1, 1, None).await?;
     assert!(matches!(reply, Reply::Subscribed { .. }), "{reply:?}");
     let reply = service
         .call(

@@ -38,15 +38,7 @@ async fn a_history_page_larger_than_a_frame_is_cut_and_the_session_lives_on() ->
     assert_eq!(page.next_seq, 1001);
 
     // The session still works: subscribe and receive a new message live.
-    let reply = user
-        .call(
-            2,
-            Request::Subscribe {
-                conv: 1,
-                from: None,
-            },
-        )
-        .await?;
+    let reply = user.subscribe(2, 1, None).await?;
     assert_eq!(
         reply,
         Reply::Subscribed {
@@ -84,15 +76,7 @@ async fn a_cursor_beyond_the_head_is_refused_not_silently_skipped() -> anyhow::R
     let mut service = RawClient::welcomed(&node, &node.service_token("svc")?).await?;
     service.create_group(1, vec![1]).await?;
     let mut user = RawClient::welcomed(&node, &node.user_token(1)?).await?;
-    let reply = user
-        .call(
-            1,
-            Request::Subscribe {
-                conv: 1,
-                from: Some(5000),
-            },
-        )
-        .await?;
+    let reply = user.subscribe(1, 1, Some(5000)).await?;
     let Reply::Refused(refusal) = reply else {
         anyhow::bail!("a cursor beyond the head was accepted: {reply:?}");
     };
@@ -102,15 +86,7 @@ async fn a_cursor_beyond_the_head_is_refused_not_silently_skipped() -> anyhow::R
         "{refusal}"
     );
     // The head itself is a valid cursor (a caught-up client reconnecting).
-    let reply = user
-        .call(
-            2,
-            Request::Subscribe {
-                conv: 1,
-                from: Some(1),
-            },
-        )
-        .await?;
+    let reply = user.subscribe(2, 1, Some(1)).await?;
     assert_eq!(
         reply,
         Reply::Subscribed {
