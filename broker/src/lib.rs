@@ -8,6 +8,7 @@ pub mod certs;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod raft;
 pub mod routing;
 pub mod server;
 pub mod store;

@@ -98,8 +98,9 @@ impl Default for StoreLimits {
 }
 
 /// A change to the store. Deterministic: the same commands in the same order give
-/// the same state on every replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the same state on every replica. This is the payload of a Raft log entry, so it is
+/// rkyv-encoded on disk and between nodes.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Create a conversation (idempotent when kind and members match).
     CreateConversation {
@@ -137,6 +138,12 @@ pub enum Command {
         /// The proposing leader's clock, ms since the Unix epoch.
         timestamp_ms: u64,
     },
+    /// Evict history and dedup keys older than their windows, as of `now_ms` (the
+    /// proposing leader's clock), so that every replica evicts the same messages.
+    Trim {
+        /// The proposing leader's clock, ms since the Unix epoch.
+        now_ms: u64,
+    },
 }
 
 /// What an applied [`Command`] did.
@@ -149,6 +156,8 @@ pub enum Applied {
     },
     /// `AddMembers` / `RemoveMembers` succeeded.
     MembersChanged,
+    /// `Trim` evicted what had expired.
+    Trimmed,
     /// `Publish`: the message's seq.
     Published {
         /// The seq (the original one for a duplicate).
@@ -256,6 +265,10 @@ impl ConversationStore {
             Command::RemoveMembers { conv, members } => {
                 self.conversation_mut(conv)?.remove_members(&members)?;
                 Ok(Applied::MembersChanged)
+            }
+            Command::Trim { now_ms } => {
+                self.trim_expired(now_ms);
+                Ok(Applied::Trimmed)
             }
             Command::Publish {
                 conv,

@@ -1,0 +1,328 @@
+//! The rkyv form of openraft's types, shared by the log store (on disk) and the peer
+//! transport (on the wire), so a log entry has one encoding everywhere.
+//!
+//! Owns: the `Wire*` mirror types, conversions to and from openraft's types, and
+//! [`encode`]/[`decode`] with validation. openraft's own types carry no rkyv derives, so
+//! each is mirrored field by field; a conversion never panics.
+//! Must not: do I/O, or trust bytes: [`decode`] validates every archive (bytecheck)
+//! before reading it, and a bad one is a [`CodecError`], never a panic.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, StoredMembership};
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use super::{Entry, LogId, NodeId, Vote};
+use crate::store::Command;
+
+/// Encoding or decoding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// rkyv could not serialize the value (a bug, or an allocation failure).
+    #[error("cannot encode {what}: {detail}")]
+    Encode {
+        /// The type being encoded.
+        what: &'static str,
+        /// rkyv's message.
+        detail: String,
+    },
+    /// The bytes are not a valid archive of the expected type.
+    #[error("invalid {what} ({len} bytes): {detail}")]
+    Invalid {
+        /// The type expected.
+        what: &'static str,
+        /// How many bytes were offered.
+        len: usize,
+        /// bytecheck's message.
+        detail: String,
+    },
+}
+
+/// Serializes `value` with rkyv.
+pub fn encode<T>(value: &T) -> Result<AlignedVec, CodecError>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+    >,
+{
+    rkyv::to_bytes::<rancor::Error>(value).map_err(|e| CodecError::Encode {
+        what: std::any::type_name::<T>(),
+        detail: e.to_string(),
+    })
+}
+
+/// Validates `bytes` as an archived `T` and deserializes it. `bytes` may be unaligned
+/// (it is copied into an aligned buffer when needed).
+pub fn decode<T>(bytes: &[u8]) -> Result<T, CodecError>
+where
+    T: Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    let invalid = |e: rancor::Error| CodecError::Invalid {
+        what: std::any::type_name::<T>(),
+        len: bytes.len(),
+        detail: e.to_string(),
+    };
+    if (bytes.as_ptr() as usize) % 16 == 0 {
+        rkyv::from_bytes::<T, rancor::Error>(bytes).map_err(invalid)
+    } else {
+        let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<T, rancor::Error>(&aligned).map_err(invalid)
+    }
+}
+
+/// [`openraft::LogId`]: the leader that proposed it and its index.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLogId {
+    /// The proposing leader's term.
+    pub term: u64,
+    /// The proposing leader's node id.
+    pub node_id: NodeId,
+    /// The entry's position in the log.
+    pub index: u64,
+}
+
+/// [`openraft::Vote`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireVote {
+    /// The term.
+    pub term: u64,
+    /// The candidate or leader voted for.
+    pub node_id: NodeId,
+    /// True once a quorum granted it.
+    pub committed: bool,
+}
+
+/// One node of a membership: id and QUIC address.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireNode {
+    /// The node id.
+    pub id: NodeId,
+    /// Its QUIC address, `host:port`.
+    pub addr: String,
+}
+
+/// [`openraft::Membership`]: voter configs (two during a joint change) and every node.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireMembership {
+    /// The voter sets.
+    pub configs: Vec<Vec<NodeId>>,
+    /// Voters and learners with their addresses.
+    pub nodes: Vec<WireNode>,
+}
+
+/// [`openraft::StoredMembership`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireStoredMembership {
+    /// The entry that carried it.
+    pub log_id: Option<WireLogId>,
+    /// The membership.
+    pub membership: WireMembership,
+}
+
+/// [`openraft::EntryPayload`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum WirePayload {
+    /// A new leader's first entry.
+    Blank,
+    /// A conversation command.
+    Normal(Command),
+    /// A membership change.
+    Membership(WireMembership),
+}
+
+/// [`openraft::Entry`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireEntry {
+    /// Its id.
+    pub log_id: WireLogId,
+    /// What it carries.
+    pub payload: WirePayload,
+}
+
+impl From<&LogId> for WireLogId {
+    fn from(id: &LogId) -> Self {
+        WireLogId {
+            term: id.leader_id.term,
+            node_id: id.leader_id.node_id,
+            index: id.index,
+        }
+    }
+}
+
+impl From<WireLogId> for LogId {
+    fn from(id: WireLogId) -> Self {
+        LogId::new(CommittedLeaderId::new(id.term, id.node_id), id.index)
+    }
+}
+
+impl From<&Vote> for WireVote {
+    fn from(vote: &Vote) -> Self {
+        WireVote {
+            term: vote.leader_id.term,
+            node_id: vote.leader_id.node_id,
+            committed: vote.committed,
+        }
+    }
+}
+
+impl From<WireVote> for Vote {
+    fn from(vote: WireVote) -> Self {
+        if vote.committed {
+            Vote::new_committed(vote.term, vote.node_id)
+        } else {
+            Vote::new(vote.term, vote.node_id)
+        }
+    }
+}
+
+impl From<&Membership<NodeId, BasicNode>> for WireMembership {
+    fn from(m: &Membership<NodeId, BasicNode>) -> Self {
+        WireMembership {
+            configs: m
+                .get_joint_config()
+                .iter()
+                .map(|set| set.iter().copied().collect())
+                .collect(),
+            nodes: m
+                .nodes()
+                .map(|(id, node)| WireNode {
+                    id: *id,
+                    addr: node.addr.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<WireMembership> for Membership<NodeId, BasicNode> {
+    fn from(m: WireMembership) -> Self {
+        let configs: Vec<BTreeSet<NodeId>> = m
+            .configs
+            .into_iter()
+            .map(|c| c.into_iter().collect())
+            .collect();
+        let nodes: BTreeMap<NodeId, BasicNode> = m
+            .nodes
+            .into_iter()
+            .map(|n| (n.id, BasicNode { addr: n.addr }))
+            .collect();
+        Membership::new(configs, nodes)
+    }
+}
+
+impl From<&StoredMembership<NodeId, BasicNode>> for WireStoredMembership {
+    fn from(m: &StoredMembership<NodeId, BasicNode>) -> Self {
+        WireStoredMembership {
+            log_id: m.log_id().as_ref().map(WireLogId::from),
+            membership: WireMembership::from(m.membership()),
+        }
+    }
+}
+
+impl From<WireStoredMembership> for StoredMembership<NodeId, BasicNode> {
+    fn from(m: WireStoredMembership) -> Self {
+        StoredMembership::new(m.log_id.map(LogId::from), m.membership.into())
+    }
+}
+
+impl From<&Entry> for WireEntry {
+    fn from(entry: &Entry) -> Self {
+        WireEntry {
+            log_id: WireLogId::from(&entry.log_id),
+            payload: match &entry.payload {
+                EntryPayload::Blank => WirePayload::Blank,
+                EntryPayload::Normal(command) => WirePayload::Normal(command.clone()),
+                EntryPayload::Membership(m) => WirePayload::Membership(m.into()),
+            },
+        }
+    }
+}
+
+impl From<WireEntry> for Entry {
+    fn from(entry: WireEntry) -> Self {
+        Entry {
+            log_id: entry.log_id.into(),
+            payload: match entry.payload {
+                WirePayload::Blank => EntryPayload::Blank,
+                WirePayload::Normal(command) => EntryPayload::Normal(command),
+                WirePayload::Membership(m) => EntryPayload::Membership(m.into()),
+            },
+        }
+    }
+}
+
+/// Encodes one log entry (the log store's record body and the wire form).
+pub fn encode_entry(entry: &Entry) -> Result<AlignedVec, CodecError> {
+    encode(&WireEntry::from(entry))
+}
+
+/// Decodes one log entry.
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
+    decode::<WireEntry>(bytes).map(Entry::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_client::wire::{IdempotencyKey, Principal};
+
+    #[test]
+    fn entries_round_trip() {
+        let membership = Membership::new(
+            vec![BTreeSet::from([1, 2, 3])],
+            BTreeMap::from([(
+                4,
+                BasicNode {
+                    addr: "127.0.0.1:7440".into(),
+                },
+            )]),
+        );
+        let entries = [
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+                payload: EntryPayload::Blank,
+            },
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(2, 3), 2),
+                payload: EntryPayload::Membership(membership),
+            },
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(2, 3), 3),
+                payload: EntryPayload::Normal(Command::Publish {
+                    conv: 7,
+                    sender: Principal::Service("svc".into()),
+                    key: IdempotencyKey::Caller("k".into()),
+                    payload: b"hello".to_vec(),
+                    timestamp_ms: 42,
+                }),
+            },
+        ];
+        for entry in entries {
+            let bytes = encode_entry(&entry).unwrap();
+            assert_eq!(decode_entry(&bytes).unwrap(), entry);
+            // Unaligned input decodes too.
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&bytes);
+            assert_eq!(decode_entry(&shifted[1..]).unwrap(), entry);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(decode_entry(&[0xff; 3]).is_err());
+        assert!(decode::<WireVote>(&[]).is_err());
+    }
+
+    #[test]
+    fn votes_round_trip() {
+        for vote in [Vote::new(3, 2), Vote::new_committed(5, 1)] {
+            let bytes = encode(&WireVote::from(&vote)).unwrap();
+            assert_eq!(Vote::from(decode::<WireVote>(&bytes).unwrap()), vote);
+        }
+    }
+}

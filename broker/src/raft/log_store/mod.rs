@@ -1,0 +1,1 @@
+//! The segmented, CRC-checked, group-committed Raft log store (being written).

@@ -1,0 +1,71 @@
+//! Replication: the conversation store as an openraft state machine, our own durable
+//! log store, and the peer transport over QUIC.
+//!
+//! Owns: the openraft [`TypeConfig`], the mapping between openraft's types and their
+//! rkyv wire/disk form ([`codec`]), the segmented log store ([`log_store`]), the state
+//! machine ([`state_machine`]) and the node-to-node network ([`network`]).
+//! Must not: know about client sessions beyond handing each applied message to the
+//! [`Router`](crate::routing::Router); decide authorization (the store does, on apply).
+//!
+//! One node runs one Raft group today (the sharding issue runs many); `herald dev` is a
+//! one-node group on the same code path.
+
+pub mod codec;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+use herald_client::wire::Refusal;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::store::Command;
+
+/// A node's id in the cluster (1-based in configs; openraft's `NodeId`).
+pub type NodeId = u64;
+
+/// What a committed command did, returned to the proposer (and across a forward).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `CreateConversation`: false when it already existed identically.
+    Created {
+        /// True when this command made it.
+        created: bool,
+    },
+    /// `AddMembers` / `RemoveMembers` / `Trim` succeeded.
+    Changed,
+    /// `Publish`: the message's seq.
+    Published {
+        /// The seq (the original one for a duplicate).
+        seq: u64,
+        /// True when the key was seen within the dedup window and nothing was appended.
+        duplicate: bool,
+    },
+}
+
+/// The state machine's answer to one command: refused commands changed nothing.
+pub type Response = Result<Outcome, Refusal>;
+
+openraft::declare_raft_types!(
+    /// Herald's openraft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A running Raft node of Herald.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id.
+pub type LogId = openraft::LogId<NodeId>;
+/// A vote.
+pub type Vote = openraft::Vote<NodeId>;
+/// Openraft's storage error for this config.
+pub type StorageError = openraft::StorageError<NodeId>;

@@ -1,0 +1,1 @@
+//! The peer transport: openraft RPCs over QUIC (being written).

@@ -1,0 +1,1 @@
+//! The conversation store as an openraft state machine (being written).
