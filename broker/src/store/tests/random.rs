@@ -28,6 +28,7 @@ fn outcome_name(result: &Result<Applied, StoreError>) -> &'static str {
         Ok(Applied::Created { created: true }) => "created",
         Ok(Applied::Created { created: false }) => "recreated",
         Ok(Applied::MembersChanged) => "members changed",
+        Ok(Applied::Trimmed) => "trimmed",
         Ok(Applied::Published {
             duplicate: false, ..
         }) => "published",
