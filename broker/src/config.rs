@@ -51,6 +51,62 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Limits; each says what happens when it is reached.
     pub limits: Limits,
+    /// Cluster membership and peer authentication.
+    pub cluster: ClusterConfig,
+    /// Raft timing, snapshots and the log store.
+    pub raft: RaftConfig,
+}
+
+/// Who is in the cluster and how nodes trust each other.
+///
+/// The node with the lowest id in `members` initializes the cluster on its first boot
+/// (empty log); every other node waits to be contacted. A node restarts from its data
+/// directory afterwards. With `members` empty the node is a one-node cluster of itself
+/// (`herald dev`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster, at least 1.
+    pub node_id: u64,
+    /// The initial voters, `"ID=HOST:PORT"` each (the QUIC address peers dial).
+    pub members: Vec<String>,
+    /// The shared cluster secret (peers prove they know it). Empty: the token secret
+    /// file is used (fine for a one-node cluster).
+    pub secret_file: PathBuf,
+    /// The CA that signed every node's certificate (peers verify each other with it).
+    /// Empty: `dev/ca.pem` under the data directory.
+    pub ca_file: PathBuf,
+}
+
+/// Raft tuning and the log store. Every node of a cluster should use the same values.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RaftConfig {
+    /// How often the leader heartbeats followers.
+    #[serde(with = "humantime_serde_compat")]
+    pub heartbeat_interval: Duration,
+    /// A follower that hears no leader for a random time between these starts an election.
+    #[serde(with = "humantime_serde_compat")]
+    pub election_timeout_min: Duration,
+    /// See `election_timeout_min`.
+    #[serde(with = "humantime_serde_compat")]
+    pub election_timeout_max: Duration,
+    /// A write that cannot be committed (no leader, no quorum) for this long is refused
+    /// with `Unavailable`; the client retries it with the same idempotency key.
+    #[serde(with = "humantime_serde_compat")]
+    pub write_timeout: Duration,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Roll the log to a new segment file beyond this size.
+    pub log_segment_bytes_max: u64,
+    /// Recent log entries kept decoded in memory (older ones are read from disk).
+    pub log_cache_bytes_max: u64,
+    /// Entries per append RPC to a follower.
+    pub append_entries_max: u64,
+    /// How often the leader proposes the retention trim and every node purges its log
+    /// below the oldest message history still reads from it.
+    #[serde(with = "humantime_serde_compat")]
+    pub housekeeping_interval: Duration,
 }
 
 /// TLS files (PEM).
@@ -133,7 +189,65 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
+            cluster: ClusterConfig::default(),
+            raft: RaftConfig::default(),
         }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: 1,
+            members: Vec::new(),
+            secret_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
+            write_timeout: Duration::from_secs(10),
+            snapshot_logs_since_last: 100_000,
+            log_segment_bytes_max: 64 * 1024 * 1024,
+            log_cache_bytes_max: 64 * 1024 * 1024,
+            append_entries_max: 2048,
+            housekeeping_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The initial voters as `(id, addr)`, parsed from `members`.
+    pub fn parsed_members(&self) -> Result<Vec<(u64, String)>, String> {
+        self.members
+            .iter()
+            .map(|m| {
+                let (id, addr) = m
+                    .split_once('=')
+                    .ok_or_else(|| format!("cluster.members entry `{m}` is not `ID=HOST:PORT`"))?;
+                let id: u64 = id.trim().parse().map_err(|_| {
+                    format!(
+                        "cluster.members entry `{m}`: `{id}` is not a node id (a positive integer)"
+                    )
+                })?;
+                let addr = addr.trim();
+                if id == 0 {
+                    return Err(format!("cluster.members entry `{m}`: node ids start at 1"));
+                }
+                if !addr.contains(':') {
+                    return Err(format!(
+                        "cluster.members entry `{m}`: `{addr}` lacks a :PORT"
+                    ));
+                }
+                Ok((id, addr.to_owned()))
+            })
+            .collect()
     }
 }
 
@@ -327,6 +441,53 @@ impl Config {
                 problems.push(format!("limits.{name} must be longer than zero"));
             }
         }
+        if self.cluster.node_id == 0 {
+            problems.push("cluster.node_id must be at least 1".into());
+        }
+        match self.cluster.parsed_members() {
+            Err(problem) => problems.push(problem),
+            Ok(members) if !members.is_empty() => {
+                if !members.iter().any(|(id, _)| *id == self.cluster.node_id) {
+                    problems.push(format!(
+                        "cluster.node_id = {} is not among cluster.members",
+                        self.cluster.node_id
+                    ));
+                }
+                let mut ids: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                if ids.len() != members.len() {
+                    problems.push("cluster.members lists a node id twice".into());
+                }
+            }
+            Ok(_) => {}
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval.is_zero() || r.election_timeout_min <= r.heartbeat_interval * 2 {
+            problems.push(format!(
+                "raft.election_timeout_min ({:?}) must be more than twice raft.heartbeat_interval ({:?}), which must be above zero",
+                r.election_timeout_min, r.heartbeat_interval
+            ));
+        }
+        if r.election_timeout_max <= r.election_timeout_min {
+            problems
+                .push("raft.election_timeout_max must be above raft.election_timeout_min".into());
+        }
+        if r.housekeeping_interval.is_zero() {
+            problems.push("raft.housekeeping_interval must be longer than zero".into());
+        }
+        if r.write_timeout.is_zero() {
+            problems.push("raft.write_timeout must be longer than zero".into());
+        }
+        for (name, v) in [
+            ("snapshot_logs_since_last", r.snapshot_logs_since_last),
+            ("log_segment_bytes_max", r.log_segment_bytes_max),
+            ("append_entries_max", r.append_entries_max),
+        ] {
+            if v == 0 {
+                problems.push(format!("raft.{name} must be at least 1"));
+            }
+        }
         match self.auth.token_algorithm.as_str() {
             "HS256" => {
                 if !self.auth.token_secret_file.is_file() {
@@ -419,6 +580,14 @@ fn parse_env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
             .parse::<bool>()
             .map(toml::Value::Boolean)
             .unwrap_or_else(|_| toml::Value::String(raw.to_owned())),
+        // Lists come comma-separated: HERALD_CLUSTER_MEMBERS=1=a:7410,2=b:7410
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
         _ => toml::Value::String(raw.to_owned()),
     }
 }

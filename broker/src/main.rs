@@ -44,6 +44,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Write everything a local N-node cluster needs and print the commands that start it.
+    DevCluster(cli::node::DevClusterArgs),
     /// Print the default configuration as TOML.
     Defaultconfig,
     /// Check a config file and report every problem.
@@ -90,7 +92,7 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
                 admin,
             } => cli::node::dev(data_dir, listen, admin).await,
             Command::Serve { config } => cli::node::serve(config).await,
+            Command::DevCluster(args) => cli::node::dev_cluster(args),
             Command::Defaultconfig => {
                 print!("{}", herald_broker::config::Config::default_toml());
                 Ok(())

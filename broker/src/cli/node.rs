@@ -71,6 +71,116 @@ pub async fn dev(data_dir: PathBuf, listen: SocketAddr, admin: SocketAddr) -> an
     run_until_signal(node).await
 }
 
+/// `herald dev-cluster`.
+#[derive(Args, Debug)]
+pub struct DevClusterArgs {
+    /// Number of nodes (1 to 9).
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Where the files go; node K keeps its data in DIR/nodeK.
+    #[arg(long, default_value = "herald-data/cluster")]
+    data_dir: PathBuf,
+    /// Node K listens for QUIC on 127.0.0.1:P+10(K-1) and admin HTTP on the port after it.
+    #[arg(long, default_value_t = 7410)]
+    base_port: u16,
+    /// Raft groups (sharding is a later issue: only 1 is supported today).
+    #[arg(long, default_value_t = 1)]
+    groups: u32,
+}
+
+/// Writes the CA, the node certificate (shared by the local nodes: it names
+/// 127.0.0.1 and localhost), the cluster and token secrets and one config per node,
+/// then prints how to start them. Existing files are kept, so re-running is harmless.
+pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
+    if !(1..=9).contains(&args.nodes) {
+        bail!("--nodes must be between 1 and 9, got {}", args.nodes);
+    }
+    if args.groups != 1 {
+        bail!("--groups {}: this build runs one Raft group per cluster; sharding over many groups is not built yet", args.groups);
+    }
+    let top = u32::from(args.base_port) + 10 * (u32::from(args.nodes) - 1) + 1;
+    if top > u32::from(u16::MAX) {
+        bail!(
+            "--base-port {} leaves no room for {} nodes",
+            args.base_port,
+            args.nodes
+        );
+    }
+    let dir = &args.data_dir;
+    let files = DevFiles::in_dir(dir);
+    files
+        .ensure()
+        .with_context(|| format!("cannot prepare {}", dir.display()))?;
+    let cluster_secret = dir.join("cluster-secret");
+    if !cluster_secret.is_file() {
+        std::fs::write(&cluster_secret, herald_broker::certs::random_secret())
+            .with_context(|| format!("cannot write {}", cluster_secret.display()))?;
+    }
+    let quic_port = |k: u16| args.base_port + 10 * (k - 1);
+    let members: Vec<String> = (1..=args.nodes)
+        .map(|k| format!("{k}=127.0.0.1:{}", quic_port(k)))
+        .collect();
+    let mut commands = Vec::new();
+    for k in 1..=args.nodes {
+        let mut config = Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], quic_port(k))),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], quic_port(k) + 1)),
+            data_dir: dir.join(format!("node{k}")),
+            ..Config::default()
+        };
+        config.tls.cert_file = files.node_cert.clone();
+        config.tls.key_file = files.node_key.clone();
+        config.auth.token_secret_file = files.secret.clone();
+        config.cluster.node_id = u64::from(k);
+        config.cluster.members = members.clone();
+        config.cluster.secret_file = cluster_secret.clone();
+        config.cluster.ca_file = files.ca_pem.clone();
+        let text = toml::to_string_pretty(&config).context("cannot render a node config")?;
+        let path = dir.join(format!("node{k}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "# Node {k} of a local {}-node Herald cluster (herald dev-cluster).\n\n{text}",
+                args.nodes
+            ),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        commands.push(format!("herald serve --config {}", path.display()));
+    }
+    let addrs: Vec<String> = (1..=args.nodes)
+        .map(|k| format!("127.0.0.1:{}", quic_port(k)))
+        .collect();
+    println!("Wrote a {}-node cluster to {}.", args.nodes, dir.display());
+    println!(
+        "  CA certificate (clients: --ca): {}",
+        files.ca_pem.display()
+    );
+    println!(
+        "  token secret:                   {}",
+        files.secret.display()
+    );
+    println!(
+        "  cluster secret (nodes only):    {}",
+        cluster_secret.display()
+    );
+    println!("Start each node (node 1 initializes the cluster on its first boot):");
+    for c in &commands {
+        println!("  {c}");
+    }
+    println!("Then, e.g.:");
+    println!(
+        "  export HERALD_TOKEN=$(herald token --secret-file {} --service cli)",
+        files.secret.display()
+    );
+    println!(
+        "  herald pub --addr {} --ca {} --conv 1 hello",
+        addrs.join(","),
+        files.ca_pem.display()
+    );
+    println!("  herald status --admin 127.0.0.1:{}", quic_port(1) + 1);
+    Ok(())
+}
+
 pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let (config, warnings) = Config::load(&path, std::env::vars())?;
     for w in warnings {

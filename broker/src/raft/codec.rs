@@ -44,7 +44,11 @@ pub enum CodecError {
 pub fn encode<T>(value: &T) -> Result<AlignedVec, CodecError>
 where
     T: for<'a> Serialize<
-        rkyv::api::high::HighSerializer<AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
     >,
 {
     rkyv::to_bytes::<rancor::Error>(value).map_err(|e| CodecError::Encode {

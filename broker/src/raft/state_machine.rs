@@ -1,1 +1,579 @@
-//! The conversation store as an openraft state machine (being written).
+//! The conversation store as an openraft state machine.
+//!
+//! Owns: the replica's [`ConversationStore`], the last applied log id and membership,
+//! local fan-out of every newly appended message (every replica applies the log and
+//! pushes to its own sessions), history reads (resolving [`MessageRef`]s against the
+//! Raft log or the snapshot this replica was built from), and snapshots: building,
+//! persisting (`DIR/current.snap`), loading at start and installing from the leader.
+//!
+//! Must not: read a clock or decide anything a replica could decide differently: the
+//! store is deterministic and every input comes from the log. Fan-out happens under
+//! the state lock, so outboxes receive each conversation's messages in seq order; the
+//! router never blocks, so the lock is held for microseconds per message.
+//!
+//! # Snapshot format
+//!
+//! ```text
+//! current.snap:  +----------------+-----------------------------------------+
+//!                | u32 LE crc32   | rkyv SnapshotImage (the transferred data) |
+//!                +----------------+-----------------------------------------+
+//! SnapshotImage { last_applied, membership, snapshot_id,
+//!                 store: StoreImage (every ref is Snapshot(j)),
+//!                 messages: [Message; n] (message j of the refs) }
+//! ```
+//!
+//! A snapshot carries every retained message, so a replica that installs it serves
+//! history without the log entries it replaces. Those messages stay in memory (the
+//! "snapshot source") until the next restart; messages applied from the log are read
+//! back from the log.
+
+// openraft's trait methods return its `StorageError` (224 bytes); the helpers here
+// return the same type so `?` carries it through unchanged.
+#![allow(clippy::result_large_err)]
+
+use std::io::{Cursor, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use herald_client::wire::{Message, Refusal, RefusalCode};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use rkyv::{Archive, Deserialize, Serialize};
+
+use super::codec::{self, WireLogId, WireStoredMembership};
+use super::{Entry, LogId, NodeId, Outcome, Response, StorageError, TypeConfig};
+use crate::metrics::Metrics;
+use crate::routing::Router;
+use crate::store::{
+    Applied, ConversationStore, History, Location, MessageRef, StoreImage, StoreLimits,
+    StoredMessage,
+};
+
+/// Largest snapshot this node builds or accepts, in bytes. At the bound a build fails
+/// (openraft retries later) and an install is refused: shorten retention.
+pub const SNAPSHOT_BYTES_MAX: usize = 2 << 30;
+
+/// Reads a log entry by index: how history finds messages that live in the Raft log.
+pub trait EntrySource: Send + Sync + 'static {
+    /// The entry at `index`; `Ok(None)` when it is purged or not yet written.
+    fn entry(&self, index: u64) -> Result<Option<Entry>, String>;
+}
+
+/// The state machine's on-disk place and bounds.
+#[derive(Debug, Clone)]
+pub struct StateMachineConfig {
+    /// Where `current.snap` lives (created if missing).
+    pub dir: PathBuf,
+    /// The store's bounds (every replica must use the same).
+    pub limits: StoreLimits,
+}
+
+/// A cheap handle to one replica's state machine, shared by openraft (apply) and the
+/// engine (reads).
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    log: Arc<dyn EntrySource>,
+    dir: PathBuf,
+    limits: StoreLimits,
+}
+
+struct State {
+    store: ConversationStore,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    /// Messages of the snapshot this replica installed or loaded; `Location::Snapshot(j)`
+    /// refers to `snapshot_messages[j]`.
+    snapshot_messages: Arc<Vec<Message>>,
+    /// The latest snapshot built or installed: what a lagging follower is sent.
+    current: Option<CurrentSnapshot>,
+}
+
+#[derive(Clone)]
+struct CurrentSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Arc<Vec<u8>>,
+}
+
+/// What a snapshot carries (see the module doc).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotImage {
+    /// The last log entry the snapshot includes.
+    pub last_applied: Option<WireLogId>,
+    /// The membership as of `last_applied`.
+    pub membership: WireStoredMembership,
+    /// Unique per build: `<term>-<index>-<build count>`.
+    pub snapshot_id: String,
+    /// Conversation state; every history ref is `Snapshot(j)`.
+    pub store: StoreImage,
+    /// Retained messages, indexed by the refs.
+    pub messages: Vec<Message>,
+}
+
+/// A state lock poisoned by a panic, or a bad snapshot, as openraft's storage error.
+fn sm_error(what: &str) -> StorageError {
+    StorageIOError::write_state_machine(&std::io::Error::other(what.to_string())).into()
+}
+
+impl StateMachine {
+    /// Opens the state machine: loads `DIR/current.snap` if there is one (CRC and every
+    /// invariant checked), else starts empty.
+    pub fn open(
+        config: StateMachineConfig,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        log: Arc<dyn EntrySource>,
+    ) -> Result<Self, SnapshotError> {
+        std::fs::create_dir_all(&config.dir).map_err(|source| SnapshotError::Io {
+            path: config.dir.clone(),
+            source,
+        })?;
+        let mut state = State {
+            store: ConversationStore::new(config.limits),
+            last_applied: None,
+            membership: StoredMembership::default(),
+            snapshot_messages: Arc::new(Vec::new()),
+            current: None,
+        };
+        let path = config.dir.join("current.snap");
+        if path.exists() {
+            let bytes = std::fs::read(&path).map_err(|source| SnapshotError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let data = checked_body(&bytes).ok_or_else(|| SnapshotError::Corrupt {
+                path: path.clone(),
+                detail: "CRC mismatch or file shorter than its header".into(),
+            })?;
+            let (loaded, meta) =
+                load_image(data, config.limits).map_err(|detail| SnapshotError::Corrupt {
+                    path: path.clone(),
+                    detail,
+                })?;
+            state = loaded;
+            state.current = Some(CurrentSnapshot {
+                meta,
+                data: Arc::new(data.to_vec()),
+            });
+        }
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                router,
+                metrics,
+                log,
+                dir: config.dir,
+                limits: config.limits,
+            }),
+        })
+    }
+
+    /// The local routing table every applied message is fanned out to.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.shared.router
+    }
+
+    /// Runs `f` on the store under the state lock (authorization, next seq, counts).
+    pub fn with_store<T>(&self, f: impl FnOnce(&ConversationStore) -> T) -> Result<T, Refusal> {
+        Ok(f(&self.lock_refusal()?.store))
+    }
+
+    /// The last applied log index (0 before anything was applied).
+    pub fn applied_index(&self) -> u64 {
+        self.shared
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.last_applied.map(|l| l.index))
+            .unwrap_or(0)
+    }
+
+    /// The highest log index the Raft log may be purged up to without losing history
+    /// or snapshot coverage: below every message still referenced in the log, and not
+    /// beyond the latest snapshot. `None` when nothing may be purged.
+    pub fn purgeable_upto(&self) -> Option<u64> {
+        let state = self.shared.state.lock().ok()?;
+        let snapshot_index = state.current.as_ref()?.meta.last_log_id?.index;
+        let upto = match state.store.min_log_index() {
+            Some(lowest) if lowest <= snapshot_index => lowest.checked_sub(1)?,
+            _ => snapshot_index,
+        };
+        Some(upto)
+    }
+
+    /// Up to `limit` messages of `conv` from `from`, resolved from the log or the
+    /// snapshot (the caller authorized the read).
+    pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<History, Refusal> {
+        let (refs, snapshot_messages) = {
+            let state = self.lock_refusal()?;
+            let refs = state
+                .store
+                .read(conv, from, limit)
+                .map_err(|e| e.refusal())?;
+            (refs, Arc::clone(&state.snapshot_messages))
+        };
+        let mut messages = Vec::with_capacity(refs.refs.len());
+        for (seq, r) in refs.refs {
+            match self.resolve(conv, seq, &r, &snapshot_messages) {
+                Some(stored) => messages.push(Arc::new(stored)),
+                // The log was purged under us (a snapshot took the message over) or
+                // the entry is damaged: stop here; the caller pages on from the last.
+                None if !messages.is_empty() => break,
+                None => {
+                    return Err(Refusal::new(
+                        RefusalCode::Unavailable,
+                        format!(
+                            "message {seq} of conversation {conv} cannot be read from this node's log right now; retry"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(History {
+            messages,
+            first_seq: refs.first_seq,
+            next_seq: refs.next_seq,
+        })
+    }
+
+    fn resolve(
+        &self,
+        conv: u64,
+        seq: u64,
+        r: &MessageRef,
+        snapshot_messages: &[Message],
+    ) -> Option<StoredMessage> {
+        let frame_bytes_max = self.shared.limits.frame_bytes_max;
+        match r.location {
+            Location::Log(index) => match self.shared.log.entry(index) {
+                Ok(Some(Entry {
+                    payload: EntryPayload::Normal(command),
+                    ..
+                })) => StoredMessage::from_publish(command, seq, r.timestamp_ms, frame_bytes_max)
+                    .filter(|m| m.message.conv == conv),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(conv, seq, index, error = %e, "cannot read a message from the log");
+                    None
+                }
+            },
+            Location::Snapshot(j) => {
+                let message = snapshot_messages.get(usize::try_from(j).ok()?)?;
+                (message.conv == conv && message.seq == seq)
+                    .then(|| StoredMessage::new(message.clone(), frame_bytes_max).ok())?
+            }
+        }
+    }
+
+    fn lock_refusal(&self) -> Result<MutexGuard<'_, State>, Refusal> {
+        // A poisoned lock means a panic while applying: the state may be half-changed.
+        self.shared.state.lock().map_err(|_| {
+            Refusal::new(
+                RefusalCode::Internal,
+                "conversation state is unavailable after an internal panic; restart the node",
+            )
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, StorageError> {
+        self.shared
+            .state
+            .lock()
+            .map_err(|_| sm_error("state machine lock poisoned by a panic"))
+    }
+
+    /// Applies one entry under the lock; fans a new message out to local sessions.
+    fn apply_one(&self, state: &mut State, entry: Entry) -> Response {
+        state.last_applied = Some(entry.log_id);
+        match entry.payload {
+            EntryPayload::Blank => Ok(Outcome::Changed),
+            EntryPayload::Membership(membership) => {
+                state.membership = StoredMembership::new(Some(entry.log_id), membership);
+                Ok(Outcome::Changed)
+            }
+            EntryPayload::Normal(command) => {
+                let applied = state
+                    .store
+                    .apply(command, entry.log_id.index)
+                    .map_err(|e| e.refusal())?;
+                Ok(match applied {
+                    Applied::Created { created } => Outcome::Created { created },
+                    Applied::MembersChanged | Applied::Trimmed => {
+                        self.update_gauges(state);
+                        Outcome::Changed
+                    }
+                    Applied::Published {
+                        seq,
+                        duplicate,
+                        stored,
+                    } => {
+                        if let Some(stored) = stored {
+                            // A session's lag is counted when its outbox first overflows.
+                            let stats = self.shared.router.fan_out(&stored.delivery);
+                            let metrics = &self.shared.metrics;
+                            metrics.sessions_lagged.inc_by(stats.overflowed);
+                            metrics.publishes.inc();
+                            metrics
+                                .history_messages
+                                .set(state.store.message_count() as i64);
+                        }
+                        Outcome::Published { seq, duplicate }
+                    }
+                })
+            }
+        }
+    }
+
+    fn update_gauges(&self, state: &State) {
+        let metrics = &self.shared.metrics;
+        metrics
+            .history_messages
+            .set(state.store.message_count() as i64);
+        metrics
+            .conversations
+            .set(state.store.conversation_count() as i64);
+    }
+
+    /// Builds a snapshot of the current state (under the lock: applies wait for it).
+    fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (meta, data) = {
+            let state = self.lock()?;
+            let mut image = state.store.image();
+            let mut messages = Vec::new();
+            for conv in &mut image.conversations {
+                let first_seq = conv.next_seq - conv.history.len() as u64;
+                for (i, r) in conv.history.iter_mut().enumerate() {
+                    let seq = first_seq + i as u64;
+                    let stored = self
+                        .resolve(conv.id, seq, r, &state.snapshot_messages)
+                        .ok_or_else(|| {
+                            sm_error(&format!(
+                                "cannot build a snapshot: message {seq} of conversation {} is unreadable",
+                                conv.id
+                            ))
+                        })?;
+                    r.location = Location::Snapshot(messages.len() as u64);
+                    messages.push(stored.message);
+                }
+            }
+            let snapshot_id = match state.last_applied {
+                Some(l) => format!(
+                    "{}-{}-{}",
+                    l.leader_id.term,
+                    l.index,
+                    crate::engine::now_ms()
+                ),
+                None => format!("0-0-{}", crate::engine::now_ms()),
+            };
+            let snapshot = SnapshotImage {
+                last_applied: state.last_applied.as_ref().map(WireLogId::from),
+                membership: WireStoredMembership::from(&state.membership),
+                snapshot_id: snapshot_id.clone(),
+                store: image,
+                messages,
+            };
+            let data = codec::encode(&snapshot).map_err(|e| sm_error(&e.to_string()))?;
+            if data.len() > SNAPSHOT_BYTES_MAX {
+                return Err(sm_error(&format!(
+                    "snapshot of {} bytes is above the bound of {SNAPSHOT_BYTES_MAX}; shorten history retention",
+                    data.len()
+                )));
+            }
+            let meta = SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership.clone(),
+                snapshot_id,
+            };
+            (meta, data.to_vec())
+        };
+        self.persist(&data)?;
+        let data = Arc::new(data);
+        self.lock()?.current = Some(CurrentSnapshot {
+            meta: meta.clone(),
+            data: Arc::clone(&data),
+        });
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.to_vec())),
+        })
+    }
+
+    /// Writes `DIR/current.snap` durably: temp file, fsync, rename, fsync the directory.
+    fn persist(&self, data: &[u8]) -> Result<(), StorageError> {
+        let io =
+            |e: std::io::Error| -> StorageError { StorageIOError::write_snapshot(None, &e).into() };
+        let tmp = self.shared.dir.join("current.snap.tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&crc32fast::hash(data).to_le_bytes())
+            .map_err(io)?;
+        file.write_all(data).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        std::fs::rename(&tmp, self.shared.dir.join("current.snap")).map_err(io)?;
+        std::fs::File::open(&self.shared.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+}
+
+/// The body of a snapshot file whose CRC matches, or `None`.
+fn checked_body(bytes: &[u8]) -> Option<&[u8]> {
+    let (crc, body) = bytes.split_first_chunk::<4>()?;
+    (u32::from_le_bytes(*crc) == crc32fast::hash(body)).then_some(body)
+}
+
+/// Decodes snapshot data into a state (with `current` unset) and its meta.
+fn load_image(
+    data: &[u8],
+    limits: StoreLimits,
+) -> Result<(State, SnapshotMeta<NodeId, BasicNode>), String> {
+    let image: SnapshotImage = codec::decode(data).map_err(|e| e.to_string())?;
+    let refs: usize = image
+        .store
+        .conversations
+        .iter()
+        .map(|c| c.history.len())
+        .sum();
+    if refs != image.messages.len() {
+        return Err(format!(
+            "the snapshot refers to {refs} messages but carries {}",
+            image.messages.len()
+        ));
+    }
+    let store = ConversationStore::from_image(limits, image.store)?;
+    let last_applied = image.last_applied.map(LogId::from);
+    let membership: StoredMembership<NodeId, BasicNode> = image.membership.into();
+    let meta = SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: membership.clone(),
+        snapshot_id: image.snapshot_id,
+    };
+    Ok((
+        State {
+            store,
+            last_applied,
+            membership,
+            snapshot_messages: Arc::new(image.messages),
+            current: None,
+        },
+        meta,
+    ))
+}
+
+/// A snapshot file could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Reading or creating the snapshot directory or file failed.
+    #[error("cannot read snapshot {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is damaged.
+    #[error("snapshot {path} is damaged ({detail}); move the data directory away and restart the node so it rejoins from the cluster")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        let state = self.lock()?;
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let this = self.clone();
+        let mut state = this.lock()?;
+        let mut responses = Vec::new();
+        for entry in entries {
+            responses.push(this.apply_one(&mut state, entry));
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        if data.len() > SNAPSHOT_BYTES_MAX {
+            return Err(sm_error(&format!(
+                "refusing a snapshot of {} bytes, above the bound of {SNAPSHOT_BYTES_MAX}",
+                data.len()
+            )));
+        }
+        let (mut loaded, _) = load_image(&data, self.shared.limits)
+            .map_err(|e| sm_error(&format!("the leader sent a bad snapshot: {e}")))?;
+        // openraft's meta is authoritative for what the snapshot covers.
+        loaded.last_applied = meta.last_log_id;
+        loaded.membership = meta.last_membership.clone();
+        self.persist(&data)?;
+        loaded.current = Some(CurrentSnapshot {
+            meta: meta.clone(),
+            data: Arc::new(data),
+        });
+        let mut state = self.lock()?;
+        *state = loaded;
+        self.update_gauges(&state);
+        tracing::info!(
+            last_log = ?meta.last_log_id,
+            conversations = state.store.conversation_count(),
+            messages = state.store.message_count(),
+            "installed a snapshot from the leader"
+        );
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self.lock()?.current.clone();
+        Ok(current.map(|c| Snapshot {
+            meta: c.meta,
+            snapshot: Box::new(Cursor::new(c.data.to_vec())),
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let this = self.clone();
+        // Building reads the log and writes a file: keep it off the async workers.
+        tokio::task::spawn_blocking(move || this.build())
+            .await
+            .map_err(|e| sm_error(&format!("snapshot build task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests;

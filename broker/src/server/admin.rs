@@ -45,18 +45,69 @@ async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     )
 }
 
-/// One node, one group, until the replication issue: the shape of BRIEF §5 already.
+/// The cluster as this node sees it (BRIEF §5). Per-follower `lag` (entries behind the
+/// leader's last log entry) is known only on the leader; other nodes report `{}`.
+/// `commit_index` is the index this node has applied (openraft applies right after
+/// commit); `applied_index` says the same explicitly.
 async fn cluster(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
+    Json(cluster_status(&ctx))
+}
+
+/// `/cluster`'s JSON.
+pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
     let ready = ctx.ready.load(Ordering::Acquire);
-    Json(serde_json::json!({
-        "nodes": [{"id": 1, "addr": ctx.config.listen.to_string(), "ready": ready}],
+    let me = ctx.config.cluster.node_id;
+    let metrics = ctx.engine.raft().metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    let replicas: Vec<u64> = membership.voter_ids().collect();
+    let nodes: Vec<serde_json::Value> = membership
+        .nodes()
+        .map(|(id, node)| {
+            let mut entry =
+                serde_json::json!({"id": id, "addr": node.addr, "voter": replicas.contains(id)});
+            if *id == me {
+                entry["ready"] = serde_json::Value::Bool(ready);
+            }
+            entry
+        })
+        .collect();
+    let last_log = m.last_log_index.unwrap_or(0);
+    let lag: serde_json::Map<String, serde_json::Value> = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(id, matched)| {
+                    let matched = matched.map(|l| l.index).unwrap_or(0);
+                    (
+                        id.to_string(),
+                        serde_json::json!(last_log.saturating_sub(matched)),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+    let log = ctx.log.stats();
+    serde_json::json!({
+        "node_id": me,
+        "ready": ready,
+        "nodes": nodes,
         "groups": [{
             "id": 0,
-            "replicas": [1],
-            "leader": 1,
-            "term": 0,
-            "commit_index": ctx.metrics.publishes.get(),
-            "lag": {}
+            "replicas": replicas,
+            "leader": m.current_leader,
+            "state": format!("{:?}", m.state),
+            "term": m.current_term,
+            "commit_index": applied,
+            "applied_index": applied,
+            "last_log_index": last_log,
+            "snapshot_index": m.snapshot.map(|l| l.index),
+            "purged_index": m.purged.map(|l| l.index),
+            "log_bytes": log.bytes_on_disk,
+            "lag": lag,
         }]
-    }))
+    })
 }

@@ -6,6 +6,7 @@
 //! [`session`]) or change conversation state (see [`crate::engine`]).
 
 pub mod admin;
+pub mod cluster;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -33,6 +34,9 @@ pub enum NodeError {
     /// The token key could not be loaded.
     #[error("cannot load the token key: {0}")]
     Auth(#[from] crate::auth::AuthError),
+    /// The Raft log, snapshot or openraft itself could not start.
+    #[error("cannot start replication: {0}")]
+    Storage(String),
     /// A port could not be bound.
     #[error("cannot bind {what} on {addr}: {source}; is another herald running? pick another with --listen/--admin")]
     Bind {
@@ -59,6 +63,10 @@ pub struct NodeContext {
     pub ready: AtomicBool,
     /// Live sessions per user (to end subscriptions of removed members).
     pub sessions: session::Registry,
+    /// What serving a peer (node-to-node) connection needs.
+    pub peer_server: Arc<crate::raft::network::PeerServerContext>,
+    /// The Raft log store (for `/cluster` and metrics).
+    pub log: crate::raft::log_store::LogStore,
     session_ids: AtomicU64,
 }
 
@@ -141,8 +149,22 @@ impl RunningNode {
                 source,
             })?;
         let metrics = Arc::new(Metrics::new());
+        let router = Arc::new(crate::routing::Router::new());
+        let replication =
+            cluster::start(&config, &endpoint, quic_addr, router, metrics.clone()).await?;
+        let engine = Engine::new(
+            replication.raft.clone(),
+            replication.sm.clone(),
+            replication.peers.clone(),
+            config.cluster.node_id,
+            config.limits.payload_bytes_max,
+            config.raft.write_timeout,
+            metrics.clone(),
+        );
         let context = Arc::new(NodeContext {
-            engine: Engine::new(&config.limits, metrics.clone()),
+            engine,
+            peer_server: replication.peer_server.clone(),
+            log: replication.log.clone(),
             config,
             verifier,
             metrics,
@@ -154,9 +176,19 @@ impl RunningNode {
             tokio::spawn(admin::serve(admin_listener, context.clone())),
             tokio::spawn(accept_loop(endpoint.clone(), context.clone())),
             tokio::spawn(housekeeping(context.clone())),
+            tokio::spawn(readiness(context.clone())),
         ];
-        context.ready.store(true, Ordering::Release);
-        tracing::info!(%quic_addr, %admin_addr, "node ready");
+        if context.config.cluster.members.is_empty() {
+            // A one-node cluster (`herald dev`) elects itself at once: answer only when
+            // it can take writes, as before replication.
+            let _ = context
+                .engine
+                .raft()
+                .wait(Some(Duration::from_secs(10)))
+                .metrics(|m| m.current_leader.is_some(), "one-node cluster leader")
+                .await;
+        }
+        tracing::info!(%quic_addr, %admin_addr, node_id = context.config.cluster.node_id, "node serving; ready once it has a leader and has caught up");
         Ok(RunningNode {
             quic_addr,
             admin_addr,
@@ -177,6 +209,7 @@ impl RunningNode {
         for task in self.tasks {
             task.abort();
         }
+        let _ = self.context.engine.raft().shutdown().await;
     }
 }
 
@@ -255,11 +288,37 @@ fn refused(ctx: &NodeContext, reason: &str) {
         .inc();
 }
 
-/// Evicts expired history and dedup keys every minute.
+/// How far behind the last log entry this node may apply and still call itself
+/// caught up (`/readyz`).
+const READY_APPLY_LAG_MAX: u64 = 1000;
+
+/// Keeps `ready` true exactly while the node knows a leader and has applied its log up
+/// to `READY_APPLY_LAG_MAX` entries.
+async fn readiness(ctx: Arc<NodeContext>) {
+    let mut metrics = ctx.engine.raft().metrics();
+    loop {
+        let ready = {
+            let m = metrics.borrow_and_update();
+            let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+            let last = m.last_log_index.unwrap_or(0);
+            m.current_leader.is_some() && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX
+        };
+        if ctx.ready.swap(ready, Ordering::AcqRel) != ready {
+            tracing::info!(ready, "readiness changed");
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every `raft.housekeeping_interval`: the leader proposes the retention trim; every node purges its log
+/// below what history still reads.
 async fn housekeeping(ctx: Arc<NodeContext>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut tick = tokio::time::interval(ctx.config.raft.housekeeping_interval);
     loop {
         tick.tick().await;
-        ctx.engine.trim_expired();
+        ctx.engine.trim_expired().await;
+        ctx.engine.purge_log().await;
     }
 }

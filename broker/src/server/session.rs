@@ -32,6 +32,7 @@ use herald_client::wire::{
 use tokio::sync::mpsc;
 
 use super::NodeContext;
+use crate::engine::{PublishOutcome, Submitted};
 use crate::routing::{Delivery, Outbox};
 use crate::store::Action;
 
@@ -158,11 +159,15 @@ pub async fn serve_connection(
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(herald_client::wire::ALPN_PEER) {
+        // Another node: it must prove the cluster secret before any RPC is served.
+        crate::raft::network::serve_peer(conn, ctx.peer_server.clone()).await;
+        return;
+    }
     if alpn.as_deref() != Some(herald_client::wire::ALPN_CLIENT) {
-        // Peer (node-to-node) connections arrive with the replication issue.
         conn.close(
             quinn::VarInt::from_u32(close_code::REFUSED),
-            b"this node accepts only client connections (ALPN herald/1)",
+            b"unknown ALPN: clients speak herald/1, nodes herald-peer/1",
         );
         return;
     }
@@ -295,6 +300,9 @@ pub async fn serve_connection(
 
 /// Reads and executes requests until the stream ends. Returns a refusal if the client
 /// broke the protocol (the writer then says Goodbye and closes).
+///
+/// Reads (history, subscribe) run here, in order. Writes are queued here, in order,
+/// and answered by the session's reply task once committed.
 async fn read_requests(
     ctx: &Arc<NodeContext>,
     principal: &Principal,
@@ -302,6 +310,32 @@ async fn read_requests(
     control: &mpsc::Sender<Control>,
 ) -> Option<Refusal> {
     let mut counted_bytes = reader.frame_bytes_read();
+    // Writes are queued on the engine in the order they arrive; one task per session
+    // waits for their commits in that same order and replies, so replies to writes
+    // come back in request order too. At `requests_in_flight_max` waiting writes the
+    // reader stops reading the stream.
+    let (pending_tx, mut pending_rx) =
+        mpsc::channel::<(u64, Instant, Write)>(ctx.config.limits.requests_in_flight_max as usize);
+    {
+        let ctx = ctx.clone();
+        let principal = principal.clone();
+        let control = control.clone();
+        tokio::spawn(async move {
+            while let Some((id, started, write)) = pending_rx.recv().await {
+                let is_publish = matches!(write, Write::Publish(_));
+                let control_msg = finish_write(&ctx, id, write).await;
+                log_refusal(&principal, &control_msg);
+                if control.send(control_msg).await.is_err() {
+                    return;
+                }
+                if is_publish {
+                    ctx.metrics
+                        .publish_ack_latency_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
+            }
+        });
+    }
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -323,64 +357,122 @@ async fn read_requests(
         let read = reader.frame_bytes_read();
         ctx.metrics.received_bytes.inc_by(read - counted_bytes);
         counted_bytes = read;
-        let started = Instant::now();
-        let is_publish = matches!(body, Request::Publish { .. });
-        let control_msg = execute(ctx, principal, id, body);
-        if let Control::Reply {
-            body: Reply::Refused(r),
-            ..
-        } = &control_msg
-        {
-            tracing::debug!(%principal, "request {id} refused: {r}");
-        }
-        if control.send(control_msg).await.is_err() {
-            return None;
-        }
-        if is_publish {
-            ctx.metrics
-                .publish_ack_latency_seconds
-                .observe(started.elapsed().as_secs_f64());
+        if is_write(&body) {
+            let started = Instant::now();
+            let write = submit_write(ctx, principal, body).await;
+            if pending_tx.send((id, started, write)).await.is_err() {
+                return None;
+            }
+        } else {
+            let control_msg = execute_read(ctx, principal, id, body);
+            log_refusal(principal, &control_msg);
+            if control.send(control_msg).await.is_err() {
+                return None;
+            }
         }
     }
 }
 
-/// Runs one request against the engine; subscriptions go to the writer.
-fn execute(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> Control {
-    let engine = &ctx.engine;
-    let reply = |r: Result<Reply, Refusal>| Control::Reply {
+fn log_refusal(principal: &Principal, control_msg: &Control) {
+    if let Control::Reply {
+        id,
+        body: Reply::Refused(r),
+    } = control_msg
+    {
+        tracing::debug!(%principal, "request {id} refused: {r}");
+    }
+}
+
+/// Requests that change state and so go through the Raft log.
+fn is_write(body: &Request) -> bool {
+    matches!(
+        body,
+        Request::CreateConversation { .. }
+            | Request::AddMembers { .. }
+            | Request::RemoveMembers { .. }
+            | Request::Publish { .. }
+    )
+}
+
+fn reply(id: u64, r: Result<Reply, Refusal>) -> Control {
+    Control::Reply {
         id,
         body: r.unwrap_or_else(Reply::Refused),
-    };
+    }
+}
+
+/// A write queued on the engine's pipeline (or refused before it was queued).
+enum Write {
+    Create(Result<Submitted<bool>, Refusal>),
+    Members(Result<Submitted<()>, Refusal>),
+    Remove(Result<Submitted<()>, Refusal>, u64, Vec<u64>),
+    Publish(Result<Submitted<PublishOutcome>, Refusal>),
+    ReadRequest,
+}
+
+/// Checks and queues one write request.
+async fn submit_write(ctx: &NodeContext, principal: &Principal, body: Request) -> Write {
+    let engine = &ctx.engine;
     match body {
         Request::CreateConversation {
             conv,
             kind,
             members,
-        } => reply(
+        } => Write::Create(engine.create(principal, conv, kind, members).await),
+        Request::AddMembers { conv, members } => {
+            Write::Members(engine.add_members(principal, conv, members).await)
+        }
+        Request::RemoveMembers { conv, members } => Write::Remove(
             engine
-                .create(principal, conv, kind, members)
-                .map(|created| Reply::Created { created }),
+                .remove_members(principal, conv, members.clone())
+                .await,
+            conv,
+            members,
         ),
-        Request::AddMembers { conv, members } => reply(
-            engine
-                .add_members(principal, conv, members)
-                .map(|()| Reply::Done),
-        ),
-        Request::RemoveMembers { conv, members } => {
-            let result = engine.remove_members(principal, conv, members.clone());
+        Request::Publish { conv, key, payload } => {
+            Write::Publish(engine.publish(principal, conv, key, payload).await)
+        }
+        _ => Write::ReadRequest,
+    }
+}
+
+/// Waits for a queued write's commit and builds its reply.
+async fn finish_write(ctx: &NodeContext, id: u64, write: Write) -> Control {
+    async fn wait<T>(submitted: Result<Submitted<T>, Refusal>) -> Result<T, Refusal> {
+        submitted?.wait().await
+    }
+    match write {
+        Write::Create(s) => reply(id, wait(s).await.map(|created| Reply::Created { created })),
+        Write::Members(s) => reply(id, wait(s).await.map(|()| Reply::Done)),
+        Write::Remove(s, conv, members) => {
+            let result = wait(s).await;
             if result.is_ok() {
                 ctx.sessions.revoke(conv, &members);
             }
-            reply(result.map(|()| Reply::Done))
+            reply(id, result.map(|()| Reply::Done))
         }
-        Request::Publish { conv, key, payload } => reply(
-            engine
-                .publish(principal, conv, key, payload)
-                .map(|o| Reply::Published {
-                    seq: o.seq,
-                    duplicate: o.duplicate,
-                }),
+        Write::Publish(s) => reply(
+            id,
+            wait(s).await.map(|o| Reply::Published {
+                seq: o.seq,
+                duplicate: o.duplicate,
+            }),
         ),
+        Write::ReadRequest => reply(
+            id,
+            Err(Refusal::new(
+                RefusalCode::Internal,
+                "a read reached the write path; this is a bug",
+            )),
+        ),
+    }
+}
+
+/// Runs one read request on this replica; subscriptions go to the writer.
+fn execute_read(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> Control {
+    let engine = &ctx.engine;
+    let reply = |r: Result<Reply, Refusal>| reply(id, r);
+    match body {
         Request::History { conv, from, limit } => reply(
             engine
                 .authorize(principal, Action::ReadHistory, conv)
@@ -417,6 +509,13 @@ fn execute(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> 
             }
         }
         Request::Unsubscribe { conv } => Control::Unsubscribe { id, conv },
+        Request::CreateConversation { .. }
+        | Request::AddMembers { .. }
+        | Request::RemoveMembers { .. }
+        | Request::Publish { .. } => reply(Err(Refusal::new(
+            RefusalCode::Internal,
+            "a write reached the read path; this is a bug",
+        ))),
     }
 }
 

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use herald_client::wire::{encode_frame, ConvKind, Frame, IdempotencyKey, Message, Principal};
 
 use super::dedup::{self, DedupTable};
-use super::history::HistoryLog;
+use super::history::{HistoryLog, Location, MessageRef};
+use super::image::ConversationImage;
 use super::{Action, Delivery, StoreError, StoreLimits, StoredMessage};
 
 /// What a publish did to one conversation.
@@ -184,6 +185,7 @@ impl Conversation {
         key: IdempotencyKey,
         payload: Vec<u8>,
         timestamp_ms: u64,
+        location: Location,
         limits: &StoreLimits,
     ) -> Result<PublishOutcome, StoreError> {
         self.authorize(&sender, Action::Publish)?;
@@ -222,9 +224,13 @@ impl Conversation {
         let mut evicted = self
             .history
             .evict_before(now_ms.saturating_sub(limits.history_retention_ms));
-        evicted += self
-            .history
-            .push(Arc::clone(&stored), limits.history_messages_max);
+        evicted += self.history.push(
+            MessageRef {
+                timestamp_ms: now_ms,
+                location,
+            },
+            limits.history_messages_max,
+        );
         self.dedup.insert(key, seq, now_ms, limits.dedup_keys_max);
         Ok(PublishOutcome::Appended { stored, evicted })
     }
@@ -235,6 +241,36 @@ impl Conversation {
         self.dedup.expire(now_ms, limits.dedup_window_ms);
         self.history
             .evict_before(now_ms.saturating_sub(limits.history_retention_ms))
+    }
+
+    /// The conversation as a snapshot stores it.
+    pub(super) fn image(&self) -> ConversationImage {
+        ConversationImage {
+            id: self.id,
+            kind: self.kind,
+            members: self.members.iter().copied().collect(),
+            next_seq: self.history.next_seq(),
+            history: self.history.refs().copied().collect(),
+            dedup: self.dedup.image(),
+            last_timestamp_ms: self.last_timestamp_ms,
+        }
+    }
+
+    /// The conversation a snapshot stored (the caller validates it).
+    pub(super) fn from_image(image: ConversationImage) -> Self {
+        Conversation {
+            id: image.id,
+            kind: image.kind,
+            members: image.members.into_iter().collect(),
+            history: HistoryLog::from_parts(image.history, image.next_seq),
+            dedup: DedupTable::from_image(image.dedup),
+            last_timestamp_ms: image.last_timestamp_ms,
+        }
+    }
+
+    /// The retained references, for relocation after a snapshot.
+    pub(super) fn history_mut(&mut self) -> &mut HistoryLog {
+        &mut self.history
     }
 
     /// Checks this conversation's invariants.

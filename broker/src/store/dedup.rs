@@ -93,6 +93,36 @@ impl DedupTable {
         self.order.push_back(key);
     }
 
+    /// The keys oldest first, as a snapshot stores them.
+    pub(super) fn image(&self) -> Vec<super::image::DedupImage> {
+        self.order
+            .iter()
+            .filter_map(|key| {
+                self.entries.get(key).map(|e| super::image::DedupImage {
+                    key: key.clone(),
+                    seq: e.seq,
+                    timestamp_ms: e.timestamp_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// The table a snapshot stored, oldest first (the caller validates it).
+    pub(super) fn from_image(keys: Vec<super::image::DedupImage>) -> Self {
+        let mut table = DedupTable::default();
+        for k in keys {
+            table.entries.insert(
+                k.key.clone(),
+                Entry {
+                    seq: k.seq,
+                    timestamp_ms: k.timestamp_ms,
+                },
+            );
+            table.order.push_back(k.key);
+        }
+        table
+    }
+
     fn pop_oldest(&mut self) {
         if let Some(key) = self.order.pop_front() {
             self.entries.remove(&key);

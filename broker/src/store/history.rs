@@ -1,18 +1,51 @@
 //! One conversation's retained messages: a window `first_seq .. next_seq` over its
 //! gapless sequence, evicted from the front by count and by age.
+//!
+//! The window holds [`MessageRef`]s, not messages: where each message's bytes live
+//! (a Raft log entry, or the snapshot this replica was built from) and its stamp.
+//! The message itself is written once, in the Raft log; the state machine resolves a
+//! reference when history is read.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
-use super::{History, StoredMessage};
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Where a retained message's bytes are.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// The `Publish` command of the Raft log entry with this index.
+    Log(u64),
+    /// Position in the message list of the snapshot this replica installed or loaded.
+    Snapshot(u64),
+}
+
+/// One retained message: its stamp (for the age bound) and where it is.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef {
+    /// The message's server timestamp, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Where its bytes are.
+    pub location: Location,
+}
+
+/// A page of references, as [`HistoryLog::read`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRefs {
+    /// `(seq, reference)` in seq order, gapless.
+    pub refs: Vec<(u64, MessageRef)>,
+    /// The oldest retained seq (== `next_seq` when none is retained).
+    pub first_seq: u64,
+    /// The seq the next message will get.
+    pub next_seq: u64,
+}
 
 /// The retained messages of one conversation, oldest first.
 ///
-/// Invariant: `messages[i].seq == first_seq() + i` and `first_seq() + len == next_seq`,
+/// Invariant: `messages[i]` is seq `first_seq() + i` and `first_seq() + len == next_seq`,
 /// so a seq maps to its index by subtraction and [`HistoryLog::read`] is O(limit).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct HistoryLog {
-    messages: VecDeque<Arc<StoredMessage>>,
+    messages: VecDeque<MessageRef>,
     next_seq: u64,
 }
 
@@ -23,6 +56,24 @@ impl HistoryLog {
             messages: VecDeque::new(),
             next_seq: 1,
         }
+    }
+
+    /// A log restored from a snapshot image; `validate` checks it.
+    pub(super) fn from_parts(messages: Vec<MessageRef>, next_seq: u64) -> Self {
+        HistoryLog {
+            messages: messages.into(),
+            next_seq,
+        }
+    }
+
+    /// The retained references, oldest first.
+    pub(super) fn refs(&self) -> impl Iterator<Item = &MessageRef> {
+        self.messages.iter()
+    }
+
+    /// The retained references, for relocation (a snapshot took them over).
+    pub(super) fn refs_mut(&mut self) -> impl Iterator<Item = &mut MessageRef> {
+        self.messages.iter_mut()
     }
 
     /// The seq the next appended message gets.
@@ -44,7 +95,7 @@ impl HistoryLog {
     /// Appends the message carrying seq `next_seq` and advances `next_seq`. At the
     /// count bound the oldest messages are evicted first (with `messages_max == 0`
     /// nothing is retained; the seq is still consumed). Returns how many were evicted.
-    pub(super) fn push(&mut self, message: Arc<StoredMessage>, messages_max: usize) -> usize {
+    pub(super) fn push(&mut self, message: MessageRef, messages_max: usize) -> usize {
         self.next_seq += 1;
         if messages_max == 0 {
             return 0;
@@ -65,7 +116,7 @@ impl HistoryLog {
         while self
             .messages
             .front()
-            .is_some_and(|m| m.message.timestamp_ms < cutoff_ms)
+            .is_some_and(|m| m.timestamp_ms < cutoff_ms)
         {
             self.messages.pop_front();
             evicted += 1;
@@ -73,19 +124,23 @@ impl HistoryLog {
         evicted
     }
 
-    /// Up to `limit` messages with seq >= `from`, in order. A `from` below the
+    /// Up to `limit` references with seq >= `from`, in order. A `from` below the
     /// retained window starts at `first_seq` (the caller sees `first_seq > from`).
-    pub(super) fn read(&self, from: u64, limit: usize) -> History {
+    pub(super) fn read(&self, from: u64, limit: usize) -> HistoryRefs {
         let first_seq = self.first_seq();
         let start = from.max(first_seq);
-        let messages = match usize::try_from(start - first_seq) {
-            Ok(skip) if skip < self.messages.len() => {
-                self.messages.range(skip..).take(limit).cloned().collect()
-            }
+        let refs = match usize::try_from(start - first_seq) {
+            Ok(skip) if skip < self.messages.len() => self
+                .messages
+                .range(skip..)
+                .take(limit)
+                .enumerate()
+                .map(|(i, r)| (start + i as u64, *r))
+                .collect(),
             _ => Vec::new(),
         };
-        History {
-            messages,
+        HistoryRefs {
+            refs,
             first_seq,
             next_seq: self.next_seq,
         }
@@ -111,28 +166,25 @@ impl HistoryLog {
         }
         let first_seq = self.first_seq();
         let mut last_ts = 0;
-        for (i, stored) in self.messages.iter().enumerate() {
-            let m = &stored.message;
-            let expected = first_seq + i as u64;
-            if m.seq != expected || m.conv != conv {
+        let mut last_log_index = 0;
+        for (i, r) in self.messages.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            if r.timestamp_ms < last_ts {
                 return Err(format!(
-                    "conv {conv}: position {i} holds conv {} seq {}, expected seq {expected}",
-                    m.conv, m.seq
+                    "conv {conv} seq {seq}: timestamp {} is before the previous {last_ts}",
+                    r.timestamp_ms
                 ));
             }
-            if stored.delivery.conv != conv || stored.delivery.seq != m.seq {
-                return Err(format!(
-                    "conv {conv} seq {}: delivery frame is labelled conv {} seq {}",
-                    m.seq, stored.delivery.conv, stored.delivery.seq
-                ));
+            last_ts = r.timestamp_ms;
+            if let Location::Log(index) = r.location {
+                // Later seqs come from later log entries.
+                if index <= last_log_index {
+                    return Err(format!(
+                        "conv {conv} seq {seq}: log index {index} is not after the previous {last_log_index}"
+                    ));
+                }
+                last_log_index = index;
             }
-            if m.timestamp_ms < last_ts {
-                return Err(format!(
-                    "conv {conv} seq {}: timestamp {} is before the previous {last_ts}",
-                    m.seq, m.timestamp_ms
-                ));
-            }
-            last_ts = m.timestamp_ms;
         }
         Ok(())
     }

@@ -51,6 +51,7 @@ mod conversation;
 mod dedup;
 mod error;
 mod history;
+mod image;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -61,6 +62,8 @@ use herald_client::wire::{ConvKind, IdempotencyKey, Message, Principal, DEFAULT_
 use crate::routing::Delivery;
 pub use dedup::CALLER_KEY_BYTES_MAX;
 pub use error::StoreError;
+pub use history::{HistoryRefs, Location, MessageRef};
+pub use image::{ConversationImage, DedupImage, StoreImage};
 
 use conversation::{member_set, Conversation, PublishOutcome};
 
@@ -188,6 +191,37 @@ impl fmt::Debug for StoredMessage {
     }
 }
 
+impl StoredMessage {
+    /// Rebuilds message `seq`, stamped `timestamp_ms`, from the `Publish` command that
+    /// appended it (history read back from the Raft log). `None` if `command` is not a
+    /// publish, i.e. a reference points at the wrong entry.
+    pub fn from_publish(
+        command: Command,
+        seq: u64,
+        timestamp_ms: u64,
+        frame_bytes_max: u32,
+    ) -> Option<Self> {
+        let Command::Publish {
+            conv,
+            sender,
+            payload,
+            ..
+        } = command
+        else {
+            return None;
+        };
+        let message = Message {
+            conv,
+            seq,
+            sender,
+            timestamp_ms,
+            payload,
+        };
+        // It was encodable when it was appended under the same bound.
+        StoredMessage::new(message, frame_bytes_max).ok()
+    }
+}
+
 /// What a principal wants to do in a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -248,8 +282,9 @@ impl ConversationStore {
         &self.limits
     }
 
-    /// Applies one command. On error nothing changed.
-    pub fn apply(&mut self, command: Command) -> Result<Applied, StoreError> {
+    /// Applies one command, carried by the Raft log entry at `log_index` (where a
+    /// published message's bytes stay: history refers to it). On error nothing changed.
+    pub fn apply(&mut self, command: Command, log_index: u64) -> Result<Applied, StoreError> {
         match command {
             Command::CreateConversation {
                 conv,
@@ -283,6 +318,7 @@ impl ConversationStore {
                     key,
                     payload,
                     timestamp_ms,
+                    Location::Log(log_index),
                     &limits,
                 )?;
                 Ok(match outcome {
@@ -371,7 +407,7 @@ impl ConversationStore {
     /// Messages with seq >= `from`, at most `limit`, in order; O(limit).
     /// `first_seq` is the oldest retained (== `next_seq` if none): when it is above
     /// `from`, the range was partly evicted and the caller reports the truncation.
-    pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<History, StoreError> {
+    pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<HistoryRefs, StoreError> {
         Ok(self.conversation(conv)?.history().read(from, limit))
     }
 
@@ -407,6 +443,10 @@ impl ConversationStore {
     /// right, dedup keys pointing below `next_seq`, member counts (direct exactly 2)
     /// and every bound; and the store's totals. O(everything): for tests and debugging.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_shape()
+    }
+
+    fn validate_shape(&self) -> Result<(), String> {
         if self.conversations.len() > self.limits.conversations_max {
             return Err(format!(
                 "{} conversations, above the bound {}",
@@ -426,6 +466,63 @@ impl ConversationStore {
             ));
         }
         Ok(())
+    }
+
+    /// The whole store as a snapshot carries it, conversations ordered by id.
+    pub fn image(&self) -> StoreImage {
+        let mut conversations: Vec<ConversationImage> =
+            self.conversations.values().map(|c| c.image()).collect();
+        conversations.sort_unstable_by_key(|c| c.id);
+        StoreImage { conversations }
+    }
+
+    /// The store a snapshot carried, with this node's `limits`; every invariant is
+    /// checked (a snapshot is data from disk or a peer).
+    pub fn from_image(limits: StoreLimits, image: StoreImage) -> Result<Self, String> {
+        let mut store = ConversationStore::new(limits);
+        for c in image.conversations {
+            store.message_count += c.history.len();
+            let id = c.id;
+            if store
+                .conversations
+                .insert(id, Conversation::from_image(c))
+                .is_some()
+            {
+                return Err(format!("conversation {id} appears twice in the snapshot"));
+            }
+        }
+        store.validate_shape()?;
+        Ok(store)
+    }
+
+    /// Visits every retained reference of every conversation, conversations in id
+    /// order and each oldest first (the order of [`ConversationStore::image`]), so a
+    /// snapshot can take the messages over.
+    pub fn relocate(&mut self, mut f: impl FnMut(u64, &mut MessageRef)) {
+        let mut ids: Vec<u64> = self.conversations.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(conv) = self.conversations.get_mut(&id) {
+                for r in conv.history_mut().refs_mut() {
+                    f(id, r);
+                }
+            }
+        }
+    }
+
+    /// The lowest Raft log index any retained message still lives in: the log may be
+    /// purged below it without losing history. `None` when no message is in the log.
+    /// O(conversations).
+    pub fn min_log_index(&self) -> Option<u64> {
+        self.conversations
+            .values()
+            .filter_map(|c| {
+                c.history().refs().find_map(|r| match r.location {
+                    Location::Log(i) => Some(i),
+                    Location::Snapshot(_) => None,
+                })
+            })
+            .min()
     }
 
     /// Conversations in the store.

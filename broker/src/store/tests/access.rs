@@ -32,7 +32,7 @@ fn unknown_conversation_is_refused_everywhere() {
         none
     );
     assert_eq!(publish_as(&mut s, 9, svc(), key(1), 0).unwrap_err(), none);
-    assert_eq!(s.read(9, 1, 10).unwrap_err(), none);
+    assert_eq!(read(&s, 9, 1, 10).unwrap_err(), none);
     assert_eq!(s.next_seq(9).unwrap_err(), none);
     assert_eq!(s.is_member(9, 1).unwrap_err(), none);
     assert_eq!(s.kind(9).unwrap_err(), none);

@@ -139,7 +139,7 @@ fn randomized_commands_keep_every_invariant() {
                 Ok(_) => {}
             }
             // Any read is gapless, in order, and inside [first_seq, next_seq).
-            if let Ok(h) = s.read(conv, rng.below(40), rng.below(8) as usize) {
+            if let Ok(h) = read(&s, conv, rng.below(40), rng.below(8) as usize) {
                 for (i, m) in h.messages.iter().enumerate() {
                     assert_eq!(m.message.seq, h.messages[0].message.seq + i as u64);
                     assert!(m.message.seq >= h.first_seq && m.message.seq < h.next_seq);

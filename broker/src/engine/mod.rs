@@ -1,0 +1,296 @@
+//! The node's conversation engine: where client requests meet the Raft group.
+//!
+//! Owns: turning requests into [`Command`]s and queueing them on the node's write
+//! [`Pipeline`] (which commits them in order through the leader, wherever it is,
+//! retrying through elections until a bound), the wall clock for timestamps, and
+//! answering reads from this replica's state machine. Writes are two-step: the engine
+//! queues a write and returns a [`Submitted`]; awaiting it gives the outcome. A
+//! session queues its writes in the order it sent them. A write is answered only after its entry is committed (fsync'ed on a
+//! quorum) and applied; every command is idempotent, so a retry across a failover
+//! changes nothing twice (publishes carry their idempotency key).
+//!
+//! Must not: touch sockets or sessions; fan-out happens in the state machine, on every
+//! replica, when the entry is applied.
+//!
+//! Reads (authorization, history, next seq) come from this replica's applied state,
+//! which may trail the leader by the entries in flight: a session on a follower sees a
+//! message a moment later than one on the leader, never out of order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use herald_client::wire::{ConvKind, IdempotencyKey, Principal, Refusal, RefusalCode};
+mod pipeline;
+
+use crate::metrics::Metrics;
+use crate::raft::network::PeerNetwork;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{NodeId, Outcome, Raft};
+use crate::routing::Router;
+use crate::store::{Action, Command, History};
+pub use pipeline::Pipeline;
+
+/// Conversation state, the Raft group and metrics of one node.
+pub struct Engine {
+    raft: Raft,
+    sm: StateMachine,
+    pipeline: Pipeline,
+    node_id: NodeId,
+    metrics: Arc<Metrics>,
+    payload_bytes_max: u32,
+    write_timeout: Duration,
+}
+
+/// The outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The message's seq (the original one for a duplicate).
+    pub seq: u64,
+    /// True when the idempotency key was seen before and nothing was appended.
+    pub duplicate: bool,
+}
+
+impl Engine {
+    /// An engine over a started Raft node and its state machine. A write that finds no
+    /// leader for `write_timeout` is refused with `Unavailable`.
+    pub fn new(
+        raft: Raft,
+        sm: StateMachine,
+        peers: PeerNetwork,
+        node_id: NodeId,
+        payload_bytes_max: u32,
+        write_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Engine {
+            pipeline: Pipeline::start(raft.clone(), peers, node_id),
+            raft,
+            sm,
+            node_id,
+            metrics,
+            payload_bytes_max,
+            write_timeout,
+        }
+    }
+
+    /// The local routing table.
+    pub fn router(&self) -> &Router {
+        self.sm.router()
+    }
+
+    /// The Raft node.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// This replica's state machine.
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Queues a conversation create (idempotent); the answer says whether this call
+    /// created it.
+    pub async fn create(
+        &self,
+        principal: &Principal,
+        conv: u64,
+        kind: ConvKind,
+        members: Vec<u64>,
+    ) -> Result<Submitted<bool>, Refusal> {
+        // Creating needs only the role check; the conversation may not exist yet.
+        self.authorize_role(principal, conv)?;
+        let command = Command::CreateConversation {
+            conv,
+            kind,
+            members,
+        };
+        Ok(self
+            .submit(command, |outcome| match outcome {
+                Outcome::Created { created } => Ok(created),
+                other => Err(unexpected(other)),
+            })
+            .await)
+    }
+
+    /// Queues adding members.
+    pub async fn add_members(
+        &self,
+        principal: &Principal,
+        conv: u64,
+        members: Vec<u64>,
+    ) -> Result<Submitted<()>, Refusal> {
+        self.authorize_role(principal, conv)?;
+        Ok(self
+            .submit(Command::AddMembers { conv, members }, |_| Ok(()))
+            .await)
+    }
+
+    /// Queues removing members.
+    pub async fn remove_members(
+        &self,
+        principal: &Principal,
+        conv: u64,
+        members: Vec<u64>,
+    ) -> Result<Submitted<()>, Refusal> {
+        self.authorize_role(principal, conv)?;
+        Ok(self
+            .submit(Command::RemoveMembers { conv, members }, |_| Ok(()))
+            .await)
+    }
+
+    /// Queues a message. Answered after commit and apply; the state machine
+    /// authorizes it and fans it out on every replica.
+    pub async fn publish(
+        &self,
+        principal: &Principal,
+        conv: u64,
+        key: IdempotencyKey,
+        payload: Vec<u8>,
+    ) -> Result<Submitted<PublishOutcome>, Refusal> {
+        if payload.len() > self.payload_bytes_max as usize {
+            return Err(self.refuse(Refusal::new(
+                RefusalCode::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes is above the limit of {} bytes (limits.payload_bytes_max)",
+                    payload.len(),
+                    self.payload_bytes_max
+                ),
+            )));
+        }
+        let command = Command::Publish {
+            conv,
+            sender: principal.clone(),
+            key,
+            payload,
+            timestamp_ms: now_ms(),
+        };
+        let metrics = self.metrics.clone();
+        Ok(self
+            .submit(command, move |outcome| match outcome {
+                Outcome::Published { seq, duplicate } => {
+                    if duplicate {
+                        metrics.publish_duplicates.inc();
+                    }
+                    Ok(PublishOutcome { seq, duplicate })
+                }
+                other => Err(unexpected(other)),
+            })
+            .await)
+    }
+
+    async fn submit<T>(
+        &self,
+        command: Command,
+        map: impl FnOnce(Outcome) -> Result<T, Refusal> + Send + 'static,
+    ) -> Submitted<T> {
+        let answer = self
+            .pipeline
+            .submit(command, Instant::now() + self.write_timeout)
+            .await;
+        Submitted {
+            answer,
+            map: Box::new(map),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Proposes the retention trim if this node leads (housekeeping calls it).
+    pub async fn trim_expired(&self) {
+        if self.is_leader() {
+            if let Err(refusal) = self.write(Command::Trim { now_ms: now_ms() }).await {
+                tracing::warn!("retention trim not committed: {refusal}");
+            }
+        }
+    }
+
+    /// Lets the log go below the oldest message history still reads from it, up to the
+    /// latest snapshot (housekeeping calls it).
+    pub async fn purge_log(&self) {
+        if let Some(upto) = self.sm.purgeable_upto() {
+            if let Err(e) = self.raft.trigger().purge_log(upto).await {
+                tracing::warn!("cannot purge the log up to {upto}: {e}");
+            }
+        }
+    }
+
+    /// True while this node is the group's leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// Checks that `principal` may do `action` in `conv`, on this replica's state.
+    pub fn authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        conv: u64,
+    ) -> Result<(), Refusal> {
+        self.sm
+            .with_store(|s| s.authorize(principal, action, conv))?
+            .map_err(|e| self.refuse(e.refusal()))
+    }
+
+    /// Reads history (the caller has authorized the read).
+    pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<History, Refusal> {
+        self.sm.read(conv, from, limit)
+    }
+
+    /// The seq the next message of `conv` will get, on this replica.
+    pub fn next_seq(&self, conv: u64) -> Result<u64, Refusal> {
+        self.sm
+            .with_store(|s| s.next_seq(conv))?
+            .map_err(|e| e.refusal())
+    }
+
+    fn authorize_role(&self, principal: &Principal, conv: u64) -> Result<(), Refusal> {
+        // Manage is decided by role alone; the store answers without the conversation.
+        self.authorize(principal, Action::Manage, conv)
+    }
+
+    async fn write(&self, command: Command) -> Result<Outcome, Refusal> {
+        self.submit(command, Ok).await.wait().await
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Refusal {
+        self.metrics.refused(refusal.code);
+        refusal
+    }
+}
+
+/// A write in the pipeline: [`Submitted::wait`] gives its outcome once committed.
+pub struct Submitted<T> {
+    answer: pipeline::Answer,
+    map: Box<dyn FnOnce(Outcome) -> Result<T, Refusal> + Send>,
+    metrics: Arc<Metrics>,
+}
+
+impl<T> Submitted<T> {
+    /// Waits for the commit (or the refusal).
+    pub async fn wait(self) -> Result<T, Refusal> {
+        let result = self.answer.wait().await.and_then(self.map);
+        if let Err(refusal) = &result {
+            self.metrics.refused(refusal.code);
+        }
+        result
+    }
+}
+
+fn unexpected(outcome: Outcome) -> Refusal {
+    Refusal::new(
+        RefusalCode::Internal,
+        format!("the state machine answered {outcome:?} to another kind of command; this is a bug"),
+    )
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

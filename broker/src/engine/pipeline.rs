@@ -1,0 +1,252 @@
+//! The node's write pipeline: every write of every session, in arrival order, to the
+//! leader in batches.
+//!
+//! Owns: one FIFO queue per node and one task that takes the writes waiting in it as a
+//! batch and commits them in order: proposed to openraft one after another on the
+//! leader, or sent as one `ForwardBatch` RPC to the leader from a follower. One batch
+//! is in flight at a time; writes arriving meanwhile form the next batch, so the batch
+//! grows with the load and one fsync covers many writes. Writes of one session enter
+//! the queue in the order the session sent them, so they get seqs in that order.
+//!
+//! Writes a batch could not commit (the leader changed or is unreachable) go back to
+//! the front of the queue, in order, and are retried once a leader is known: every
+//! command is idempotent (publishes by their key), so a retry never applies twice.
+//! A write still uncommitted at its deadline is answered `Unavailable`.
+//!
+//! Must not: reorder writes, or hold a write past its deadline.
+//!
+//! | bound | value | at the bound |
+//! |---|---|---|
+//! | [`QUEUE_LEN_MAX`] | writes waiting | submitting waits (the session stops reading requests) |
+//! | [`BATCH_LEN_MAX`] | writes per batch | the rest wait for the next batch |
+//! | [`BATCH_BYTES_MAX`] | payload bytes per batch | the rest wait for the next batch |
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use herald_client::wire::{Refusal, RefusalCode};
+use openraft::error::ClientWriteError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::raft::network::{ForwardBatchReply, PeerNetwork};
+use crate::raft::{NodeId, Raft, Response};
+use crate::store::Command;
+
+/// Writes waiting for a batch, over all sessions of the node.
+pub const QUEUE_LEN_MAX: usize = 65_536;
+/// Writes per batch.
+pub const BATCH_LEN_MAX: usize = 4096;
+/// Payload bytes per batch (keeps a forwarded batch well under the peer frame limit).
+pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Pause before retrying writes that found no usable leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// One write waiting to be committed.
+struct Pending {
+    command: Command,
+    deadline: Instant,
+    reply: oneshot::Sender<Response>,
+    /// Why the last attempt failed, for the refusal at the deadline.
+    problem: Option<String>,
+}
+
+/// Submits writes to the pipeline task.
+#[derive(Clone)]
+pub struct Pipeline {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl Pipeline {
+    /// Starts the pipeline task for this node.
+    pub fn start(raft: Raft, peers: PeerNetwork, node_id: NodeId) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
+        tokio::spawn(run(rx, raft, peers, node_id));
+        Pipeline { queue }
+    }
+
+    /// Queues `command` (waiting while the queue is full) and returns where its
+    /// answer will arrive: committed, refused by the state machine, or `Unavailable`
+    /// at `deadline`. Writes are committed in the order they were queued.
+    pub async fn submit(&self, command: Command, deadline: Instant) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            command,
+            deadline,
+            reply,
+            problem: None,
+        };
+        if self.queue.send(pending).await.is_err() {
+            let (reply, answer) = oneshot::channel();
+            let _ = reply.send(Err(stopped()));
+            return Answer(answer);
+        }
+        Answer(answer)
+    }
+}
+
+/// Where a queued write's answer arrives.
+pub struct Answer(oneshot::Receiver<Response>);
+
+impl Answer {
+    /// Waits for the answer.
+    pub async fn wait(self) -> Response {
+        self.0.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+fn stopped() -> Refusal {
+    Refusal::new(
+        RefusalCode::Unavailable,
+        "the node is shutting down; retry on another node",
+    )
+}
+
+async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, node_id: NodeId) {
+    let mut waiting: VecDeque<Pending> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(p) => waiting.push_back(p),
+                None => return,
+            }
+        }
+        while waiting.len() < BATCH_LEN_MAX {
+            match rx.try_recv() {
+                Ok(p) => waiting.push_back(p),
+                Err(_) => break,
+            }
+        }
+        expire(&mut waiting);
+        let batch = take_batch(&mut waiting);
+        if batch.is_empty() {
+            continue;
+        }
+        let (leader, addr) = leader(&raft);
+        let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
+        let (results, problem) = match (leader, addr) {
+            (Some(id), _) if id == node_id => (propose(&raft, commands).await, None),
+            (Some(id), Some(addr)) => match peers.forward_batch(id, &addr, commands).await {
+                Ok(ForwardBatchReply::Done(results)) => (results, None),
+                Ok(ForwardBatchReply::NotLeader(_)) => (
+                    Vec::new(),
+                    Some(format!("node {id} is no longer the leader")),
+                ),
+                Err(e) => (Vec::new(), Some(format!("cannot reach leader {id}: {e}"))),
+            },
+            (Some(id), None) => (
+                Vec::new(),
+                Some(format!("leader {id} has no known address")),
+            ),
+            (None, _) => (
+                Vec::new(),
+                Some("no leader is known (an election is running)".into()),
+            ),
+        };
+        let mut results = results.into_iter();
+        let mut retry = Vec::new();
+        for mut pending in batch {
+            match results.next().flatten() {
+                Some(response) => {
+                    let _ = pending.reply.send(response);
+                }
+                None => {
+                    pending.problem = problem
+                        .clone()
+                        .or_else(|| Some("leadership moved while the write was in flight".into()));
+                    retry.push(pending);
+                }
+            }
+        }
+        if !retry.is_empty() {
+            // Back to the front, in order; wait a moment for an election to settle.
+            for pending in retry.into_iter().rev() {
+                waiting.push_front(pending);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+}
+
+/// Answers writes whose deadline passed.
+fn expire(waiting: &mut VecDeque<Pending>) {
+    let now = Instant::now();
+    if !waiting.iter().any(|p| p.deadline <= now) {
+        return;
+    }
+    let mut kept = VecDeque::with_capacity(waiting.len());
+    for pending in waiting.drain(..) {
+        if pending.deadline <= now {
+            let problem = pending
+                .problem
+                .unwrap_or_else(|| "the node could not keep up".into());
+            let _ = pending.reply.send(Err(Refusal::new(
+                RefusalCode::Unavailable,
+                format!(
+                    "the write was not committed in time ({problem}); the cluster may have lost its quorum; retry with the same idempotency key"
+                ),
+            )));
+        } else {
+            kept.push_back(pending);
+        }
+    }
+    *waiting = kept;
+}
+
+/// The next batch from the front, bounded by count and payload bytes (at least one).
+fn take_batch(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while let Some(front) = waiting.front() {
+        let size = match &front.command {
+            Command::Publish { payload, .. } => payload.len(),
+            _ => 64,
+        };
+        if !batch.is_empty() && (batch.len() >= BATCH_LEN_MAX || bytes + size > BATCH_BYTES_MAX) {
+            break;
+        }
+        bytes += size;
+        if let Some(p) = waiting.pop_front() {
+            batch.push(p);
+        }
+    }
+    batch
+}
+
+/// Proposes every command in order on this node (the leader), then waits for all.
+/// `None` for a command that was not committed here (leadership moved).
+async fn propose(raft: &Raft, commands: Vec<Command>) -> Vec<Option<Response>> {
+    let mut receivers = Vec::with_capacity(commands.len());
+    for command in commands {
+        receivers.push(raft.client_write_ff(command).await.ok());
+    }
+    let mut results = Vec::with_capacity(receivers.len());
+    for rx in receivers {
+        let result = match rx {
+            Some(rx) => match rx.await {
+                Ok(Ok(response)) => Some(response.data),
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) | Err(_) => None,
+                Ok(Err(e)) => Some(Err(Refusal::new(
+                    RefusalCode::Internal,
+                    format!("raft refused the write: {e}"),
+                ))),
+            },
+            None => None,
+        };
+        results.push(result);
+    }
+    results
+}
+
+/// The current leader and its QUIC address, as this node knows them.
+pub fn leader(raft: &Raft) -> (Option<NodeId>, Option<String>) {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let leader = m.current_leader;
+    let addr = leader.and_then(|id| {
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    });
+    (leader, addr)
+}

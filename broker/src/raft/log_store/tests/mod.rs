@@ -1,0 +1,103 @@
+//! Tests of the log store: openraft's suite ([`suite`]), durability and recovery
+//! ([`durability`]), damage ([`damage`]), and an ignored measurement ([`measure`]).
+
+mod damage;
+mod durability;
+mod measure;
+mod suite;
+
+use std::path::{Path, PathBuf};
+
+use herald_client::wire::{IdempotencyKey, Principal};
+use openraft::{CommittedLeaderId, EntryPayload};
+
+use super::{record, segment, LogStore, LogStoreConfig};
+use crate::raft::{Entry, LogId};
+use crate::store::Command;
+
+/// A config for a store in `dir/log`, with roomy segments and cache.
+pub(super) fn config(dir: &Path) -> LogStoreConfig {
+    LogStoreConfig {
+        dir: dir.join("log"),
+        ..LogStoreConfig::default()
+    }
+}
+
+/// A log id of leader 1.
+pub(super) fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+/// A publish entry at `index` with `payload_len` payload bytes.
+pub(super) fn entry(term: u64, index: u64, payload_len: usize) -> Entry {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(Command::Publish {
+            conv: 7,
+            sender: Principal::Service("svc".into()),
+            key: IdempotencyKey::Caller(format!("k{index}")),
+            payload: vec![(index % 251) as u8; payload_len],
+            timestamp_ms: index,
+        }),
+    }
+}
+
+/// Entries `from..=to` of term 1, 50-byte payloads.
+pub(super) fn entries(from: u64, to: u64) -> Vec<Entry> {
+    (from..=to).map(|i| entry(1, i, 50)).collect()
+}
+
+/// Appends and waits until durable.
+pub(super) async fn append(store: &LogStore, entries: Vec<Entry>) {
+    store
+        .append_notify(entries)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// The encoded record length of `entry`.
+pub(super) fn record_len(entry: &Entry) -> u64 {
+    record::encode(entry).unwrap().len() as u64
+}
+
+/// The path of the segment starting at `first` in the store of `config`.
+pub(super) fn segment_path(config: &LogStoreConfig, first: u64) -> PathBuf {
+    config.dir.join(segment::file_name(first))
+}
+
+/// The segment files of `config`'s store, by first index.
+pub(super) fn segment_firsts(config: &LogStoreConfig) -> Vec<u64> {
+    segment::list(&config.dir)
+        .unwrap()
+        .into_iter()
+        .map(|(first, _)| first)
+        .collect()
+}
+
+/// Asserts the store reads exactly `from..=to` as written by [`entries`].
+pub(super) fn assert_holds(store: &LogStore, from: u64, to: u64) {
+    let reader = store.reader();
+    for index in from..=to {
+        assert_eq!(
+            reader.entry(index).unwrap(),
+            Some(entry(1, index, 50)),
+            "index {index}"
+        );
+    }
+    assert_eq!(reader.entry(to + 1).unwrap(), None);
+    if from > 0 {
+        assert_eq!(reader.entry(from - 1).unwrap(), None);
+    }
+    assert_eq!(
+        reader.entries(0, u64::MAX, u64::MAX).unwrap(),
+        entries(from, to)
+    );
+    let stats = store.stats();
+    assert_eq!(
+        (stats.first_index, stats.last_index),
+        (Some(from), Some(to))
+    );
+}

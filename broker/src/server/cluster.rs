@@ -1,0 +1,217 @@
+//! Bringing a node's Raft group up: the log store, the state machine, the peer
+//! network, openraft itself, and the one-time initialization of a new cluster.
+//!
+//! Owns: the mapping from [`Config`] to openraft's config, where the Raft data lives
+//! under the data directory (`raft/log`, `raft/snapshot`), and the rule that decides
+//! who initializes: the member with the lowest id, on its first boot only (its log and
+//! vote are empty), so no two nodes race to form two clusters.
+//! Must not: serve clients, or touch conversation state beyond opening it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+
+use super::NodeError;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::raft::log_store::{LogReader, LogStore, LogStoreConfig};
+use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
+use crate::raft::state_machine::{EntrySource, StateMachine, StateMachineConfig};
+use crate::raft::{Entry, NodeId, Raft};
+use crate::routing::Router;
+use crate::store::StoreLimits;
+
+/// Concurrent RPC streams a peer connection may open (appends, votes, snapshot chunks
+/// and forwarded writes); beyond it the peer waits for a stream to finish.
+const PEER_STREAMS_MAX: u32 = 1024;
+/// Time to establish a peer connection before the peer counts as unreachable.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Set to `1` (tests only) to open the log store in power-loss simulation mode.
+pub const POWER_LOSS_ENV: &str = "HERALD_TEST_POWER_LOSS";
+
+/// A started Raft group and what the rest of the node needs from it.
+pub struct Replication {
+    /// The Raft node.
+    pub raft: Raft,
+    /// This replica's state machine.
+    pub sm: StateMachine,
+    /// Dials peers (also used to forward writes to the leader).
+    pub peers: PeerNetwork,
+    /// What serving an incoming peer connection needs.
+    pub peer_server: Arc<PeerServerContext>,
+    /// The log store (for stats).
+    pub log: LogStore,
+}
+
+impl EntrySource for LogReader {
+    fn entry(&self, index: u64) -> Result<Option<Entry>, String> {
+        LogReader::entry(self, index).map_err(|e| e.to_string())
+    }
+}
+
+/// The store bounds that follow from the node's limits.
+pub fn store_limits(limits: &crate::config::Limits) -> StoreLimits {
+    StoreLimits {
+        group_members_max: limits.group_members_max as usize,
+        history_messages_max: limits.history_messages_max as usize,
+        history_retention_ms: duration_ms(limits.history_retention),
+        dedup_window_ms: duration_ms(limits.dedup_window),
+        dedup_keys_max: limits.dedup_keys_max as usize,
+        conversations_max: limits.conversations_max as usize,
+        frame_bytes_max: limits.frame_bytes_max,
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The initial voters: `cluster.members`, or this node alone at `quic_addr`.
+pub fn initial_members(
+    config: &Config,
+    quic_addr: SocketAddr,
+) -> Result<BTreeMap<NodeId, BasicNode>, NodeError> {
+    let members = config
+        .cluster
+        .parsed_members()
+        .map_err(|p| NodeError::Config(crate::config::ConfigError::Invalid(vec![p])))?;
+    if members.is_empty() {
+        return Ok(BTreeMap::from([(
+            config.cluster.node_id,
+            BasicNode {
+                addr: quic_addr.to_string(),
+            },
+        )]));
+    }
+    Ok(members
+        .into_iter()
+        .map(|(id, addr)| (id, BasicNode { addr }))
+        .collect())
+}
+
+/// Opens storage, starts openraft and initializes a brand-new cluster if this node is
+/// the one to do it.
+pub async fn start(
+    config: &Config,
+    endpoint: &quinn::Endpoint,
+    quic_addr: SocketAddr,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+) -> Result<Replication, NodeError> {
+    let node_id = config.cluster.node_id;
+    let raft_dir = config.data_dir.join("raft");
+    let simulate_power_loss = std::env::var(POWER_LOSS_ENV).is_ok_and(|v| v == "1");
+    if simulate_power_loss {
+        tracing::warn!(
+            "{POWER_LOSS_ENV}=1: the log store simulates power loss on restart (tests only)"
+        );
+    }
+    let log = LogStore::open(LogStoreConfig {
+        dir: raft_dir.join("log"),
+        segment_bytes_max: config.raft.log_segment_bytes_max,
+        cache_bytes_max: usize::try_from(config.raft.log_cache_bytes_max).unwrap_or(usize::MAX),
+        simulate_power_loss,
+    })
+    .await
+    .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let sm = StateMachine::open(
+        StateMachineConfig {
+            dir: raft_dir.join("snapshot"),
+            limits: store_limits(&config.limits),
+        },
+        router,
+        metrics,
+        Arc::new(log.reader()),
+    )
+    .map_err(|e| NodeError::Storage(e.to_string()))?;
+
+    let secret_file = if config.cluster.secret_file.as_os_str().is_empty() {
+        &config.auth.token_secret_file
+    } else {
+        &config.cluster.secret_file
+    };
+    let secret = crate::certs::read_secret(secret_file)?;
+    let ca_file = if config.cluster.ca_file.as_os_str().is_empty() {
+        config.data_dir.join("dev/ca.pem")
+    } else {
+        config.cluster.ca_file.clone()
+    };
+    let ca_pem = std::fs::read(&ca_file).map_err(|source| crate::certs::CertError::Io {
+        action: "cannot read the cluster CA (cluster.ca_file)",
+        path: ca_file.clone(),
+        source,
+    })?;
+    let client_config = herald_client::io::client_config(
+        &ca_pem,
+        herald_client::wire::ALPN_PEER,
+        &herald_client::io::TransportLimits::default(),
+    )
+    .map_err(|e| NodeError::Storage(format!("cannot build the peer TLS config: {e}")))?;
+    let peers = PeerNetwork::new(PeerNetworkConfig {
+        node_id,
+        secret: secret.clone(),
+        endpoint: endpoint.clone(),
+        client_config,
+        connect_timeout: PEER_CONNECT_TIMEOUT,
+        rpc_timeout: config.raft.write_timeout,
+    });
+
+    let r = &config.raft;
+    let raft_config = openraft::Config {
+        cluster_name: "herald".into(),
+        heartbeat_interval: r.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: r.election_timeout_min.as_millis() as u64,
+        election_timeout_max: r.election_timeout_max.as_millis() as u64,
+        max_payload_entries: r.append_entries_max,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        // Never purge on openraft's own schedule: the log holds history, so the engine
+        // purges only below the oldest message still read from it.
+        max_in_snapshot_log_to_keep: u64::MAX,
+        install_snapshot_timeout: 30_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| NodeError::Storage(format!("raft settings are not usable: {e}")))?;
+    let raft = Raft::new(
+        node_id,
+        Arc::new(raft_config),
+        peers.clone(),
+        log.clone(),
+        sm.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Storage(format!("cannot start raft: {e}")))?;
+
+    let members = initial_members(config, quic_addr)?;
+    let initializer = members.keys().next().copied() == Some(node_id);
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Storage(format!("raft stopped: {e}")))?;
+    if initializer && !initialized {
+        tracing::info!(
+            ?members,
+            "first boot of the lowest-id member: initializing the cluster"
+        );
+        if let Err(e) = raft.initialize(members).await {
+            // Another path got there first (e.g. a peer already replicated to us).
+            tracing::info!("cluster not initialized by this node: {e}");
+        }
+    }
+    let peer_server = Arc::new(PeerServerContext {
+        raft: raft.clone(),
+        secret,
+        streams_max: PEER_STREAMS_MAX,
+    });
+    Ok(Replication {
+        raft,
+        sm,
+        peers,
+        peer_server,
+        log,
+    })
+}
