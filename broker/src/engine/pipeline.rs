@@ -2,8 +2,10 @@
 //! leader in batches.
 //!
 //! Owns: one FIFO queue per node and one task that takes the writes waiting in it as a
-//! batch and commits them in order: proposed to openraft one after another on the
-//! leader, or sent as one `ForwardBatch` RPC to the leader from a follower. One batch
+//! batch and commits them in order, as ONE log entry: proposed on the leader, or sent
+//! as one `ForwardBatch` RPC to the leader from a follower (which proposes it as one
+//! entry). openraft 0.9 waits for each log append to be durable before it takes the
+//! next, so an entry per write would cost an fsync per write. One batch
 //! is in flight at a time; writes arriving meanwhile form the next batch, so the batch
 //! grows with the load and one fsync covers many writes. Writes of one session enter
 //! the queue in the order the session sent them, so they get seqs in that order.
@@ -212,29 +214,36 @@ fn take_batch(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
     batch
 }
 
-/// Proposes every command in order on this node (the leader), then waits for all.
-/// `None` for a command that was not committed here (leadership moved).
+/// Proposes the batch as one log entry on this node (the leader) and waits for it.
+/// All `None` when it was not committed here (leadership moved).
 async fn propose(raft: &Raft, commands: Vec<Command>) -> Vec<Option<Response>> {
-    let mut receivers = Vec::with_capacity(commands.len());
-    for command in commands {
-        receivers.push(raft.client_write_ff(command).await.ok());
+    let count = commands.len();
+    let Ok(rx) = raft.client_write_ff(commands).await else {
+        return vec![None; count];
+    };
+    match rx.await {
+        Ok(Ok(written)) if written.data.len() == count => {
+            written.data.into_iter().map(Some).collect()
+        }
+        Ok(Ok(written)) => {
+            let refusal = Refusal::new(
+                RefusalCode::Internal,
+                format!(
+                    "the state machine answered {} responses to a batch of {count}; this is a bug",
+                    written.data.len()
+                ),
+            );
+            vec![Some(Err(refusal)); count]
+        }
+        Ok(Err(ClientWriteError::ForwardToLeader(_))) | Err(_) => vec![None; count],
+        Ok(Err(e)) => {
+            let refusal = Refusal::new(
+                RefusalCode::Internal,
+                format!("raft refused the write: {e}"),
+            );
+            vec![Some(Err(refusal)); count]
+        }
     }
-    let mut results = Vec::with_capacity(receivers.len());
-    for rx in receivers {
-        let result = match rx {
-            Some(rx) => match rx.await {
-                Ok(Ok(response)) => Some(response.data),
-                Ok(Err(ClientWriteError::ForwardToLeader(_))) | Err(_) => None,
-                Ok(Err(e)) => Some(Err(Refusal::new(
-                    RefusalCode::Internal,
-                    format!("raft refused the write: {e}"),
-                ))),
-            },
-            None => None,
-        };
-        results.push(result);
-    }
-    results
 }
 
 /// The current leader and its QUIC address, as this node knows them.

@@ -133,8 +133,8 @@ pub struct WireStoredMembership {
 pub enum WirePayload {
     /// A new leader's first entry.
     Blank,
-    /// A conversation command.
-    Normal(Command),
+    /// Conversation commands, applied in order.
+    Normal(Vec<Command>),
     /// A membership change.
     Membership(WireMembership),
 }
@@ -240,7 +240,7 @@ impl From<&Entry> for WireEntry {
             log_id: WireLogId::from(&entry.log_id),
             payload: match &entry.payload {
                 EntryPayload::Blank => WirePayload::Blank,
-                EntryPayload::Normal(command) => WirePayload::Normal(command.clone()),
+                EntryPayload::Normal(commands) => WirePayload::Normal(commands.clone()),
                 EntryPayload::Membership(m) => WirePayload::Membership(m.into()),
             },
         }
@@ -253,7 +253,7 @@ impl From<WireEntry> for Entry {
             log_id: entry.log_id.into(),
             payload: match entry.payload {
                 WirePayload::Blank => EntryPayload::Blank,
-                WirePayload::Normal(command) => EntryPayload::Normal(command),
+                WirePayload::Normal(commands) => EntryPayload::Normal(commands),
                 WirePayload::Membership(m) => EntryPayload::Membership(m.into()),
             },
         }
@@ -297,13 +297,13 @@ mod tests {
             },
             Entry {
                 log_id: LogId::new(CommittedLeaderId::new(2, 3), 3),
-                payload: EntryPayload::Normal(Command::Publish {
+                payload: EntryPayload::Normal(vec![Command::Publish {
                     conv: 7,
                     sender: Principal::Service("svc".into()),
                     key: IdempotencyKey::Caller("k".into()),
                     payload: b"hello".to_vec(),
                     timestamp_ms: 42,
-                }),
+                }]),
             },
         ];
         for entry in entries {

@@ -47,11 +47,17 @@ pub enum Outcome {
 /// The state machine's answer to one command: refused commands changed nothing.
 pub type Response = Result<Outcome, Refusal>;
 
+/// What one log entry carries: commands applied in order, one after another. The
+/// write pipeline packs every write waiting at a moment into one entry, so one log
+/// append (and one fsync, on each replica) covers them all: openraft 0.9 waits for
+/// each append to be durable before it takes the next, so batching happens here.
+pub type Batch = Vec<Command>;
+
 openraft::declare_raft_types!(
     /// Herald's openraft type configuration.
     pub TypeConfig:
-        D = Command,
-        R = Response,
+        D = Batch,
+        R = Vec<Response>,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

@@ -47,7 +47,7 @@ use super::{Entry, LogId, NodeId, Outcome, Response, StorageError, TypeConfig};
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::store::{
-    Applied, ConversationStore, History, Location, MessageRef, StoreImage, StoreLimits,
+    Applied, Command, ConversationStore, History, Location, MessageRef, StoreImage, StoreLimits,
     StoredMessage,
 };
 
@@ -253,12 +253,19 @@ impl StateMachine {
     ) -> Option<StoredMessage> {
         let frame_bytes_max = self.shared.limits.frame_bytes_max;
         match r.location {
-            Location::Log(index) => match self.shared.log.entry(index) {
+            Location::Log { index, slot } => match self.shared.log.entry(index) {
                 Ok(Some(Entry {
-                    payload: EntryPayload::Normal(command),
+                    payload: EntryPayload::Normal(mut commands),
                     ..
-                })) => StoredMessage::from_publish(command, seq, r.timestamp_ms, frame_bytes_max)
-                    .filter(|m| m.message.conv == conv),
+                })) => {
+                    let slot = usize::try_from(slot).ok()?;
+                    if slot >= commands.len() {
+                        return None;
+                    }
+                    let command = commands.swap_remove(slot);
+                    StoredMessage::from_publish(command, seq, r.timestamp_ms, frame_bytes_max)
+                        .filter(|m| m.message.conv == conv)
+                }
                 Ok(_) => None,
                 Err(e) => {
                     tracing::error!(conv, seq, index, error = %e, "cannot read a message from the log");
@@ -290,19 +297,41 @@ impl StateMachine {
             .map_err(|_| sm_error("state machine lock poisoned by a panic"))
     }
 
-    /// Applies one entry under the lock; fans a new message out to local sessions.
-    fn apply_one(&self, state: &mut State, entry: Entry) -> Response {
+    /// Applies one entry under the lock: one response per command of its batch (one
+    /// for a blank or membership entry).
+    fn apply_entry(&self, state: &mut State, entry: Entry) -> Vec<Response> {
         state.last_applied = Some(entry.log_id);
         match entry.payload {
-            EntryPayload::Blank => Ok(Outcome::Changed),
+            EntryPayload::Blank => vec![Ok(Outcome::Changed)],
             EntryPayload::Membership(membership) => {
                 state.membership = StoredMembership::new(Some(entry.log_id), membership);
-                Ok(Outcome::Changed)
+                vec![Ok(Outcome::Changed)]
             }
-            EntryPayload::Normal(command) => {
+            EntryPayload::Normal(commands) => commands
+                .into_iter()
+                .enumerate()
+                .map(|(slot, command)| {
+                    // A batch holds at most a few thousand commands (the pipeline's bound).
+                    let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+                    self.apply_command(state, command, entry.log_id.index, slot)
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies one command; fans a new message out to local sessions.
+    fn apply_command(
+        &self,
+        state: &mut State,
+        command: Command,
+        index: u64,
+        slot: u32,
+    ) -> Response {
+        {
+            {
                 let applied = state
                     .store
-                    .apply(command, entry.log_id.index)
+                    .apply(command, index, slot)
                     .map_err(|e| e.refusal())?;
                 Ok(match applied {
                     Applied::Created { created } => Outcome::Created { created },
@@ -500,7 +529,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((state.last_applied, state.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Response>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -509,7 +538,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut state = this.lock()?;
         let mut responses = Vec::new();
         for entry in entries {
-            responses.push(this.apply_one(&mut state, entry));
+            responses.push(this.apply_entry(&mut state, entry));
         }
         Ok(responses)
     }

@@ -13,8 +13,13 @@ use rkyv::{Archive, Deserialize, Serialize};
 /// Where a retained message's bytes are.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Location {
-    /// The `Publish` command of the Raft log entry with this index.
-    Log(u64),
+    /// Command `slot` of the batch in the Raft log entry at `index` (a `Publish`).
+    Log {
+        /// The log entry.
+        index: u64,
+        /// The command's position in the entry's batch.
+        slot: u32,
+    },
     /// Position in the message list of the snapshot this replica installed or loaded.
     Snapshot(u64),
 }
@@ -166,7 +171,7 @@ impl HistoryLog {
         }
         let first_seq = self.first_seq();
         let mut last_ts = 0;
-        let mut last_log_index = 0;
+        let mut last_log_pos = (0, 0);
         for (i, r) in self.messages.iter().enumerate() {
             let seq = first_seq + i as u64;
             if r.timestamp_ms < last_ts {
@@ -176,14 +181,14 @@ impl HistoryLog {
                 ));
             }
             last_ts = r.timestamp_ms;
-            if let Location::Log(index) = r.location {
-                // Later seqs come from later log entries.
-                if index <= last_log_index {
+            if let Location::Log { index, slot } = r.location {
+                // Later seqs come from later commands of the log.
+                if (index, slot) <= last_log_pos {
                     return Err(format!(
-                        "conv {conv} seq {seq}: log index {index} is not after the previous {last_log_index}"
+                        "conv {conv} seq {seq}: log position {index}/{slot} is not after the previous {last_log_pos:?}"
                     ));
                 }
-                last_log_index = index;
+                last_log_pos = (index, slot);
             }
         }
         Ok(())

@@ -282,9 +282,15 @@ impl ConversationStore {
         &self.limits
     }
 
-    /// Applies one command, carried by the Raft log entry at `log_index` (where a
-    /// published message's bytes stay: history refers to it). On error nothing changed.
-    pub fn apply(&mut self, command: Command, log_index: u64) -> Result<Applied, StoreError> {
+    /// Applies one command, carried at `slot` of the batch in the Raft log entry at
+    /// `log_index` (where a published message's bytes stay: history refers to it). On
+    /// error nothing changed.
+    pub fn apply(
+        &mut self,
+        command: Command,
+        log_index: u64,
+        slot: u32,
+    ) -> Result<Applied, StoreError> {
         match command {
             Command::CreateConversation {
                 conv,
@@ -318,7 +324,10 @@ impl ConversationStore {
                     key,
                     payload,
                     timestamp_ms,
-                    Location::Log(log_index),
+                    Location::Log {
+                        index: log_index,
+                        slot,
+                    },
                     &limits,
                 )?;
                 Ok(match outcome {
@@ -518,7 +527,7 @@ impl ConversationStore {
             .values()
             .filter_map(|c| {
                 c.history().refs().find_map(|r| match r.location {
-                    Location::Log(i) => Some(i),
+                    Location::Log { index, .. } => Some(index),
                     Location::Snapshot(_) => None,
                 })
             })

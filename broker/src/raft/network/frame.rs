@@ -858,13 +858,13 @@ mod tests {
     fn publish_entry(index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
-            payload: EntryPayload::Normal(Command::Publish {
+            payload: EntryPayload::Normal(vec![Command::Publish {
                 conv: 9,
                 sender: Principal::Service("backend".into()),
                 key: IdempotencyKey::Caller("k-1".into()),
                 payload: b"hello over raft".to_vec(),
                 timestamp_ms: 1_700_000_000_000,
-            }),
+            }]),
         }
     }
 
@@ -1034,7 +1034,7 @@ mod tests {
             .map(|n| match n % 2 {
                 0 => Command::Trim { now_ms: n },
                 _ => match publish_entry(n).payload {
-                    EntryPayload::Normal(command) => command,
+                    EntryPayload::Normal(mut commands) => commands.remove(0),
                     _ => unreachable!(),
                 },
             })

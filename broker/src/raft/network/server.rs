@@ -111,7 +111,13 @@ impl PeerHandler for Raft {
         &self,
         command: Command,
     ) -> Result<Response, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
-        Raft::client_write(self, command).await.map(|r| r.data)
+        let mut responses = Raft::client_write(self, vec![command]).await?.data;
+        Ok(responses.pop().unwrap_or_else(|| {
+            Err(herald_client::wire::Refusal::new(
+                herald_client::wire::RefusalCode::Internal,
+                "the state machine answered an entry of one command with no response; this is a bug",
+            ))
+        }))
     }
 
     async fn client_write_batch(
@@ -123,38 +129,21 @@ impl PeerHandler for Raft {
                 not_leader,
             )));
         }
-        // Submit every command before waiting for any: one after the other into
-        // openraft's queue (never one task each), which keeps their order in the log.
+        // The whole batch is one log entry: one append, applied in order.
         let count = commands.len();
-        let mut receivers = Vec::with_capacity(count);
-        for command in commands {
-            match Raft::client_write_ff(self, command).await {
-                Ok(rx) => receivers.push(rx),
-                Err(fatal) if receivers.is_empty() => return Err(RaftError::Fatal(fatal)),
-                // Raft stopped part way: the rest cannot be proposed here.
-                Err(_) => break,
+        let rx = Raft::client_write_ff(self, commands)
+            .await
+            .map_err(RaftError::Fatal)?;
+        match rx.await {
+            Ok(Ok(written)) if written.data.len() == count => {
+                Ok(written.data.into_iter().map(Some).collect())
             }
-        }
-        let mut results = Vec::with_capacity(count);
-        let mut moved = None;
-        for rx in receivers {
-            results.push(match rx.await {
-                Ok(Ok(written)) => Some(written.data),
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-                    moved.get_or_insert(f);
-                    None
-                }
-                // A membership error cannot answer a normal write; a dropped sender
-                // means Raft stopped. Either way: not known to be committed.
-                Ok(Err(ClientWriteError::ChangeMembershipError(_))) | Err(_) => None,
-            });
-        }
-        results.resize(count, None);
-        match moved {
-            Some(f) if results.iter().all(Option::is_none) => {
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
             }
-            _ => Ok(results),
+            // A wrong count is a bug; a membership error cannot answer a normal write; a
+            // dropped sender means Raft stopped. Either way: not known to be committed.
+            Ok(_) | Err(_) => Ok(vec![None; count]),
         }
     }
 }

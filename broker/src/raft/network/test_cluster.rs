@@ -166,7 +166,7 @@ impl RaftStateMachine<TypeConfig> for MemSm {
         Ok((inner.last_applied, inner.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Response>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -176,17 +176,20 @@ impl RaftStateMachine<TypeConfig> for MemSm {
         for entry in entries {
             inner.last_applied = Some(entry.log_id);
             out.push(match entry.payload {
-                EntryPayload::Blank => Ok(Outcome::Changed),
-                EntryPayload::Normal(_) => {
-                    inner.applied += 1;
-                    Ok(Outcome::Published {
-                        seq: inner.applied,
-                        duplicate: false,
+                EntryPayload::Blank => vec![Ok(Outcome::Changed)],
+                EntryPayload::Normal(commands) => commands
+                    .iter()
+                    .map(|_| {
+                        inner.applied += 1;
+                        Ok(Outcome::Published {
+                            seq: inner.applied,
+                            duplicate: false,
+                        })
                     })
-                }
+                    .collect(),
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Ok(Outcome::Changed)
+                    vec![Ok(Outcome::Changed)]
                 }
             });
         }
@@ -409,13 +412,13 @@ async fn a_raft_cluster_elects_replicates_forwards_and_snapshots_over_quic() {
     let follower = nodes.iter().find(|n| n.id != leader_id).unwrap();
 
     // A write on the leader is replicated to every node.
-    let written = leader.raft.client_write(publish(1)).await.unwrap();
+    let written = leader.raft.client_write(vec![publish(1)]).await.unwrap();
     assert_eq!(
         written.data,
-        Ok(Outcome::Published {
+        vec![Ok(Outcome::Published {
             seq: 1,
             duplicate: false
-        })
+        })]
     );
     // A follower forwards a write to the leader over the transport.
     let reply = follower
@@ -538,9 +541,9 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
         .collect();
     assert_eq!(results, expected);
 
-    // And the leader's log holds them in the batch's order, consecutively.
+    // And the leader's log holds them as one entry, in the batch's order.
     let log = leader.log.0.lock().await;
-    let normal: Vec<(u64, &Command)> = log
+    let normal: Vec<(u64, &Vec<Command>)> = log
         .log
         .values()
         .filter_map(|e| match &e.payload {
@@ -548,11 +551,10 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
             _ => None,
         })
         .collect();
-    assert_eq!(normal.len(), 200);
-    let first = normal[0].0;
-    for (i, ((index, command), sent)) in normal.iter().zip(&commands).enumerate() {
-        assert_eq!(*index, first + i as u64);
-        assert_eq!(*command, sent);
+    assert_eq!(normal.len(), 1, "one entry for the whole batch");
+    assert_eq!(normal[0].1.len(), 200);
+    for (command, sent) in normal[0].1.iter().zip(&commands) {
+        assert_eq!(command, sent);
     }
     drop(log);
 

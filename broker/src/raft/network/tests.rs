@@ -233,13 +233,13 @@ fn option() -> RPCOption {
 fn publish_entry(index: u64) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-        payload: EntryPayload::Normal(Command::Publish {
+        payload: EntryPayload::Normal(vec![Command::Publish {
             conv: 42,
             sender: Principal::Service("backend".into()),
             key: IdempotencyKey::Caller(format!("key-{index}")),
             payload: vec![index as u8; 300],
             timestamp_ms: 1_700_000_000_000 + index,
-        }),
+        }]),
     }
 }
 
@@ -619,13 +619,13 @@ async fn an_oversized_batch_asks_openraft_for_fewer_entries() {
     let mut client = client_to(&net, 2, node.addr).await;
     let big = |index| Entry {
         log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-        payload: EntryPayload::Normal(Command::Publish {
+        payload: EntryPayload::Normal(vec![Command::Publish {
             conv: 1,
             sender: Principal::Service("s".into()),
             key: IdempotencyKey::Caller(String::new()),
             payload: vec![0; (PEER_FRAME_BYTES_MAX / 3) as usize + 1024],
             timestamp_ms: 0,
-        }),
+        }]),
     };
     let err = client
         .append_entries(

@@ -24,7 +24,7 @@ impl EntrySource for MemLog {
 fn entry(index: u64, command: Command) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(command),
+        payload: EntryPayload::Normal(vec![command]),
     }
 }
 
@@ -51,7 +51,12 @@ async fn apply_all(sm: &mut StateMachine, log: &MemLog, commands: Vec<Command>) 
     for e in &entries {
         log.0.lock().unwrap().insert(e.log_id.index, e.clone());
     }
-    sm.apply(entries).await.unwrap()
+    sm.apply(entries)
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 fn publish(n: u64) -> Command {

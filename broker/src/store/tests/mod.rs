@@ -51,7 +51,7 @@ fn apply(s: &mut ConversationStore, command: Command) -> Result<Applied, StoreEr
         log.push(command.clone());
         log.len() as u64
     });
-    let result = s.apply(command, index);
+    let result = s.apply(command, index, 0);
     if let Err(broken) = s.validate() {
         panic!("invariant broken after apply: {broken}");
     }
@@ -124,7 +124,7 @@ fn read(s: &ConversationStore, conv: u64, from: u64, limit: usize) -> Result<His
         .refs
         .iter()
         .map(|(seq, r)| {
-            let Location::Log(index) = r.location else {
+            let Location::Log { index, .. } = r.location else {
                 panic!("store tests only use log locations");
             };
             let command = LOG.with(|log| log.borrow()[index as usize - 1].clone());

@@ -80,7 +80,7 @@ impl RaftStateMachine<TypeConfig> for TestSm {
         Ok((state.last_applied, state.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Response>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -92,7 +92,7 @@ impl RaftStateMachine<TypeConfig> for TestSm {
             if let EntryPayload::Membership(membership) = entry.payload {
                 state.membership = StoredMembership::new(Some(entry.log_id), membership);
             }
-            responses.push(Ok(Outcome::Changed));
+            responses.push(vec![Ok(Outcome::Changed)]);
         }
         Ok(responses)
     }
