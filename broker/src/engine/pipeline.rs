@@ -6,8 +6,9 @@
 //! as one `ForwardBatch` RPC to the leader from a follower (which proposes it as one
 //! entry). openraft 0.9 waits for each log append to be durable before it takes the
 //! next, so an entry per write would cost an fsync per write. One batch
-//! is in flight at a time; writes arriving meanwhile form the next batch, so the batch
-//! grows with the load and one fsync covers many writes. Writes of one session enter
+//! forwarded from a follower is in flight at a time, two on the leader; writes arriving
+//! meanwhile form the next batch, so the batch grows with the load and one fsync
+//! covers many writes. Writes of one session enter
 //! the queue in the order the session sent them, so they get seqs in that order.
 //!
 //! Writes a batch could not commit (the leader changed or is unreachable) go back to
@@ -20,15 +21,17 @@
 //! | bound | value | at the bound |
 //! |---|---|---|
 //! | [`QUEUE_LEN_MAX`] | writes waiting | submitting waits (the session stops reading requests) |
+//! | [`LOCAL_BATCHES_IN_FLIGHT`] | batches proposed on the leader, not yet committed | the next batch waits (and grows) |
 //! | [`BATCH_LEN_MAX`] | writes per batch | the rest wait for the next batch |
 //! | [`BATCH_BYTES_MAX`] | payload bytes per batch | the rest wait for the next batch |
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_client::wire::{Refusal, RefusalCode};
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::raft::network::{ForwardBatchReply, PeerNetwork};
 use crate::raft::{NodeId, Raft, Response};
@@ -40,6 +43,10 @@ pub const QUEUE_LEN_MAX: usize = 65_536;
 pub const BATCH_LEN_MAX: usize = 4096;
 /// Payload bytes per batch (keeps a forwarded batch well under the peer frame limit).
 pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Batches proposed on the leader and not yet committed. Two let the next batch's
+/// local fsync overlap the previous batch's replication (openraft 0.9 appends one
+/// entry at a time, waiting for each to be durable).
+pub const LOCAL_BATCHES_IN_FLIGHT: usize = 2;
 /// Pause before retrying writes that found no usable leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
@@ -105,12 +112,29 @@ fn stopped() -> Refusal {
 
 async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, node_id: NodeId) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
+    // Batches proposed on this node (the leader) are awaited in tasks, at most
+    // LOCAL_BATCHES_IN_FLIGHT at once; what they could not commit comes back here.
+    // Unbounded, but it only ever holds writes already counted in QUEUE_LEN_MAX.
+    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Vec<Pending>>();
+    let in_flight = Arc::new(Semaphore::new(LOCAL_BATCHES_IN_FLIGHT));
     loop {
         if waiting.is_empty() {
-            match rx.recv().await {
-                Some(p) => waiting.push_back(p),
-                None => return,
+            tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => waiting.push_back(p),
+                    None => return,
+                },
+                Some(retry) = retry_rx.recv() => push_front(&mut waiting, retry),
             }
+        }
+        let mut retried = false;
+        while let Ok(retry) = retry_rx.try_recv() {
+            push_front(&mut waiting, retry);
+            retried = true;
+        }
+        if retried {
+            // Leadership moved: give the election a moment to settle.
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
         while waiting.len() < BATCH_LEN_MAX {
             match rx.try_recv() {
@@ -119,14 +143,46 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
             }
         }
         expire(&mut waiting);
+        let (leader, addr) = leader(&raft);
+        if leader == Some(node_id) {
+            // Wait for a slot before taking the batch, so it grows meanwhile.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            while waiting.len() < BATCH_LEN_MAX {
+                match rx.try_recv() {
+                    Ok(p) => waiting.push_back(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = take_batch(&mut waiting);
+            if batch.is_empty() {
+                continue;
+            }
+            let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
+            // Proposed here, in order; awaited in a task.
+            let count = commands.len();
+            let proposed = raft.client_write_ff(commands).await.ok();
+            let retry_tx = retry_tx.clone();
+            tokio::spawn(async move {
+                let results = match proposed {
+                    Some(rx) => committed(rx, count).await,
+                    None => vec![None; count],
+                };
+                let retry = answer(batch, results, None);
+                if !retry.is_empty() {
+                    let _ = retry_tx.send(retry);
+                }
+                drop(permit);
+            });
+            continue;
+        }
         let batch = take_batch(&mut waiting);
         if batch.is_empty() {
             continue;
         }
-        let (leader, addr) = leader(&raft);
         let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
         let (results, problem) = match (leader, addr) {
-            (Some(id), _) if id == node_id => (propose(&raft, commands).await, None),
             (Some(id), Some(addr)) => match peers.forward_batch(id, &addr, commands).await {
                 Ok(ForwardBatchReply::Done(results)) => (results, None),
                 Ok(ForwardBatchReply::NotLeader(_)) => (
@@ -144,29 +200,43 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
                 Some("no leader is known (an election is running)".into()),
             ),
         };
-        let mut results = results.into_iter();
-        let mut retry = Vec::new();
-        for mut pending in batch {
-            match results.next().flatten() {
-                Some(response) => {
-                    let _ = pending.reply.send(response);
-                }
-                None => {
-                    pending.problem = problem
-                        .clone()
-                        .or_else(|| Some("leadership moved while the write was in flight".into()));
-                    retry.push(pending);
-                }
-            }
-        }
+        let retry = answer(batch, results, problem);
         if !retry.is_empty() {
-            // Back to the front, in order; wait a moment for an election to settle.
-            for pending in retry.into_iter().rev() {
-                waiting.push_front(pending);
-            }
+            push_front(&mut waiting, retry);
             tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
+}
+
+/// Puts writes back at the front of the queue, in their order.
+fn push_front(waiting: &mut VecDeque<Pending>, retry: Vec<Pending>) {
+    for pending in retry.into_iter().rev() {
+        waiting.push_front(pending);
+    }
+}
+
+/// Answers each write that got a result; returns the others, to retry.
+fn answer(
+    batch: Vec<Pending>,
+    results: Vec<Option<Response>>,
+    problem: Option<String>,
+) -> Vec<Pending> {
+    let mut results = results.into_iter();
+    let mut retry = Vec::new();
+    for mut pending in batch {
+        match results.next().flatten() {
+            Some(response) => {
+                let _ = pending.reply.send(response);
+            }
+            None => {
+                pending.problem = problem
+                    .clone()
+                    .or_else(|| Some("leadership moved while the write was in flight".into()));
+                retry.push(pending);
+            }
+        }
+    }
+    retry
 }
 
 /// Answers writes whose deadline passed.
@@ -214,13 +284,17 @@ fn take_batch(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
     batch
 }
 
-/// Proposes the batch as one log entry on this node (the leader) and waits for it.
-/// All `None` when it was not committed here (leadership moved).
-async fn propose(raft: &Raft, commands: Vec<Command>) -> Vec<Option<Response>> {
-    let count = commands.len();
-    let Ok(rx) = raft.client_write_ff(commands).await else {
-        return vec![None; count];
-    };
+/// Waits for a batch proposed on this node to commit. All `None` when it was not
+/// committed here (leadership moved).
+async fn committed(
+    rx: oneshot::Receiver<
+        Result<
+            openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>,
+            ClientWriteError<NodeId, openraft::BasicNode>,
+        >,
+    >,
+    count: usize,
+) -> Vec<Option<Response>> {
     match rx.await {
         Ok(Ok(written)) if written.data.len() == count => {
             written.data.into_iter().map(Some).collect()

@@ -27,7 +27,9 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub(super) struct DedupTable {
     entries: HashMap<IdempotencyKey, Entry>,
-    order: VecDeque<IdempotencyKey>,
+    /// Each key with the stamp it was first published at, so expiry compares stamps
+    /// at the front without hashing a key per publish.
+    order: VecDeque<(u64, IdempotencyKey)>,
 }
 
 /// Whether a key first seen at `key_ms` is still remembered at `now_ms`.
@@ -53,14 +55,12 @@ impl DedupTable {
     /// Forgets keys older than the window at `now_ms`. Returns how many.
     pub(super) fn expire(&mut self, now_ms: u64, window_ms: u64) -> usize {
         let mut expired = 0;
-        while let Some(key) = self.order.front() {
-            match self.entries.get(key) {
-                Some(e) if within_window(e.timestamp_ms, now_ms, window_ms) => break,
-                _ => {
-                    self.pop_oldest();
-                    expired += 1;
-                }
+        while let Some((key_ms, _)) = self.order.front() {
+            if within_window(*key_ms, now_ms, window_ms) {
+                break;
             }
+            self.pop_oldest();
+            expired += 1;
         }
         expired
     }
@@ -88,16 +88,16 @@ impl DedupTable {
             .insert(key.clone(), Entry { seq, timestamp_ms })
             .is_some()
         {
-            self.order.retain(|k| k != &key);
+            self.order.retain(|(_, k)| k != &key);
         }
-        self.order.push_back(key);
+        self.order.push_back((timestamp_ms, key));
     }
 
     /// The keys oldest first, as a snapshot stores them.
     pub(super) fn image(&self) -> Vec<super::image::DedupImage> {
         self.order
             .iter()
-            .filter_map(|key| {
+            .filter_map(|(_, key)| {
                 self.entries.get(key).map(|e| super::image::DedupImage {
                     key: key.clone(),
                     seq: e.seq,
@@ -118,13 +118,13 @@ impl DedupTable {
                     timestamp_ms: k.timestamp_ms,
                 },
             );
-            table.order.push_back(k.key);
+            table.order.push_back((k.timestamp_ms, k.key));
         }
         table
     }
 
     fn pop_oldest(&mut self) {
-        if let Some(key) = self.order.pop_front() {
+        if let Some((_, key)) = self.order.pop_front() {
             self.entries.remove(&key);
         }
     }
@@ -145,12 +145,18 @@ impl DedupTable {
             ));
         }
         let mut previous: Option<Entry> = None;
-        for key in &self.order {
+        for (key_ms, key) in &self.order {
             let Some(entry) = self.entries.get(key) else {
                 return Err(format!(
                     "conv {conv}: dedup key {key:?} queued but not mapped"
                 ));
             };
+            if entry.timestamp_ms != *key_ms {
+                return Err(format!(
+                    "conv {conv}: dedup key {key:?} is queued at {key_ms} ms but stamped {} ms",
+                    entry.timestamp_ms
+                ));
+            }
             if entry.seq == 0 || entry.seq >= next_seq {
                 return Err(format!(
                     "conv {conv}: dedup key {key:?} points at seq {}, outside 1..{next_seq}",
