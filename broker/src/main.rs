@@ -81,7 +81,8 @@ enum ConvCommand {
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Admin HTTP address of any node.
+    /// Admin HTTP address(es) of nodes, HOST:PORT[,HOST:PORT…]: each node reports its
+    /// own state; follower lag comes from the leader.
     #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:7401")]
     admin: String,
     /// Print the raw JSON.

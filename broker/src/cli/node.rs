@@ -230,30 +230,80 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `herald status --admin A[,B…]`: asks every admin address given; node readiness
+/// and state come from each node itself, group lag from the leader (only the leader
+/// knows it). Unreachable nodes are listed as such.
 pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
-    let body = http_get(admin, "/cluster").await?;
-    let cluster: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("{admin}/cluster did not return JSON"))?;
+    let mut views = Vec::new();
+    let mut unreachable = Vec::new();
+    for addr in admin.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match http_get(addr, "/cluster").await {
+            Ok(body) => {
+                let view: serde_json::Value = serde_json::from_str(&body)
+                    .with_context(|| format!("{addr}/cluster did not return JSON"))?;
+                views.push((addr.to_owned(), view));
+            }
+            Err(e) => unreachable.push(format!("{addr}: {e:#}")),
+        }
+    }
+    let Some((_, first)) = views.first() else {
+        bail!("no admin address answered:\n  {}", unreachable.join("\n  "));
+    };
+    // The leader's view has the follower lag; fall back to the first answer.
+    let leader_view = views
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["groups"][0]["state"] == "Leader")
+        .unwrap_or(first);
     if json {
-        println!("{cluster:#}");
+        println!("{leader_view:#}");
         return Ok(());
     }
-    println!("NODE  ADDR                   READY");
-    for n in cluster["nodes"].as_array().into_iter().flatten() {
+    println!("NODE  ADDR                   READY  STATE      TERM  APPLIED");
+    for n in leader_view["nodes"].as_array().into_iter().flatten() {
+        let own = views
+            .iter()
+            .map(|(_, v)| v)
+            .find(|v| v["node_id"] == n["id"]);
+        let (ready, state, term, applied) = match own {
+            Some(v) => (
+                v["ready"].to_string(),
+                v["groups"][0]["state"].as_str().unwrap_or("?").to_owned(),
+                v["groups"][0]["term"].to_string(),
+                v["groups"][0]["applied_index"].to_string(),
+            ),
+            None => ("?".into(), "(not asked)".into(), "?".into(), "?".into()),
+        };
         println!(
-            "{:<5} {:<22} {}",
-            n["id"],
+            "{:<5} {:<22} {:<6} {:<10} {:<5} {}",
+            n["id"].to_string(),
             n["addr"].as_str().unwrap_or("?"),
-            n["ready"]
+            ready,
+            state,
+            term,
+            applied
         );
     }
     println!();
     println!("GROUP  LEADER  TERM  COMMIT  REPLICAS  LAG");
-    for g in cluster["groups"].as_array().into_iter().flatten() {
+    for g in leader_view["groups"].as_array().into_iter().flatten() {
+        let lag = if g["state"] == "Leader" {
+            g["lag"].to_string()
+        } else {
+            "(known on the leader; add its --admin)".to_owned()
+        };
         println!(
             "{:<6} {:<7} {:<5} {:<7} {:<9} {}",
-            g["id"], g["leader"], g["term"], g["commit_index"], g["replicas"], g["lag"]
+            g["id"].to_string(),
+            g["leader"].to_string(),
+            g["term"].to_string(),
+            g["commit_index"].to_string(),
+            g["replicas"].to_string(),
+            lag
         );
+    }
+    for u in unreachable {
+        println!("unreachable: {u}");
     }
     Ok(())
 }

@@ -107,6 +107,14 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
             "snapshot_index": m.snapshot.map(|l| l.index),
             "purged_index": m.purged.map(|l| l.index),
             "log_bytes": log.bytes_on_disk,
+            "log": {
+                "segments": log.segments,
+                "first_index": log.first_index,
+                "appended_entries_total": log.appended_entries_total,
+                "fsyncs_total": log.fsyncs_total,
+                "fsync_seconds_total": log.fsync_seconds_total,
+                "fsync_us_max_recent": log.fsync_us_max_recent,
+            },
             "lag": lag,
         }]
     })
