@@ -438,7 +438,6 @@ async fn slow_reader_is_disconnected_then_resyncs_without_gap_or_duplicate() -> 
 }
 
 #[tokio::test]
-#[ignore = "the broker's store is in memory for now: conversations do not survive a restart"]
 async fn broker_restart_reconnects_and_resyncs_without_gap_or_duplicate() -> anyhow::Result<()> {
     let mut node = Node::start()?;
     let publisher = node.service().await?;
