@@ -171,3 +171,47 @@ fn openraft_storage_suite_passes_with_tiny_segments_and_no_cache() {
     })
     .unwrap();
 }
+
+/// Herald's real pair: the log store with the conversation state machine
+/// (snapshots carry conversations and history).
+struct HeraldBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, crate::raft::state_machine::StateMachine, TempDirGuard>
+    for HeraldBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<
+        (
+            TempDirGuard,
+            LogStore,
+            crate::raft::state_machine::StateMachine,
+        ),
+        StorageError,
+    > {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        let store = LogStore::open(LogStoreConfig {
+            dir: dir.path().join("log"),
+            ..LogStoreConfig::default()
+        })
+        .await
+        .map_err(LogStoreError::write_logs)?;
+        let sm = crate::raft::state_machine::StateMachine::open(
+            crate::raft::state_machine::StateMachineConfig {
+                dir: dir.path().join("snapshot"),
+                limits: crate::store::StoreLimits::default(),
+            },
+            Arc::new(crate::routing::Router::new()),
+            Arc::new(crate::metrics::Metrics::new()),
+            Arc::new(store.reader()),
+        )
+        .map_err(sm_error)?;
+        Ok((TempDirGuard(dir), store, sm))
+    }
+}
+
+/// openraft's suite against the log store and the real state machine.
+#[test]
+fn openraft_storage_suite_passes_with_the_conversation_state_machine() {
+    Suite::test_all(HeraldBuilder).unwrap();
+}
