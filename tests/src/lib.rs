@@ -18,6 +18,9 @@ use anyhow::{anyhow, bail, Context};
 use herald_client::io::{client_config, TransportLimits};
 use herald_client::wire::{self, Frame, Hello, Request};
 
+pub mod checker;
+pub mod cluster;
+
 /// How long any single wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -247,11 +250,17 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and opens the session stream; sends nothing yet.
     pub async fn connect(node: &DevNode) -> anyhow::Result<RawClient> {
-        let ca = std::fs::read(node.ca_path())?;
+        Self::connect_to(node.quic_addr, &node.ca_path()).await
+    }
+
+    /// Like [`RawClient::connect`], to any node: its QUIC address and the CA file it
+    /// chains to (e.g. a [`cluster::Cluster`] node).
+    pub async fn connect_to(addr: SocketAddr, ca_path: &Path) -> anyhow::Result<RawClient> {
+        let ca = std::fs::read(ca_path)?;
         let config = client_config(&ca, wire::ALPN_CLIENT, &TransportLimits::default())?;
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         endpoint.set_default_client_config(config);
-        let conn = endpoint.connect(node.quic_addr, "127.0.0.1")?.await?;
+        let conn = endpoint.connect(addr, "127.0.0.1")?.await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(RawClient {
             conn,
@@ -263,7 +272,16 @@ impl RawClient {
 
     /// Connects, sends the preamble and Hello, and reads the broker's preamble and answer.
     pub async fn hello(node: &DevNode, token: &str) -> anyhow::Result<(RawClient, Frame)> {
-        let mut client = Self::connect(node).await?;
+        Self::hello_to(node.quic_addr, &node.ca_path(), token).await
+    }
+
+    /// Like [`RawClient::hello`], to any node (see [`RawClient::connect_to`]).
+    pub async fn hello_to(
+        addr: SocketAddr,
+        ca_path: &Path,
+        token: &str,
+    ) -> anyhow::Result<(RawClient, Frame)> {
+        let mut client = Self::connect_to(addr, ca_path).await?;
         client.send.write_all(&wire::preamble()).await?;
         client
             .write_frame(&Frame::Hello(Hello {
@@ -280,7 +298,16 @@ impl RawClient {
 
     /// Connects and says Hello as `token`, expecting a Welcome.
     pub async fn welcomed(node: &DevNode, token: &str) -> anyhow::Result<RawClient> {
-        let (client, answer) = Self::hello(node, token).await?;
+        Self::welcomed_to(node.quic_addr, &node.ca_path(), token).await
+    }
+
+    /// Like [`RawClient::welcomed`], to any node (see [`RawClient::connect_to`]).
+    pub async fn welcomed_to(
+        addr: SocketAddr,
+        ca_path: &Path,
+        token: &str,
+    ) -> anyhow::Result<RawClient> {
+        let (client, answer) = Self::hello_to(addr, ca_path, token).await?;
         anyhow::ensure!(
             matches!(answer, Frame::Welcome(_)),
             "expected Welcome, got {answer:?}"

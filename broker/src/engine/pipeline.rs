@@ -183,14 +183,25 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
         }
         let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
         let (results, problem) = match (leader, addr) {
-            (Some(id), Some(addr)) => match peers.forward_batch(id, &addr, commands).await {
-                Ok(ForwardBatchReply::Done(results)) => (results, None),
-                Ok(ForwardBatchReply::NotLeader(_)) => (
-                    Vec::new(),
-                    Some(format!("node {id} is no longer the leader")),
-                ),
-                Err(e) => (Vec::new(), Some(format!("cannot reach leader {id}: {e}"))),
-            },
+            (Some(id), Some(addr)) => {
+                // Give up on this leader as soon as this node sees leadership move (a
+                // dead leader would otherwise hold the batch for the whole RPC timeout);
+                // the retry is safe, every command being idempotent.
+                tokio::select! {
+                    reply = peers.forward_batch(id, &addr, commands) => match reply {
+                        Ok(ForwardBatchReply::Done(results)) => (results, None),
+                        Ok(ForwardBatchReply::NotLeader(_)) => (
+                            Vec::new(),
+                            Some(format!("node {id} is no longer the leader")),
+                        ),
+                        Err(e) => (Vec::new(), Some(format!("cannot reach leader {id}: {e}"))),
+                    },
+                    () = leadership_leaves(&raft, id) => (
+                        Vec::new(),
+                        Some(format!("leader {id} was lost while the batch was in flight")),
+                    ),
+                }
+            }
             (Some(id), None) => (
                 Vec::new(),
                 Some(format!("leader {id} has no known address")),
@@ -316,6 +327,21 @@ async fn committed(
                 format!("raft refused the write: {e}"),
             );
             vec![Some(Err(refusal)); count]
+        }
+    }
+}
+
+/// Resolves once this node no longer believes `leader` leads (an election started or
+/// another node won); never, while it does.
+async fn leadership_leaves(raft: &Raft, leader: NodeId) {
+    let mut metrics = raft.metrics();
+    loop {
+        if metrics.borrow_and_update().current_leader != Some(leader) {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            // Raft stopped: the RPC's own timeout ends the wait.
+            std::future::pending::<()>().await;
         }
     }
 }

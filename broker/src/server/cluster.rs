@@ -53,6 +53,23 @@ impl EntrySource for LogReader {
     }
 }
 
+/// Transport settings of node-to-node connections: a dead peer's connection must end
+/// within seconds (QUIC uses the smaller idle timeout of both ends), so RPCs to a
+/// restarted node go to its new process instead of timing out on the old connection;
+/// keep-alives keep live peer connections open. Few connections, so cheap.
+fn peer_transport() -> herald_client::io::TransportLimits {
+    herald_client::io::TransportLimits {
+        idle_timeout: PEER_IDLE_TIMEOUT,
+        keep_alive_interval: PEER_KEEP_ALIVE,
+        ..herald_client::io::TransportLimits::default()
+    }
+}
+
+/// Idle timeout of peer connections.
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keep-alive interval of peer connections (well below the idle timeout).
+const PEER_KEEP_ALIVE: Duration = Duration::from_millis(500);
+
 /// The store bounds that follow from the node's limits.
 pub fn store_limits(limits: &crate::config::Limits) -> StoreLimits {
     StoreLimits {
@@ -148,7 +165,7 @@ pub async fn start(
     let client_config = herald_client::io::client_config(
         &ca_pem,
         herald_client::wire::ALPN_PEER,
-        &herald_client::io::TransportLimits::default(),
+        &peer_transport(),
     )
     .map_err(|e| NodeError::Storage(format!("cannot build the peer TLS config: {e}")))?;
     let peers = PeerNetwork::new(PeerNetworkConfig {

@@ -288,6 +288,9 @@ fn refused(ctx: &NodeContext, reason: &str) {
         .inc();
 }
 
+/// How long ago a leader may have last heard from a quorum and still call itself ready.
+const READY_QUORUM_ACK_MS_MAX: u64 = 2_000;
+
 /// How far behind the last log entry this node may apply and still call itself
 /// caught up (`/readyz`).
 const READY_APPLY_LAG_MAX: u64 = 1000;
@@ -301,7 +304,16 @@ async fn readiness(ctx: Arc<NodeContext>) {
             let m = metrics.borrow_and_update();
             let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
             let last = m.last_log_index.unwrap_or(0);
-            m.current_leader.is_some() && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX
+            // A leader restored from its saved vote is not ready until a quorum answered
+            // it recently (a lone restarted node must not claim readiness).
+            let voters = m.membership_config.membership().voter_ids().count();
+            let leader_confirmed = m.state != openraft::ServerState::Leader
+                || voters <= 1
+                || m.millis_since_quorum_ack
+                    .is_some_and(|ms| ms <= READY_QUORUM_ACK_MS_MAX);
+            m.current_leader.is_some()
+                && leader_confirmed
+                && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX
         };
         if ctx.ready.swap(ready, Ordering::AcqRel) != ready {
             tracing::info!(ready, "readiness changed");

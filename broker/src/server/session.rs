@@ -710,9 +710,11 @@ impl SessionWriter {
             }
         };
         let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
-        if start > next_seq {
-            // The client claims messages this node never had (e.g. state lost with a
-            // restart): say so instead of silently skipping seqs below its cursor.
+        if start > next_seq && self.ctx.engine.is_leader() {
+            // The client claims messages the leader never had (e.g. state lost with a
+            // restart): say so instead of silently skipping seqs below its cursor. A
+            // follower may simply be behind the node the client saw them on: there the
+            // subscription waits at the cursor (live deliveries up to it are skipped).
             self.ctx.metrics.refused(RefusalCode::InvalidRequest);
             let refusal = Refusal::new(
                 RefusalCode::InvalidRequest,
