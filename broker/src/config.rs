@@ -210,8 +210,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(400),
-            election_timeout_max: Duration::from_millis(800),
+            election_timeout_min: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(600),
             write_timeout: Duration::from_secs(10),
             snapshot_logs_since_last: 100_000,
             log_segment_bytes_max: 64 * 1024 * 1024,

@@ -687,20 +687,7 @@ impl Cluster {
     }
 
     fn mint(&self, who: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(herald_binary()?)
-            .arg("token")
-            .arg("--secret-file")
-            .arg(self.secret_path())
-            .args(who)
-            .env("RUST_LOG", "warn")
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "herald token failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+        crate::mint_token(&self.secret_path(), who)
     }
 
     /// A client config with `token` and the seeds `seeds` (node ids, in that order).

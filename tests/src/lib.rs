@@ -61,6 +61,24 @@ fn build_herald() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// Mints a token with `herald token --secret-file SECRET WHO…` (e.g. `--service x`).
+pub fn mint_token(secret: &Path, who: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(herald_binary()?)
+        .arg("token")
+        .arg("--secret-file")
+        .arg(secret)
+        .args(who)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "herald token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
 /// Picks a free UDP port and a free TCP port on loopback.
 pub fn free_ports() -> anyhow::Result<(u16, u16)> {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -154,19 +172,7 @@ impl DevNode {
     }
 
     fn mint(&self, who: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(herald_binary()?)
-            .arg("token")
-            .arg("--secret-file")
-            .arg(self.secret_path())
-            .args(who)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "herald token failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+        mint_token(&self.secret_path(), who)
     }
 
     /// A client config for this node with `token`.

@@ -33,7 +33,7 @@ use herald_client::wire::{Refusal, RefusalCode};
 use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::raft::network::{ForwardBatchReply, PeerNetwork};
+use crate::raft::network::{ForwardBatchReply, PeerError, PeerNetwork};
 use crate::raft::{NodeId, Raft, Response};
 use crate::store::Command;
 
@@ -194,7 +194,13 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
                             Vec::new(),
                             Some(format!("node {id} is no longer the leader")),
                         ),
-                        Err(e) => (Vec::new(), Some(format!("cannot reach leader {id}: {e}"))),
+                        Err(e) => {
+                            if matches!(e, PeerError::Timeout { .. }) {
+                                // Maybe a connection to a process that is gone: redial.
+                                peers.disconnect(id);
+                            }
+                            (Vec::new(), Some(format!("cannot reach leader {id}: {e}")))
+                        }
                     },
                     () = leadership_leaves(&raft, id) => (
                         Vec::new(),

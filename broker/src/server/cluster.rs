@@ -27,6 +27,8 @@ use crate::store::StoreLimits;
 /// Concurrent RPC streams a peer connection may open (appends, votes, snapshot chunks
 /// and forwarded writes); beyond it the peer waits for a stream to finish.
 const PEER_STREAMS_MAX: u32 = 1024;
+/// How long a follower waits for a forwarded batch before it redials and retries.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time to establish a peer connection before the peer counts as unreachable.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -174,7 +176,10 @@ pub async fn start(
         endpoint: endpoint.clone(),
         client_config,
         connect_timeout: PEER_CONNECT_TIMEOUT,
-        rpc_timeout: config.raft.write_timeout,
+        // A forwarded batch normally commits in milliseconds; past this the follower
+        // redials and retries (the commands are idempotent) instead of waiting out
+        // the whole write timeout on a connection that may be dead.
+        rpc_timeout: config.raft.write_timeout.min(FORWARD_TIMEOUT),
     });
 
     let r = &config.raft;
