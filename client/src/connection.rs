@@ -186,7 +186,9 @@ impl Core {
         let request_timeout = config.request_timeout;
         let backoff = Backoff::new(config.reconnect_backoff_min, config.reconnect_backoff_max);
         let driver = Driver {
-            next_start: start,
+            // A lost connection is retried at the next seed first: the node it was on
+            // may be dead, and a dead address costs a whole connect timeout.
+            next_start: (established.seed_index + 1) % config.addrs.len().max(1),
             config,
             state: Arc::clone(&state),
             cmd_rx,
@@ -312,6 +314,8 @@ impl Core {
 
 /// An open connection that passed Hello/Welcome.
 struct Established {
+    /// Which seed it is (`config.addrs` index).
+    seed_index: usize,
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     reader: FrameReader,
@@ -420,6 +424,7 @@ impl Driver {
         reconnected_to: Option<String>,
     ) -> Next {
         let Established {
+            seed_index: _,
             endpoint,
             conn,
             reader,
@@ -617,14 +622,18 @@ impl Driver {
                 .map_err(Next::Stop)?;
             attempts += 1;
             let start = self.next_start;
-            self.next_start = (start + 1) % self.config.addrs.len().max(1);
+            let seeds = self.config.addrs.len().max(1);
+            self.next_start = (start + 1) % seeds;
             let config = self.config.clone();
             match self
                 .until_stop(connect_pass(&config, start))
                 .await
                 .map_err(Next::Stop)?
             {
-                Ok(established) => return Ok(established),
+                Ok(established) => {
+                    self.next_start = (established.seed_index + 1) % seeds;
+                    return Ok(established);
+                }
                 Err(e) if e.is_fatal_for_connect() => return Err(Next::Fatal(e)),
                 Err(e) => {
                     tracing::warn!(attempt = attempts, "herald reconnect attempt failed: {e}");
@@ -901,8 +910,9 @@ async fn connect_pass(config: &ClientConfig, start: usize) -> Result<Established
     let n = config.addrs.len();
     let mut last = None;
     for i in 0..n {
-        let addr = &config.addrs[(start + i) % n];
-        match connect_once(config, addr).await {
+        let seed_index = (start + i) % n;
+        let addr = &config.addrs[seed_index];
+        match connect_once(config, addr, seed_index).await {
             Ok(established) => return Ok(established),
             Err(e) if e.is_fatal_for_connect() => return Err(e),
             Err(e) => {
@@ -919,9 +929,13 @@ async fn connect_pass(config: &ClientConfig, start: usize) -> Result<Established
 }
 
 /// One connection attempt to one address, bounded by the connect timeout.
-async fn connect_once(config: &ClientConfig, addr: &SeedAddr) -> Result<Established, Error> {
+async fn connect_once(
+    config: &ClientConfig,
+    addr: &SeedAddr,
+    seed_index: usize,
+) -> Result<Established, Error> {
     let after = config.connect_timeout;
-    match tokio::time::timeout(after, handshake(config, addr)).await {
+    match tokio::time::timeout(after, handshake(config, addr, seed_index)).await {
         Ok(result) => result,
         Err(_) => Err(Error::Connect {
             addr: addr.text.clone(),
@@ -930,7 +944,11 @@ async fn connect_once(config: &ClientConfig, addr: &SeedAddr) -> Result<Establis
     }
 }
 
-async fn handshake(config: &ClientConfig, addr: &SeedAddr) -> Result<Established, Error> {
+async fn handshake(
+    config: &ClientConfig,
+    addr: &SeedAddr,
+    seed_index: usize,
+) -> Result<Established, Error> {
     let fail = |reason: String| Error::Connect {
         addr: addr.text.clone(),
         reason,
@@ -969,6 +987,7 @@ async fn handshake(config: &ClientConfig, addr: &SeedAddr) -> Result<Established
         .map_err(|e| fail(format!("reading the broker's preamble: {e}")))?;
     match reader.next().await {
         Ok(Some(Frame::Welcome(welcome))) => Ok(Established {
+            seed_index,
             info: SessionInfo {
                 session_id: welcome.session_id,
                 principal: welcome.principal,
