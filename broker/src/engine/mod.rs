@@ -41,6 +41,15 @@ pub struct Engine {
     write_timeout: Duration,
 }
 
+/// Which way [`Engine::change_members`] changes the member set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add them (present ones are ignored).
+    Add,
+    /// Remove them (absent ones are ignored).
+    Remove,
+}
+
 /// The outcome of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishOutcome {
@@ -117,30 +126,20 @@ impl Engine {
             .await)
     }
 
-    /// Queues adding members.
-    pub async fn add_members(
+    /// Queues adding or removing members.
+    pub async fn change_members(
         &self,
         principal: &Principal,
         conv: u64,
         members: Vec<u64>,
+        change: MemberChange,
     ) -> Result<Submitted<()>, Refusal> {
         self.authorize_role(principal, conv)?;
-        Ok(self
-            .submit(Command::AddMembers { conv, members }, |_| Ok(()))
-            .await)
-    }
-
-    /// Queues removing members.
-    pub async fn remove_members(
-        &self,
-        principal: &Principal,
-        conv: u64,
-        members: Vec<u64>,
-    ) -> Result<Submitted<()>, Refusal> {
-        self.authorize_role(principal, conv)?;
-        Ok(self
-            .submit(Command::RemoveMembers { conv, members }, |_| Ok(()))
-            .await)
+        let command = match change {
+            MemberChange::Add => Command::AddMembers { conv, members },
+            MemberChange::Remove => Command::RemoveMembers { conv, members },
+        };
+        Ok(self.submit(command, |_| Ok(())).await)
     }
 
     /// Queues a message. Answered after commit and apply; the state machine

@@ -17,10 +17,10 @@ use openraft::BasicNode;
 use super::NodeError;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::raft::log_store::{LogReader, LogStore, LogStoreConfig};
+use crate::raft::log_store::{LogStore, LogStoreConfig};
 use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
-use crate::raft::state_machine::{EntrySource, StateMachine, StateMachineConfig};
-use crate::raft::{Entry, NodeId, Raft};
+use crate::raft::state_machine::{StateMachine, StateMachineConfig};
+use crate::raft::{NodeId, Raft};
 use crate::routing::Router;
 use crate::store::StoreLimits;
 
@@ -47,12 +47,6 @@ pub struct Replication {
     pub peer_server: Arc<PeerServerContext>,
     /// The log store (for stats).
     pub log: LogStore,
-}
-
-impl EntrySource for LogReader {
-    fn entry(&self, index: u64) -> Result<Option<Entry>, String> {
-        LogReader::entry(self, index).map_err(|e| e.to_string())
-    }
 }
 
 /// Transport settings of node-to-node connections: a dead peer's connection must end

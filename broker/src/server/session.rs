@@ -32,7 +32,7 @@ use herald_client::wire::{
 use tokio::sync::mpsc;
 
 use super::NodeContext;
-use crate::engine::{PublishOutcome, Submitted};
+use crate::engine::{MemberChange, PublishOutcome, Submitted};
 use crate::routing::{Delivery, Outbox};
 use crate::store::Action;
 
@@ -419,12 +419,14 @@ async fn submit_write(ctx: &NodeContext, principal: &Principal, body: Request) -
             kind,
             members,
         } => Write::Create(engine.create(principal, conv, kind, members).await),
-        Request::AddMembers { conv, members } => {
-            Write::Members(engine.add_members(principal, conv, members).await)
-        }
+        Request::AddMembers { conv, members } => Write::Members(
+            engine
+                .change_members(principal, conv, members, MemberChange::Add)
+                .await,
+        ),
         Request::RemoveMembers { conv, members } => Write::Remove(
             engine
-                .remove_members(principal, conv, members.clone())
+                .change_members(principal, conv, members.clone(), MemberChange::Remove)
                 .await,
             conv,
             members,

@@ -445,6 +445,13 @@ impl LogStore {
     }
 }
 
+/// How the state machine reads history back from the log.
+impl crate::raft::state_machine::EntrySource for LogReader {
+    fn entry(&self, index: u64) -> Result<Option<Entry>, String> {
+        LogReader::entry(self, index).map_err(|e| e.to_string())
+    }
+}
+
 impl LogReader {
     /// Synchronous read of one entry by index (from the cache, else `pread` from its
     /// segment, CRC-checked). `Ok(None)` when the index is purged or beyond the last entry.
