@@ -146,11 +146,23 @@ pub fn random_secret() -> String {
 /// Length of the QUIC stateless-reset key.
 const RESET_KEY_BYTES: usize = 64;
 
+/// The key of the node's connection-id generator, derived from its stateless-reset key
+/// so that it, too, survives restarts (a restarted node recognizes the ids it handed
+/// out before and resets those connections at once).
+pub fn connection_id_key(reset_key: &ring::hmac::Key) -> u64 {
+    let tag = ring::hmac::sign(reset_key, b"herald connection id generator");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&tag.as_ref()[..8]);
+    u64::from_le_bytes(first)
+}
+
 /// The node's QUIC stateless-reset key, created once and kept in `path`.
 ///
 /// Keeping it across restarts lets a restarted node answer packets of connections it no
 /// longer knows with a stateless reset, so clients notice within one round trip instead
-/// of waiting for the idle timeout.
+/// of waiting for the idle timeout (with the connection-id key of
+/// [`connection_id_key`], without which the restarted node would not recognize the
+/// ids and would drop the packets silently).
 pub fn stateless_reset_key(path: &Path) -> Result<ring::hmac::Key, CertError> {
     let key = match std::fs::read(path) {
         Ok(bytes) if bytes.len() == RESET_KEY_BYTES => bytes,

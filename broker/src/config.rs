@@ -85,7 +85,11 @@ pub struct RaftConfig {
     /// How often the leader heartbeats followers.
     #[serde(with = "humantime_serde_compat")]
     pub heartbeat_interval: Duration,
-    /// A follower that hears no leader for a random time between these starts an election.
+    /// Election timing. openraft first honours the leader's lease, which lasts
+    /// `election_timeout_max` from the last heartbeat, and then waits a random time
+    /// between these (drawn once per start); so a follower starts an election after
+    /// `max + random(min..max)` of silence (450–600 ms with the defaults), and a
+    /// node that lost its last election to a longer log waits another `2 × max`.
     #[serde(with = "humantime_serde_compat")]
     pub election_timeout_min: Duration,
     /// See `election_timeout_min`.
@@ -210,8 +214,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(300),
-            election_timeout_max: Duration::from_millis(600),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
             write_timeout: Duration::from_secs(10),
             snapshot_logs_since_last: 100_000,
             log_segment_bytes_max: 64 * 1024 * 1024,
@@ -463,9 +467,11 @@ impl Config {
             Ok(_) => {}
         }
         let r = &self.raft;
-        if r.heartbeat_interval.is_zero() || r.election_timeout_min <= r.heartbeat_interval * 2 {
+        // A follower waits `max + random(min..max)` (see RaftConfig), so `min` above one
+        // heartbeat already means several missed heartbeats before an election.
+        if r.heartbeat_interval.is_zero() || r.election_timeout_min <= r.heartbeat_interval {
             problems.push(format!(
-                "raft.election_timeout_min ({:?}) must be more than twice raft.heartbeat_interval ({:?}), which must be above zero",
+                "raft.election_timeout_min ({:?}) must be more than raft.heartbeat_interval ({:?}), which must be above zero",
                 r.election_timeout_min, r.heartbeat_interval
             ));
         }

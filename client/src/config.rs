@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::io::{self, TransportLimits};
+use crate::liveness::{DEFAULT_LIVENESS_TIMEOUT, LIVENESS_TIMEOUT_MIN};
 use crate::wire;
 
 /// Default for [`ClientConfigBuilder::connect_timeout`].
@@ -108,6 +109,7 @@ pub struct ClientConfig {
     pub(crate) client_name: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) liveness_timeout: Duration,
     pub(crate) reconnect_backoff_min: Duration,
     pub(crate) reconnect_backoff_max: Duration,
     pub(crate) reconnect_attempts_max: Option<u32>,
@@ -138,6 +140,11 @@ impl ClientConfig {
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
+    /// Silence from the node, while a reply is owed, after which the client counts the
+    /// node as dead and reconnects elsewhere (see [`ClientConfigBuilder::liveness_timeout`]).
+    pub fn liveness_timeout(&self) -> Duration {
+        self.liveness_timeout
+    }
     /// Lower and upper bound of the reconnect delay.
     pub fn reconnect_backoff(&self) -> (Duration, Duration) {
         (self.reconnect_backoff_min, self.reconnect_backoff_max)
@@ -167,6 +174,7 @@ impl fmt::Debug for ClientConfig {
             .field("client_name", &self.client_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("liveness_timeout", &self.liveness_timeout)
             .field("reconnect_backoff_min", &self.reconnect_backoff_min)
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
             .field("reconnect_attempts_max", &self.reconnect_attempts_max)
@@ -194,6 +202,7 @@ pub struct ClientConfigBuilder {
     client_name: String,
     connect_timeout: Duration,
     request_timeout: Duration,
+    liveness_timeout: Duration,
     reconnect_backoff_min: Duration,
     reconnect_backoff_max: Duration,
     reconnect_attempts_max: Option<u32>,
@@ -211,6 +220,7 @@ impl Default for ClientConfigBuilder {
             client_name: concat!("herald-client/", env!("CARGO_PKG_VERSION")).to_string(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN,
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
             reconnect_attempts_max: None,
@@ -281,6 +291,21 @@ impl ClientConfigBuilder {
     /// for the broker to finish.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// How long the node may stay silent while a reply is owed before the client
+    /// counts it as dead, drops the connection and reconnects to the next seed,
+    /// re-sending what is owed. Default [`DEFAULT_LIVENESS_TIMEOUT`]; at least
+    /// [`LIVENESS_TIMEOUT_MIN`].
+    ///
+    /// While a reply is owed and the node has said nothing for 100 ms, the client
+    /// sends a 1-byte QUIC datagram, which a live node's QUIC stack acknowledges at
+    /// once however long the reply itself takes (an election, say); a dead node
+    /// answers nothing. Idle connections send nothing extra; they rely on the QUIC
+    /// idle timeout.
+    pub fn liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.liveness_timeout = timeout;
         self
     }
 
@@ -367,6 +392,12 @@ impl ClientConfigBuilder {
         };
         positive("connect_timeout", self.connect_timeout)?;
         positive("request_timeout", self.request_timeout)?;
+        if self.liveness_timeout < LIVENESS_TIMEOUT_MIN {
+            return Err(config_err(format!(
+                "liveness_timeout is {:?}; it must be at least {LIVENESS_TIMEOUT_MIN:?} (a few probe round trips)",
+                self.liveness_timeout
+            )));
+        }
         positive("reconnect_backoff min", self.reconnect_backoff_min)?;
         if self.reconnect_backoff_min > self.reconnect_backoff_max {
             return Err(config_err(format!(
@@ -398,6 +429,7 @@ impl ClientConfigBuilder {
             client_name: self.client_name,
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
+            liveness_timeout: self.liveness_timeout,
             reconnect_backoff_min: self.reconnect_backoff_min,
             reconnect_backoff_max: self.reconnect_backoff_max,
             reconnect_attempts_max: self.reconnect_attempts_max,
@@ -497,6 +529,8 @@ mod tests {
     fn bounds_are_checked() {
         assert!(reason(valid().connect_timeout(Duration::ZERO)).contains("connect_timeout"));
         assert!(reason(valid().request_timeout(Duration::ZERO)).contains("request_timeout"));
+        assert!(reason(valid().liveness_timeout(Duration::from_millis(10)))
+            .contains("liveness_timeout"));
         assert!(
             reason(valid().reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1)))
                 .contains("min")

@@ -44,6 +44,7 @@ use crate::config::{ClientConfig, SeedAddr};
 use crate::cursor::{Cursors, Verdict};
 use crate::error::{goodbye_means_reconnect, refusal_is_transient, Error};
 use crate::io::{FrameReader, FrameWriter, IoError};
+use crate::liveness::{Liveness, Verdict as LivenessVerdict, LIVENESS_TICK, PROBE};
 use crate::session::SessionEvent;
 use crate::wire::{
     self, Event, Frame, Hello, IdempotencyKey, Message, Principal, Refusal, Reply, Request,
@@ -55,8 +56,8 @@ use crate::wire::{
 const COMMAND_SLACK: usize = 16;
 /// The driver flushes once this many bytes are queued, even if more commands wait.
 const FLUSH_BYTES_MAX: usize = 256 * 1024;
-/// A connection that lived this long resets the reconnect backoff; a shorter one
-/// (a node that accepts and then drops us) keeps growing it.
+/// A connection that lived this long, or answered a request, resets the reconnect
+/// backoff; a shorter silent one (a node that accepts and then drops us) keeps growing it.
 const STABLE_CONNECTION_AFTER: Duration = Duration::from_secs(10);
 /// After closing, wait at most this long for QUIC to send its close and drain.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -141,6 +142,9 @@ pub(crate) struct State {
     pub(crate) info: Mutex<SessionInfo>,
     permits: Semaphore,
     next_id: AtomicU64,
+    /// Replies received over every connection so far (tells a node that served us
+    /// from one that accepted and dropped us).
+    replies: AtomicU64,
 }
 
 impl State {
@@ -181,6 +185,7 @@ impl Core {
             info: Mutex::new(established.info.clone()),
             permits: Semaphore::new(config.requests_in_flight_max),
             next_id: AtomicU64::new(1),
+            replies: AtomicU64::new(0),
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(config.requests_in_flight_max + COMMAND_SLACK);
         let request_timeout = config.request_timeout;
@@ -365,6 +370,7 @@ impl Driver {
             generation += 1;
             *lock(&self.state.info) = current.info.clone();
             let connected_at = Instant::now();
+            let replies_before = self.state.replies.load(Ordering::Relaxed);
             let session_id = current.info.session_id;
             let addr = current.info.addr.clone();
             let reason = match self.serve(current, generation, reconnected_to.take()).await {
@@ -383,7 +389,10 @@ impl Driver {
                 Next::Lost(reason) => reason,
             };
             tracing::warn!(session_id, %addr, "herald connection lost, reconnecting: {reason}");
-            if connected_at.elapsed() >= STABLE_CONNECTION_AFTER {
+            // A node that served us (answered requests, or stayed up a while) died:
+            // start the backoff afresh. One that accepted and dropped us keeps growing it.
+            let served = self.state.replies.load(Ordering::Relaxed) > replies_before;
+            if served || connected_at.elapsed() >= STABLE_CONNECTION_AFTER {
                 self.backoff.reset();
             }
             match self.reconnect(reason).await {
@@ -444,11 +453,38 @@ impl Driver {
             return Next::Lost(format!("resending after connect failed: {e}"));
         }
 
+        let mut liveness = Liveness::new(
+            self.config.liveness_timeout,
+            Instant::now(),
+            conn.stats().udp_rx.datagrams,
+        );
+        let mut liveness_tick = tokio::time::interval(LIVENESS_TICK);
+        liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 end = &mut reader_task => {
                     conn.close(quinn::VarInt::from_u32(0), b"stream ended");
                     return reader_ended(end);
+                }
+                _ = liveness_tick.tick() => {
+                    let owed = self.reply_owed(generation);
+                    match liveness.observe(Instant::now(), conn.stats().udp_rx.datagrams, owed) {
+                        LivenessVerdict::Alive => {}
+                        LivenessVerdict::Probe => {
+                            // Dropped by QUIC if the node does not take datagrams; then
+                            // only the idle timeout tells.
+                            let _ = conn.send_datagram(bytes::Bytes::from_static(PROBE));
+                        }
+                        LivenessVerdict::Dead(silent) => {
+                            stop_reader(reader_task).await;
+                            conn.close(quinn::VarInt::from_u32(0), b"node silent");
+                            return Next::Lost(format!(
+                                "the node sent nothing for {} ms while replies were owed (not even \
+                                 acknowledgements of probes); counting it as dead",
+                                silent.as_millis()
+                            ));
+                        }
+                    }
                 }
                 command = self.cmd_rx.recv() => {
                     let mut stop = None;
@@ -580,6 +616,14 @@ impl Driver {
 
     /// Queues the pending request `id`, unless it is gone (answered, timed out) or
     /// already went out on this connection.
+    /// True when a request sent on this connection still waits for its reply.
+    fn reply_owed(&self, generation: u64) -> bool {
+        lock(&self.state.pending)
+            .requests
+            .values()
+            .any(|r| r.sent_generation == generation)
+    }
+
     fn queue_request(&mut self, writer: &mut FrameWriter, id: u64, generation: u64) {
         let mut pending = lock(&self.state.pending);
         let Some(request) = pending.requests.get_mut(&id) else {
@@ -845,6 +889,7 @@ impl ReaderCtx {
 
     /// Hands a reply to its waiter. Returns an end when the connection must go.
     async fn on_reply(&mut self, id: u64, body: Reply) -> Option<ReaderEnd> {
+        self.state.replies.fetch_add(1, Ordering::Relaxed);
         let request = lock(&self.state.pending).requests.remove(&id);
         let Some(request) = request else {
             tracing::debug!(id, "reply to a request nobody waits for (timed out)");

@@ -152,6 +152,9 @@ impl FrameWriter {
     }
 }
 
+/// Unreliable-datagram bytes buffered per connection, each way (liveness probes only).
+pub const DATAGRAM_BUFFER_BYTES: usize = 256;
+
 /// QUIC transport settings sized for many small chat sessions, not bulk transfer
 /// (shared/LESSONS.md: quinn's defaults give each connection megabytes of window).
 #[derive(Debug, Clone, Copy)]
@@ -197,6 +200,11 @@ impl TransportLimits {
             t.max_idle_timeout(Some(idle));
         }
         t.keep_alive_interval(Some(self.keep_alive_interval));
+        // Datagrams only carry the client's liveness probes (see `liveness`), which
+        // nobody reads: the few bytes buffered hold a handful; older ones are dropped.
+        // quinn's default would let a peer park 1.25 MB of them per connection.
+        t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES));
+        t.datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES);
         t
     }
 }

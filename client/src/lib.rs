@@ -76,6 +76,7 @@ mod config;
 mod connection;
 mod cursor;
 mod error;
+mod liveness;
 mod publisher;
 mod session;
 
@@ -85,6 +86,7 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::Error;
+pub use liveness::{DEFAULT_LIVENESS_TIMEOUT, LIVENESS_TIMEOUT_MIN};
 pub use publisher::{PublishAck, Publisher};
 pub use session::{Session, SessionEvent, SessionHandle};
 pub use wire::{

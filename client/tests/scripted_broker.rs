@@ -516,3 +516,142 @@ async fn a_request_never_answered_times_out_and_close_still_returns() {
     ));
     broker.endpoint.close(quinn::VarInt::from_u32(0), b"done");
 }
+
+/// A UDP relay in front of a broker that can turn into a black hole: the client's
+/// view of a node killed without a word (no close, no reset, no ICMP).
+struct Relay {
+    /// Where clients send.
+    addr: SocketAddr,
+    /// Where the broker sees the relay's packets come from.
+    back_addr: SocketAddr,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(broker: SocketAddr) -> Relay {
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(broker).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let back_addr = back.local_addr().unwrap();
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let (f, b, s, c) = (front.clone(), back.clone(), silent.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                *c.lock().unwrap() = Some(from);
+                if !s.load(Ordering::SeqCst) {
+                    let _ = b.send(&buf[..n]).await;
+                }
+            }
+        });
+        let s = silent.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client.lock().unwrap();
+                if let (Some(to), false) = (to, s.load(Ordering::SeqCst)) {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Relay {
+            addr,
+            back_addr,
+            silent,
+        }
+    }
+
+    fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_goes_silent_with_a_publish_in_flight_is_left_within_the_liveness_timeout() {
+    let (silence_tx, silence_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let broker = Broker::start(vec![
+        script(move |mut p| async move {
+            p.welcome(1).await;
+            let _ = p.request().await;
+            // The node dies: from now on not a packet reaches the client.
+            silence_tx.send(p.conn.remote_address()).unwrap();
+            let _ = tokio::time::timeout(DEADLINE, p.conn.closed()).await;
+        }),
+        script(|mut p| async move {
+            p.welcome(2).await;
+            let (id, _) = p.request().await;
+            p.reply(
+                id,
+                Reply::Published {
+                    seq: 1,
+                    duplicate: false,
+                },
+            )
+            .await;
+            p.until_client_closes().await;
+        }),
+    ]);
+    // Two seeds, each a relay to the broker; the first connection (to whichever
+    // seed the client picks) dies. The QUIC idle timeout stays at its 30 s default:
+    // only the liveness probe can notice in time.
+    let relays = [
+        Relay::start(broker.addr).await,
+        Relay::start(broker.addr).await,
+    ];
+    let liveness = Duration::from_millis(500);
+    let config = broker
+        .config()
+        .addrs(relays.iter().map(|r| r.addr.to_string()))
+        .liveness_timeout(liveness)
+        .build()
+        .unwrap();
+    let publisher = Publisher::connect(config).await.unwrap();
+    let silenced = tokio::spawn(async move {
+        let from = silence_rx.await.unwrap();
+        let relay = relays.iter().find(|r| r.back_addr == from).unwrap();
+        relay.go_silent();
+        tokio::time::Instant::now()
+    });
+    let ack = publisher.publish(1, "x").await.unwrap();
+    let acked_at = tokio::time::Instant::now();
+    let silent_at = silenced.await.unwrap();
+    assert_eq!((ack.seq, publisher.session_id()), (1, 2));
+    let took = acked_at - silent_at;
+    assert!(
+        took >= liveness && took < liveness + Duration::from_millis(700),
+        "acked {took:?} after the node went silent; expected just over the {liveness:?} liveness timeout"
+    );
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn a_node_slow_to_reply_but_alive_is_not_left() {
+    let broker = Broker::start(vec![script(|mut p| async move {
+        p.welcome(1).await;
+        let (id, _) = p.request().await;
+        // Four liveness timeouts without a reply (an election, say); QUIC still
+        // acknowledges the probes, so the client must wait rather than reconnect.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        p.reply(
+            id,
+            Reply::Published {
+                seq: 1,
+                duplicate: false,
+            },
+        )
+        .await;
+        p.until_client_closes().await;
+    })]);
+    let config = broker
+        .config()
+        .liveness_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let publisher = Publisher::connect(config).await.unwrap();
+    let ack = publisher.publish(1, "x").await.unwrap();
+    assert_eq!((ack.seq, publisher.session_id()), (1, 1));
+    assert_eq!(broker.connections(), 1, "a live node must not be left");
+    publisher.close().await;
+}

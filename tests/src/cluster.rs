@@ -120,14 +120,19 @@ impl Cluster {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         if !own_env.iter().any(|(k, _)| k == "RUST_LOG") {
-            own_env.push(("RUST_LOG".into(), "warn".into()));
+            // HERALD_TEST_RUST_LOG sets the nodes' filter when a run needs their story.
+            let filter = std::env::var("HERALD_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into());
+            own_env.push(("RUST_LOG".into(), filter));
         }
         // Plain text logs (no colour escapes) in the log files.
         own_env.push(("NO_COLOR".into(), "1".into()));
         Ok(Cluster {
             dir: dir.path().to_owned(),
             tempdir: Some(dir),
-            keep_dir: std::sync::atomic::AtomicBool::new(false),
+            // HERALD_TEST_KEEP_DIR keeps every cluster's logs and data, pass or fail.
+            keep_dir: std::sync::atomic::AtomicBool::new(
+                std::env::var_os("HERALD_TEST_KEEP_DIR").is_some(),
+            ),
             base_port,
             env: own_env,
             nodes: Mutex::new(nodes),

@@ -96,3 +96,46 @@ async fn a_cursor_beyond_the_head_is_refused_not_silently_skipped() -> anyhow::R
     );
     Ok(())
 }
+
+/// A restarted node used to drop, without a word, the packets of connections to its
+/// previous process: its QUIC connection-id key was new on every start, so it did not
+/// recognize those ids and sent no stateless reset. Peers and clients kept such a dead
+/// connection until their idle timeout (a leader could not reach a restarted follower
+/// for 3 s, which then ran elections it could not win).
+#[tokio::test]
+async fn a_restarted_node_resets_connections_to_its_previous_process() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+
+    let cluster = herald_tests::cluster::Cluster::start(1, &[]).await?;
+    let result = async {
+        // Default transport (30 s idle timeout) and a liveness timeout far above what the
+        // reset takes: only the reset can make the next publish quick.
+        let config = herald_client::ClientConfig::builder()
+            .addrs(cluster.addrs())
+            .ca_file(cluster.ca_path())
+            .token(cluster.service_token("svc")?)
+            .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .liveness_timeout(Duration::from_secs(10))
+            .request_timeout(Duration::from_secs(20))
+            .build()?;
+        let publisher = herald_client::Publisher::connect(config).await?;
+        publisher
+            .create_conversation(1, herald_client::ConvKind::Group, &[1])
+            .await?;
+        assert_eq!(publisher.publish(1, "before").await?.seq, 1);
+        cluster.kill9(1);
+        cluster.restart(1).await?;
+        let sent_at = Instant::now();
+        let ack = publisher.publish(1, "after").await?;
+        let took = sent_at.elapsed();
+        assert_eq!(ack.seq, 2);
+        assert!(
+            took < Duration::from_secs(2),
+            "the publish after the restart took {took:?}: the old connection was not reset"
+        );
+        publisher.close().await;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result)
+}

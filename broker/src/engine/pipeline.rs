@@ -187,6 +187,7 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
                 // Give up on this leader as soon as this node sees leadership move (a
                 // dead leader would otherwise hold the batch for the whole RPC timeout);
                 // the retry is safe, every command being idempotent.
+                let forwarded_at = Instant::now();
                 tokio::select! {
                     reply = peers.forward_batch(id, &addr, commands) => match reply {
                         Ok(ForwardBatchReply::Done(results)) => (results, None),
@@ -199,12 +200,21 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
                                 // Maybe a connection to a process that is gone: redial.
                                 peers.disconnect(id);
                             }
-                            (Vec::new(), Some(format!("cannot reach leader {id}: {e}")))
+                            (
+                                Vec::new(),
+                                Some(format!(
+                                    "cannot reach leader {id} after {:?}: {e}",
+                                    forwarded_at.elapsed()
+                                )),
+                            )
                         }
                     },
                     () = leadership_leaves(&raft, id) => (
                         Vec::new(),
-                        Some(format!("leader {id} was lost while the batch was in flight")),
+                        Some(format!(
+                            "leader {id} was lost while the batch was in flight (after {:?})",
+                            forwarded_at.elapsed()
+                        )),
                     ),
                 }
             }
@@ -217,6 +227,9 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
                 Some("no leader is known (an election is running)".into()),
             ),
         };
+        if let Some(problem) = &problem {
+            tracing::debug!(writes = batch.len(), "forwarding a batch failed: {problem}");
+        }
         let retry = answer(batch, results, problem);
         if !retry.is_empty() {
             push_front(&mut waiting, retry);

@@ -122,8 +122,17 @@ impl RunningNode {
             source,
         };
         let socket = bind_udp(config.listen).map_err(bind_error)?;
+        // Connection ids this node hands out must validate again after a restart:
+        // otherwise the new process silently drops packets of connections to the old
+        // one, instead of answering them with a stateless reset. Peers and clients
+        // would then keep those dead connections until their idle timeout.
+        let cid_key = crate::certs::connection_id_key(&reset_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::new(Arc::new(reset_key)),
+            endpoint_config,
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),

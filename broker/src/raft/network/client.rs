@@ -42,8 +42,11 @@ use crate::store::Command;
 pub const PEER_CONNECTIONS_MAX: usize = 256;
 /// First wait after openraft sees `Unreachable`; doubles per failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between attempts to reach an unreachable peer.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to reach an unreachable peer. Below a follower's
+/// shortest election wait (lease + `election_timeout_min`, 450 ms by default), so a
+/// restarted node hears its leader before it starts an election it cannot win (and
+/// which would delay its next one: openraft holds back a node that lost to a longer log).
+pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// How [`PeerNetwork`] dials and authenticates.
 pub struct PeerNetworkConfig {
@@ -930,7 +933,7 @@ mod tests {
         let waits: Vec<_> = peer_backoff().take(6).collect();
         assert_eq!(
             waits,
-            [100, 200, 400, 800, 1000, 1000].map(Duration::from_millis)
+            [100, 200, 250, 250, 250, 250].map(Duration::from_millis)
         );
     }
 }

@@ -1,0 +1,154 @@
+//! Telling a dead node from a slow one while replies are owed.
+//!
+//! Owns: the decision, from what the connection received and whether a reply is owed,
+//! to do nothing, to send a probe, or to declare the node dead. Must not: do I/O or
+//! read a clock (the driver passes `now` and the received-datagram count in, and sends
+//! the probe), so the policy is tested without sockets or sleeps.
+//!
+//! Why: a node killed without a word (`kill -9`, power cut) sends nothing more, and
+//! QUIC notices only at the idle timeout (30 s by default, so that idle devices stay
+//! cheap). A publisher waiting on an ack cannot wait that long. But "no reply yet" is
+//! not "dead": a live node may hold a publish for a second while its cluster elects a
+//! leader. So the probe asks the node's QUIC stack, not the application: an
+//! unreliable datagram is ack-eliciting, and a live node's stack acknowledges it within
+//! its ACK delay (25 ms) however busy the broker is with the request itself. Silence
+//! for [`DEFAULT_LIVENESS_TIMEOUT`] while a reply is owed and probes are going out
+//! means the node (or the path to it) is gone: the driver drops the connection and
+//! reconnects to the next seed, re-sending what is owed (publishes keep their keys).
+//!
+//! Cost: nothing while no reply is owed (idle sessions send nothing extra), and while
+//! one is owed, one 1-byte datagram per [`LIVENESS_TICK`] only when the node has been
+//! silent for that long.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How often the driver consults [`Liveness`] while a connection is up.
+pub const LIVENESS_TICK: Duration = Duration::from_millis(100);
+/// Default silence, while a reply is owed, after which the node counts as dead.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_millis(750);
+/// The smallest liveness timeout accepted: a few probe round trips.
+pub const LIVENESS_TIMEOUT_MIN: Duration = Duration::from_millis(300);
+/// The probe's bytes (the broker discards them).
+pub const PROBE: &[u8] = &[0];
+
+/// What the driver should do after a [`Liveness::observe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The node was heard from recently, or nothing is owed.
+    Alive,
+    /// A reply is owed and the node has been quiet for a tick: send a probe.
+    Probe,
+    /// A reply is owed and the node has been silent this long despite probes.
+    Dead(Duration),
+}
+
+/// Silence tracking for one connection.
+#[derive(Debug)]
+pub struct Liveness {
+    timeout: Duration,
+    /// Datagrams received, as last observed.
+    datagrams_rx: u64,
+    /// When `datagrams_rx` last grew (or the tracking started).
+    heard_at: Instant,
+    /// Since when a reply has been owed without a break; `None` while none is owed.
+    owed_since: Option<Instant>,
+}
+
+impl Liveness {
+    /// Starts tracking at `now`, with `datagrams_rx` received so far.
+    pub fn new(timeout: Duration, now: Instant, datagrams_rx: u64) -> Self {
+        Liveness {
+            timeout,
+            datagrams_rx,
+            heard_at: now,
+            owed_since: None,
+        }
+    }
+
+    /// Takes in the connection's received-datagram count and whether any reply is owed.
+    pub fn observe(&mut self, now: Instant, datagrams_rx: u64, reply_owed: bool) -> Verdict {
+        if datagrams_rx != self.datagrams_rx {
+            self.datagrams_rx = datagrams_rx;
+            self.heard_at = now;
+        }
+        if !reply_owed {
+            self.owed_since = None;
+            return Verdict::Alive;
+        }
+        let owed_since = *self.owed_since.get_or_insert(now);
+        // Silence only counts from when a reply became owed: before that, nothing asked
+        // the node to say anything.
+        let silent = now.saturating_duration_since(self.heard_at.max(owed_since));
+        if silent >= self.timeout {
+            Verdict::Dead(silent)
+        } else if now.saturating_duration_since(self.heard_at) >= LIVENESS_TICK {
+            Verdict::Probe
+        } else {
+            Verdict::Alive
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(750);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn nothing_owed_is_never_dead_however_long_the_silence() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 5);
+        assert_eq!(l.observe(t0 + ms(60_000), 5, false), Verdict::Alive);
+    }
+
+    #[test]
+    fn a_silent_node_is_probed_then_declared_dead_after_the_timeout() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 5);
+        assert_eq!(l.observe(t0 + ms(50), 5, true), Verdict::Alive);
+        assert_eq!(l.observe(t0 + ms(150), 5, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(700), 5, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(810), 5, true), Verdict::Dead(ms(760)));
+    }
+
+    #[test]
+    fn acks_of_the_probes_keep_a_slow_node_alive() {
+        // The node holds the reply for seconds (an election) but its QUIC stack answers.
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 0);
+        for tick in 1..=50u64 {
+            let verdict = l.observe(t0 + ms(100 * tick), tick, true);
+            assert_eq!(verdict, Verdict::Alive, "tick {tick}");
+        }
+    }
+
+    #[test]
+    fn silence_counts_from_when_a_reply_became_owed() {
+        // Quiet for a minute with nothing owed, then a request: the node gets the
+        // whole timeout to answer it.
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 9);
+        assert_eq!(l.observe(t0 + ms(60_000), 9, false), Verdict::Alive);
+        assert_eq!(l.observe(t0 + ms(60_100), 9, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(60_800), 9, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(60_850), 9, true), Verdict::Dead(ms(750)));
+    }
+
+    #[test]
+    fn a_break_in_what_is_owed_restarts_the_count() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 1);
+        assert_eq!(l.observe(t0 + ms(600), 1, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(700), 1, false), Verdict::Alive);
+        assert_eq!(l.observe(t0 + ms(800), 1, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(1_500), 1, true), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(1_550), 1, true), Verdict::Dead(ms(750)));
+    }
+}
