@@ -243,7 +243,7 @@ async fn a_session_on_node_3_receives_what_node_1_published() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_restarted_from_disk_keep_their_history() -> anyhow::Result<()> {
+async fn nodes_restarted_from_disk_keep_their_history_and_own_their_data_dir() -> anyhow::Result<()> {
     let cluster = Cluster::start(3, &[]).await?;
     let result = async {
         let token = cluster.service_token("svc")?;
@@ -257,6 +257,24 @@ async fn nodes_restarted_from_disk_keep_their_history() -> anyhow::Result<()> {
         }
         publisher.close().await;
         let expected: Vec<String> = (1..=100).map(|i| format!("m{i}")).collect();
+
+        // A second process on a running node's data directory is refused before it
+        // touches the log (two writers would interleave appends), naming the holder.
+        let second = std::process::Command::new(herald_tests::herald_binary()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(cluster.config_path(1))
+            .env("RUST_LOG", "warn")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        let holder = cluster.pid(1).context("node 1 has no pid")?;
+        anyhow::ensure!(
+            !second.status.success()
+                && stderr.contains("in use by another herald process")
+                && stderr.contains(&format!("pid {holder}")),
+            "a second node 1 was not refused ({}): {stderr}",
+            second.status
+        );
 
         // One follower, killed and restarted.
         let leader = cluster.wait_leader().await?;

@@ -37,6 +37,22 @@ pub enum NodeError {
     /// The Raft log, snapshot or openraft itself could not start.
     #[error("cannot start replication: {0}")]
     Storage(String),
+    /// Another process holds the data directory.
+    #[error("the data directory {} is in use by another herald process (pid {holder}); two nodes on one directory would corrupt its log: stop the other one, or give this one its own --data-dir", dir.display())]
+    DataDirInUse {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// What the lock file says about its holder.
+        holder: String,
+    },
+    /// The data directory's lock file could not be created or locked.
+    #[error("cannot lock the data directory {}: {source}", dir.display())]
+    DataDirLock {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A port could not be bound.
     #[error("cannot bind {what} on {addr}: {source}; is another herald running? pick another with --listen/--admin")]
     Bind {
@@ -68,6 +84,8 @@ pub struct NodeContext {
     /// The Raft log store (for `/cluster` and metrics).
     pub log: crate::raft::log_store::LogStore,
     session_ids: AtomicU64,
+    /// Held while anything of this node may still write to the data directory.
+    _data_dir_lock: std::fs::File,
 }
 
 impl NodeContext {
@@ -93,6 +111,7 @@ impl RunningNode {
     /// Binds the ports and starts serving. Returns once the node is ready.
     pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         config.check()?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let verifier = match config.auth.token_algorithm.as_str() {
             "EdDSA" | "RS256" => {
                 let pem = std::fs::read(&config.auth.token_public_key_file).map_err(|source| {
@@ -180,6 +199,7 @@ impl RunningNode {
             ready: AtomicBool::new(false),
             sessions: session::Registry::default(),
             session_ids: AtomicU64::new(1),
+            _data_dir_lock: data_dir_lock,
         });
         let tasks = vec![
             tokio::spawn(admin::serve(admin_listener, context.clone())),
@@ -220,6 +240,45 @@ impl RunningNode {
         }
         let _ = self.context.engine.raft().shutdown().await;
     }
+}
+
+/// Name of the lock file in the data directory.
+pub const DATA_DIR_LOCK_FILE: &str = "herald.lock";
+
+/// Takes the data directory for this process (an exclusive `flock` on
+/// `DATA/herald.lock`, released by the OS when the process ends, even on `kill -9`).
+/// Two nodes on one directory would interleave appends to the same log and vote files.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
+    use std::io::{Read, Seek, Write};
+    let lock_error = |source| NodeError::DataDirLock {
+        dir: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(lock_error)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(dir.join(DATA_DIR_LOCK_FILE))
+        .map_err(lock_error)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(NodeError::DataDirInUse {
+                dir: dir.to_owned(),
+                holder: holder.trim().to_owned(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(lock_error(e)),
+    }
+    // For the operator who finds the directory locked: who holds it.
+    file.set_len(0).map_err(lock_error)?;
+    file.rewind().map_err(lock_error)?;
+    writeln!(file, "{}", std::process::id()).map_err(lock_error)?;
+    Ok(file)
 }
 
 /// Socket buffer sizes for the node's UDP port. Linux's defaults (~200 KiB) overflow
