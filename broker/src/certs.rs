@@ -147,11 +147,13 @@ pub fn random_secret() -> String {
 const RESET_KEY_BYTES: usize = 64;
 
 /// The key of the node's connection-id generator, derived from its stateless-reset key
-/// so that it, too, survives restarts (a restarted node recognizes the ids it handed
-/// out before and resets those connections at once).
+/// so that it, too, survives restarts: a restarted node recognizes the ids it handed
+/// out before and answers their packets with a stateless reset (quinn's ids carry a
+/// check hash keyed by this, not a secret: the key only has to be stable).
 pub fn connection_id_key(reset_key: &ring::hmac::Key) -> u64 {
     let tag = ring::hmac::sign(reset_key, b"herald connection id generator");
     let mut first = [0u8; 8];
+    // Invariant: an HMAC-SHA256 tag is 32 bytes, so the first 8 exist.
     first.copy_from_slice(&tag.as_ref()[..8]);
     u64::from_le_bytes(first)
 }

@@ -44,8 +44,8 @@ use crate::config::{ClientConfig, SeedAddr};
 use crate::cursor::{Cursors, Verdict};
 use crate::error::{goodbye_means_reconnect, refusal_is_transient, Error};
 use crate::io::{FrameReader, FrameWriter, IoError};
-use crate::liveness::{Liveness, Verdict as LivenessVerdict, LIVENESS_TICK, PROBE};
 use crate::session::SessionEvent;
+use crate::watchdog::Watchdog;
 use crate::wire::{
     self, Event, Frame, Hello, IdempotencyKey, Message, Principal, Refusal, Reply, Request,
     SessionLimits, FRAME_BYTES_CEILING,
@@ -142,14 +142,22 @@ pub(crate) struct State {
     pub(crate) info: Mutex<SessionInfo>,
     permits: Semaphore,
     next_id: AtomicU64,
-    /// Replies received over every connection so far (tells a node that served us
-    /// from one that accepted and dropped us).
+    /// Successful replies over every connection so far (tells a node that served us
+    /// from one that accepted and dropped us, or only refused).
     replies: AtomicU64,
 }
 
 impl State {
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// True when a request sent on connection `generation` still waits for its reply.
+    pub(crate) fn reply_owed(&self, generation: u64) -> bool {
+        lock(&self.pending)
+            .requests
+            .values()
+            .any(|r| r.sent_generation == generation)
     }
 }
 
@@ -446,45 +454,32 @@ impl Driver {
             session_id: info.session_id,
         };
         let mut reader_task = tokio::spawn(read_loop(reader, ctx, reconnected_to));
+        // Closes the connection if the node falls silent while replies are owed; its
+        // verdict, when it has one, is the reason the connection ended.
+        let watchdog = Watchdog::start(
+            conn.clone(),
+            Arc::clone(&self.state),
+            generation,
+            self.config.liveness_timeout,
+        );
+        let lost = |reason: String| Next::Lost(watchdog.verdict().unwrap_or(reason));
 
-        if let Err(e) = self.sweep(&mut writer, generation).await {
+        let swept = self.sweep(&mut writer, generation).await;
+        watchdog.request_sent();
+        if let Err(e) = swept {
             stop_reader(reader_task).await;
             conn.close(quinn::VarInt::from_u32(0), b"write failed");
-            return Next::Lost(format!("resending after connect failed: {e}"));
+            return lost(format!("resending after connect failed: {e}"));
         }
 
-        let mut liveness = Liveness::new(
-            self.config.liveness_timeout,
-            Instant::now(),
-            conn.stats().udp_rx.datagrams,
-        );
-        let mut liveness_tick = tokio::time::interval(LIVENESS_TICK);
-        liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 end = &mut reader_task => {
                     conn.close(quinn::VarInt::from_u32(0), b"stream ended");
-                    return reader_ended(end);
-                }
-                _ = liveness_tick.tick() => {
-                    let owed = self.reply_owed(generation);
-                    match liveness.observe(Instant::now(), conn.stats().udp_rx.datagrams, owed) {
-                        LivenessVerdict::Alive => {}
-                        LivenessVerdict::Probe => {
-                            // Dropped by QUIC if the node does not take datagrams; then
-                            // only the idle timeout tells.
-                            let _ = conn.send_datagram(bytes::Bytes::from_static(PROBE));
-                        }
-                        LivenessVerdict::Dead(silent) => {
-                            stop_reader(reader_task).await;
-                            conn.close(quinn::VarInt::from_u32(0), b"node silent");
-                            return Next::Lost(format!(
-                                "the node sent nothing for {} ms while replies were owed (not even \
-                                 acknowledgements of probes); counting it as dead",
-                                silent.as_millis()
-                            ));
-                        }
-                    }
+                    return match (reader_ended(end), watchdog.verdict()) {
+                        (Next::Lost(_), Some(reason)) => Next::Lost(reason),
+                        (next, _) => next,
+                    };
                 }
                 command = self.cmd_rx.recv() => {
                     let mut stop = None;
@@ -503,6 +498,7 @@ impl Driver {
                         }
                     }
                     let flushed = writer.flush().await;
+                    watchdog.request_sent();
                     if let Some(stop) = stop {
                         self.drain(writer, reader_task, conn, endpoint).await;
                         return Next::Stop(stop);
@@ -510,7 +506,7 @@ impl Driver {
                     if let Err(e) = flushed {
                         stop_reader(reader_task).await;
                         conn.close(quinn::VarInt::from_u32(0), b"write failed");
-                        return Next::Lost(e.to_string());
+                        return lost(e.to_string());
                     }
                 }
             }
@@ -616,14 +612,6 @@ impl Driver {
 
     /// Queues the pending request `id`, unless it is gone (answered, timed out) or
     /// already went out on this connection.
-    /// True when a request sent on this connection still waits for its reply.
-    fn reply_owed(&self, generation: u64) -> bool {
-        lock(&self.state.pending)
-            .requests
-            .values()
-            .any(|r| r.sent_generation == generation)
-    }
-
     fn queue_request(&mut self, writer: &mut FrameWriter, id: u64, generation: u64) {
         let mut pending = lock(&self.state.pending);
         let Some(request) = pending.requests.get_mut(&id) else {
@@ -889,12 +877,16 @@ impl ReaderCtx {
 
     /// Hands a reply to its waiter. Returns an end when the connection must go.
     async fn on_reply(&mut self, id: u64, body: Reply) -> Option<ReaderEnd> {
-        self.state.replies.fetch_add(1, Ordering::Relaxed);
         let request = lock(&self.state.pending).requests.remove(&id);
         let Some(request) = request else {
             tracing::debug!(id, "reply to a request nobody waits for (timed out)");
             return None;
         };
+        if !matches!(body, Reply::Refused(_)) {
+            // The node did work for us (a refusal, e.g. `Unavailable`, does not count:
+            // it must not reset the reconnect backoff).
+            self.state.replies.fetch_add(1, Ordering::Relaxed);
+        }
         if let (Request::Subscribe { conv, .. }, Reply::Subscribed { next_seq, .. }) =
             (&request.body, &body)
         {

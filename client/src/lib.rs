@@ -79,6 +79,7 @@ mod error;
 mod liveness;
 mod publisher;
 mod session;
+mod watchdog;
 
 pub use config::{
     ClientConfig, ClientConfigBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OUTBOUND_QUEUE_LEN_MAX,

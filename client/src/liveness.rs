@@ -2,8 +2,9 @@
 //!
 //! Owns: the decision, from what the connection received and whether a reply is owed,
 //! to do nothing, to send a probe, or to declare the node dead. Must not: do I/O or
-//! read a clock (the driver passes `now` and the received-datagram count in, and sends
-//! the probe), so the policy is tested without sockets or sleeps.
+//! read a clock (the watchdog in `watchdog.rs` passes `now`, the count of frames
+//! received and the round-trip time in, and sends the probe), so the policy is tested
+//! without sockets or sleeps.
 //!
 //! Why: a node killed without a word (`kill -9`, power cut) sends nothing more, and
 //! QUIC notices only at the idle timeout (30 s by default, so that idle devices stay
@@ -16,9 +17,15 @@
 //! means the node (or the path to it) is gone: the driver drops the connection and
 //! reconnects to the next seed, re-sending what is owed (publishes keep their keys).
 //!
-//! Cost: nothing while no reply is owed (idle sessions send nothing extra), and while
-//! one is owed, one 1-byte datagram per [`LIVENESS_TICK`] only when the node has been
+//! Cost: nothing while no reply is owed (the watchdog sleeps until a request goes out,
+//! so idle sessions neither wake nor send), and while one is owed, a check per
+//! [`LIVENESS_TICK`] and one 1-byte datagram per tick only when the node has been
 //! silent for that long.
+//!
+//! Two guards against calling a live node dead: the timeout is at least three round
+//! trips (a slow path is not a dead node), and after a gap between checks (this
+//! process stalled, or nothing was owed) the silence is counted afresh, since
+//! what the node sent meanwhile may not have been processed yet.
 
 use std::time::Duration;
 
@@ -48,40 +55,56 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Liveness {
     timeout: Duration,
-    /// Datagrams received, as last observed.
-    datagrams_rx: u64,
-    /// When `datagrams_rx` last grew (or the tracking started).
+    /// Frames received (authenticated), as last observed.
+    frames_rx: u64,
+    /// When `frames_rx` last grew (or the tracking started).
     heard_at: Instant,
+    /// When `observe` last ran.
+    observed_at: Instant,
     /// Since when a reply has been owed without a break; `None` while none is owed.
     owed_since: Option<Instant>,
 }
 
 impl Liveness {
-    /// Starts tracking at `now`, with `datagrams_rx` received so far.
-    pub fn new(timeout: Duration, now: Instant, datagrams_rx: u64) -> Self {
+    /// Starts tracking at `now`, with `frames_rx` received so far.
+    pub fn new(timeout: Duration, now: Instant, frames_rx: u64) -> Self {
         Liveness {
             timeout,
-            datagrams_rx,
+            frames_rx,
             heard_at: now,
+            observed_at: now,
             owed_since: None,
         }
     }
 
-    /// Takes in the connection's received-datagram count and whether any reply is owed.
-    pub fn observe(&mut self, now: Instant, datagrams_rx: u64, reply_owed: bool) -> Verdict {
-        if datagrams_rx != self.datagrams_rx {
-            self.datagrams_rx = datagrams_rx;
+    /// Takes in the connection's count of received frames, whether any reply is owed,
+    /// and the current round-trip estimate.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        frames_rx: u64,
+        reply_owed: bool,
+        rtt: Duration,
+    ) -> Verdict {
+        let gap = now.saturating_duration_since(self.observed_at);
+        self.observed_at = now;
+        if frames_rx != self.frames_rx {
+            self.frames_rx = frames_rx;
             self.heard_at = now;
         }
         if !reply_owed {
             self.owed_since = None;
             return Verdict::Alive;
         }
+        if gap > 2 * LIVENESS_TICK {
+            // Not looked at for a while: count the silence from now.
+            self.owed_since = Some(now);
+        }
         let owed_since = *self.owed_since.get_or_insert(now);
         // Silence only counts from when a reply became owed: before that, nothing asked
         // the node to say anything.
         let silent = now.saturating_duration_since(self.heard_at.max(owed_since));
-        if silent >= self.timeout {
+        if silent >= self.timeout.max(3 * rtt) {
             Verdict::Dead(silent)
         } else if now.saturating_duration_since(self.heard_at) >= LIVENESS_TICK {
             Verdict::Probe
@@ -96,6 +119,18 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_millis(750);
+    /// A loopback round trip.
+    const RTT: Duration = Duration::from_micros(200);
+
+    /// Observes every tick from `from_ms` to `to_ms` (inclusive) with nothing heard;
+    /// the last verdict.
+    fn silent_ticks(l: &mut Liveness, t0: Instant, from_ms: u64, to_ms: u64) -> Verdict {
+        let mut verdict = Verdict::Alive;
+        for at in (from_ms..=to_ms).step_by(100) {
+            verdict = l.observe(t0 + ms(at), 5, true, RTT);
+        }
+        verdict
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -105,17 +140,19 @@ mod tests {
     fn nothing_owed_is_never_dead_however_long_the_silence() {
         let t0 = Instant::now();
         let mut l = Liveness::new(TIMEOUT, t0, 5);
-        assert_eq!(l.observe(t0 + ms(60_000), 5, false), Verdict::Alive);
+        assert_eq!(l.observe(t0 + ms(60_000), 5, false, RTT), Verdict::Alive);
     }
 
     #[test]
     fn a_silent_node_is_probed_then_declared_dead_after_the_timeout() {
         let t0 = Instant::now();
         let mut l = Liveness::new(TIMEOUT, t0, 5);
-        assert_eq!(l.observe(t0 + ms(50), 5, true), Verdict::Alive);
-        assert_eq!(l.observe(t0 + ms(150), 5, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(700), 5, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(810), 5, true), Verdict::Dead(ms(760)));
+        assert_eq!(l.observe(t0 + ms(50), 5, true, RTT), Verdict::Alive);
+        assert_eq!(silent_ticks(&mut l, t0, 150, 750), Verdict::Probe);
+        assert_eq!(
+            l.observe(t0 + ms(810), 5, true, RTT),
+            Verdict::Dead(ms(760))
+        );
     }
 
     #[test]
@@ -124,7 +161,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(TIMEOUT, t0, 0);
         for tick in 1..=50u64 {
-            let verdict = l.observe(t0 + ms(100 * tick), tick, true);
+            let verdict = l.observe(t0 + ms(100 * tick), tick, true, RTT);
             assert_eq!(verdict, Verdict::Alive, "tick {tick}");
         }
     }
@@ -134,21 +171,60 @@ mod tests {
         // Quiet for a minute with nothing owed, then a request: the node gets the
         // whole timeout to answer it.
         let t0 = Instant::now();
-        let mut l = Liveness::new(TIMEOUT, t0, 9);
-        assert_eq!(l.observe(t0 + ms(60_000), 9, false), Verdict::Alive);
-        assert_eq!(l.observe(t0 + ms(60_100), 9, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(60_800), 9, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(60_850), 9, true), Verdict::Dead(ms(750)));
+        let mut l = Liveness::new(TIMEOUT, t0, 5);
+        assert_eq!(l.observe(t0 + ms(60_000), 5, false, RTT), Verdict::Alive);
+        assert_eq!(silent_ticks(&mut l, t0, 60_100, 60_800), Verdict::Probe);
+        assert_eq!(
+            l.observe(t0 + ms(60_850), 5, true, RTT),
+            Verdict::Dead(ms(750))
+        );
     }
 
     #[test]
     fn a_break_in_what_is_owed_restarts_the_count() {
         let t0 = Instant::now();
-        let mut l = Liveness::new(TIMEOUT, t0, 1);
-        assert_eq!(l.observe(t0 + ms(600), 1, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(700), 1, false), Verdict::Alive);
-        assert_eq!(l.observe(t0 + ms(800), 1, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(1_500), 1, true), Verdict::Probe);
-        assert_eq!(l.observe(t0 + ms(1_550), 1, true), Verdict::Dead(ms(750)));
+        let mut l = Liveness::new(TIMEOUT, t0, 5);
+        assert_eq!(silent_ticks(&mut l, t0, 100, 600), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(700), 5, false, RTT), Verdict::Alive);
+        assert_eq!(silent_ticks(&mut l, t0, 800, 1_500), Verdict::Probe);
+        assert_eq!(
+            l.observe(t0 + ms(1_550), 5, true, RTT),
+            Verdict::Dead(ms(750))
+        );
+    }
+
+    #[test]
+    fn a_stall_of_this_process_restarts_the_count() {
+        // The checks stop for two seconds (a blocked runtime): the node's answers to the
+        // probes may be waiting unprocessed, so the next check must not call it dead.
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 5);
+        assert_eq!(silent_ticks(&mut l, t0, 100, 500), Verdict::Probe);
+        assert_eq!(l.observe(t0 + ms(2_500), 5, true, RTT), Verdict::Probe);
+        assert_eq!(silent_ticks(&mut l, t0, 2_600, 3_200), Verdict::Probe);
+        assert_eq!(
+            l.observe(t0 + ms(3_250), 5, true, RTT),
+            Verdict::Dead(ms(750))
+        );
+    }
+
+    #[test]
+    fn a_long_round_trip_stretches_the_timeout() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(TIMEOUT, t0, 5);
+        let rtt = ms(400);
+        let mut verdict = Verdict::Alive;
+        for at in (100..=1_200).step_by(100) {
+            verdict = l.observe(t0 + ms(at), 5, true, rtt);
+        }
+        assert_eq!(
+            verdict,
+            Verdict::Probe,
+            "1.1 s is below three 400 ms round trips"
+        );
+        assert_eq!(
+            l.observe(t0 + ms(1_300), 5, true, rtt),
+            Verdict::Dead(ms(1_200))
+        );
     }
 }

@@ -243,7 +243,8 @@ async fn a_session_on_node_3_receives_what_node_1_published() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_restarted_from_disk_keep_their_history_and_own_their_data_dir() -> anyhow::Result<()> {
+async fn nodes_restarted_from_disk_keep_their_history_and_own_their_data_dir() -> anyhow::Result<()>
+{
     let cluster = Cluster::start(3, &[]).await?;
     let result = async {
         let token = cluster.service_token("svc")?;
