@@ -86,11 +86,17 @@ pub struct DevClusterArgs {
     /// Raft groups (sharding is a later issue: only 1 is supported today).
     #[arg(long, default_value_t = 1)]
     groups: u32,
+    /// Put node K on host K of this list (e.g. compose services node1,node2,node3)
+    /// instead of 127.0.0.1: every node listens on 0.0.0.0 at QUIC port P and admin
+    /// P+1, peers dial HOST_K:P, and the node certificate also names these hosts.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
 }
 
 /// Writes the CA, the node certificate (shared by the local nodes: it names
-/// 127.0.0.1 and localhost), the cluster and token secrets and one config per node,
-/// then prints how to start them. Existing files are kept, so re-running is harmless.
+/// 127.0.0.1 and localhost, and the `--hosts`), the cluster and token secrets and one
+/// config per node, then prints how to start them. Existing files are kept, so
+/// re-running is harmless.
 pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
     if !(1..=9).contains(&args.nodes) {
         bail!("--nodes must be between 1 and 9, got {}", args.nodes);
@@ -98,16 +104,50 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
     if args.groups != 1 {
         bail!("--groups {}: this build runs one Raft group per cluster; sharding over many groups is not built yet", args.groups);
     }
-    let top = u32::from(args.base_port) + 10 * (u32::from(args.nodes) - 1) + 1;
-    if top > u32::from(u16::MAX) {
+    let on_hosts = !args.hosts.is_empty();
+    if on_hosts && args.hosts.len() != usize::from(args.nodes) {
+        bail!(
+            "--hosts names {} host(s) but --nodes is {}: give one host per node",
+            args.hosts.len(),
+            args.nodes
+        );
+    }
+    if let Some(bad) = args
+        .hosts
+        .iter()
+        .find(|h| h.is_empty() || h.contains(':') || h.contains(char::is_whitespace))
+    {
+        bail!("--hosts entry `{bad}` is not a host name or IPv4 address");
+    }
+    // Node K's QUIC port: on distinct hosts every node uses P, on one host P+10(K-1).
+    let quic_port = |k: u16| {
+        if on_hosts {
+            u32::from(args.base_port)
+        } else {
+            u32::from(args.base_port) + 10 * (u32::from(k) - 1)
+        }
+    };
+    if quic_port(args.nodes) + 1 > u32::from(u16::MAX) {
         bail!(
             "--base-port {} leaves no room for {} nodes",
             args.base_port,
             args.nodes
         );
     }
+    let quic_port = |k: u16| quic_port(k) as u16;
+    let host = |k: u16| {
+        if on_hosts {
+            args.hosts[usize::from(k) - 1].clone()
+        } else {
+            "127.0.0.1".to_owned()
+        }
+    };
     let dir = &args.data_dir;
     let files = DevFiles::in_dir(dir);
+    if on_hosts {
+        ensure_host_certificate(&files, &args.hosts)
+            .with_context(|| format!("cannot prepare {}", dir.display()))?;
+    }
     files
         .ensure()
         .with_context(|| format!("cannot prepare {}", dir.display()))?;
@@ -116,15 +156,19 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         std::fs::write(&cluster_secret, herald_broker::certs::random_secret())
             .with_context(|| format!("cannot write {}", cluster_secret.display()))?;
     }
-    let quic_port = |k: u16| args.base_port + 10 * (k - 1);
     let members: Vec<String> = (1..=args.nodes)
-        .map(|k| format!("{k}=127.0.0.1:{}", quic_port(k)))
+        .map(|k| format!("{k}={}:{}", host(k), quic_port(k)))
         .collect();
+    let ip = if on_hosts {
+        [0, 0, 0, 0]
+    } else {
+        [127, 0, 0, 1]
+    };
     let mut commands = Vec::new();
     for k in 1..=args.nodes {
         let mut config = Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], quic_port(k))),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], quic_port(k) + 1)),
+            listen: SocketAddr::from((ip, quic_port(k))),
+            admin_listen: SocketAddr::from((ip, quic_port(k) + 1)),
             data_dir: dir.join(format!("node{k}")),
             ..Config::default()
         };
@@ -137,18 +181,28 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         config.cluster.ca_file = files.ca_pem.clone();
         let text = toml::to_string_pretty(&config).context("cannot render a node config")?;
         let path = dir.join(format!("node{k}.toml"));
+        let place = if on_hosts {
+            format!("on host {}", host(k))
+        } else {
+            "local".to_owned()
+        };
         std::fs::write(
             &path,
             format!(
-                "# Node {k} of a local {}-node Herald cluster (herald dev-cluster).\n\n{text}",
+                "# Node {k} of a {place} {}-node Herald cluster (herald dev-cluster).\n\n{text}",
                 args.nodes
             ),
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
-        commands.push(format!("herald serve --config {}", path.display()));
+        let on = if on_hosts {
+            format!("(on {}) ", host(k))
+        } else {
+            String::new()
+        };
+        commands.push(format!("{on}herald serve --config {}", path.display()));
     }
     let addrs: Vec<String> = (1..=args.nodes)
-        .map(|k| format!("127.0.0.1:{}", quic_port(k)))
+        .map(|k| format!("{}:{}", host(k), quic_port(k)))
         .collect();
     println!("Wrote a {}-node cluster to {}.", args.nodes, dir.display());
     println!(
@@ -177,7 +231,49 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         addrs.join(","),
         files.ca_pem.display()
     );
-    println!("  herald status --admin 127.0.0.1:{}", quic_port(1) + 1);
+    println!("  herald status --admin {}:{}", host(1), quic_port(1) + 1);
+    Ok(())
+}
+
+/// With `--hosts`: the CA and a node certificate naming the hosts as well as
+/// localhost and 127.0.0.1 (`DevFiles::ensure` then only adds the token secret).
+/// The names are kept in `DIR/node.hosts`; an existing certificate made for other
+/// names is refused rather than silently kept.
+fn ensure_host_certificate(files: &DevFiles, hosts: &[String]) -> anyhow::Result<()> {
+    let mut names: Vec<&str> = vec!["localhost", "127.0.0.1", "::1"];
+    names.extend(hosts.iter().map(String::as_str));
+    let listing = names.join("\n") + "\n";
+    let record = files.node_cert.with_file_name("node.hosts");
+    if files.node_cert.is_file() {
+        let recorded = std::fs::read_to_string(&record).unwrap_or_default();
+        if recorded != listing {
+            bail!(
+                "{} was made for other host names than --hosts {}; \
+                 use another --data-dir or delete that directory's node.pem and node.key",
+                files.node_cert.display(),
+                hosts.join(",")
+            );
+        }
+        return Ok(());
+    }
+    if let Some(dir) = files.node_cert.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let pki = herald_broker::certs::generate_pki(&names)?;
+    let write = |path: &std::path::Path, text: &str, private: bool| -> anyhow::Result<()> {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot restrict {}", path.display()))?;
+        }
+        Ok(())
+    };
+    write(&files.ca_pem, &pki.ca_pem, false)?;
+    write(&files.node_key, &pki.node_key_pem, true)?;
+    write(&files.node_cert, &pki.node_cert_pem, false)?;
+    write(&record, &listing, false)?;
     Ok(())
 }
 
@@ -334,4 +430,104 @@ async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
         );
     }
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+    #[derive(Parser)]
+    struct DevCluster {
+        #[command(flatten)]
+        args: DevClusterArgs,
+    }
+
+    fn run(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<()> {
+        let mut argv = vec!["herald", "--data-dir", dir.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        dev_cluster(DevCluster::try_parse_from(argv)?.args)
+    }
+
+    /// Whether the node certificate in `dir` is valid, for the CA in `dir`, as `name`.
+    fn cert_names(dir: &std::path::Path, name: &str) -> bool {
+        let ca = CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap();
+        let node = CertificateDer::from_pem_file(dir.join("node.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            herald_client::io::crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_server_cert(
+                &node,
+                &[],
+                &ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn hosts_put_node_k_on_host_k_and_into_the_certificate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let hosts = ["--hosts", "node1,node2,node3", "--base-port", "7400"];
+        run(&dir, &hosts).unwrap();
+        let (config, warnings) = Config::load(&dir.join("node2.toml"), Vec::new()).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        config.check().unwrap();
+        assert_eq!(config.listen, SocketAddr::from(([0, 0, 0, 0], 7400)));
+        assert_eq!(config.admin_listen, SocketAddr::from(([0, 0, 0, 0], 7401)));
+        assert_eq!(config.cluster.node_id, 2);
+        assert_eq!(
+            config.cluster.members,
+            ["1=node1:7400", "2=node2:7400", "3=node3:7400"]
+        );
+        for name in ["node1", "node2", "node3", "localhost", "127.0.0.1"] {
+            assert!(cert_names(&dir, name), "certificate lacks {name}");
+        }
+        assert!(!cert_names(&dir, "node4"));
+        // Re-running keeps the files; other hosts are refused, not silently ignored.
+        let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+        run(&dir, &hosts).unwrap();
+        assert_eq!(std::fs::read(dir.join("ca.pem")).unwrap(), ca);
+        let err = format!("{:#}", run(&dir, &["--hosts", "a,b,c"]).unwrap_err());
+        assert!(err.contains("other host names"), "{err}");
+    }
+
+    #[test]
+    fn without_hosts_nodes_share_loopback_and_bad_hosts_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        run(&dir, &["--nodes", "2"]).unwrap();
+        let (config, _) = Config::load(&dir.join("node2.toml"), Vec::new()).unwrap();
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 7420)));
+        assert_eq!(
+            config.cluster.members,
+            ["1=127.0.0.1:7410", "2=127.0.0.1:7420"]
+        );
+        assert!(!cert_names(&dir, "node1"));
+        // A certificate made without --hosts does not name them: refused, not kept.
+        let err = format!(
+            "{:#}",
+            run(&dir, &["--nodes", "2", "--hosts", "a,b"]).unwrap_err()
+        );
+        assert!(err.contains("other host names"), "{err}");
+        let other = tmp.path().join("d");
+        let err = run(&other, &["--hosts", "a,b"]).unwrap_err().to_string();
+        assert!(err.contains("one host per node"), "{err}");
+        let err = run(&other, &["--nodes", "2", "--hosts", "a,b:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`b:1`"), "{err}");
+    }
 }
