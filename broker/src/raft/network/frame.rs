@@ -777,10 +777,51 @@ where
     let mut header = [0u8; FRAME_HEADER_LEN];
     read_exact(recv, &mut header, what, 0).await?;
     let len = check_header(header, what, stream, max)?;
-    let mut body = AlignedVec::<16>::with_capacity(len);
-    body.resize(len, 0);
-    read_exact(recv, &mut body, what, FRAME_HEADER_LEN as u64).await?;
-    decode_body(&body, what, stream)
+    let mut body = RecvBuffer::take(len);
+    read_exact(recv, &mut body.0, what, FRAME_HEADER_LEN as u64).await?;
+    decode_body(&body.0, what, stream)
+}
+
+/// Receive buffers kept for reuse across RPCs, at most this many.
+pub const RECV_BUFFERS_KEPT_MAX: usize = 8;
+/// A receive buffer larger than this is freed rather than kept (a snapshot chunk or a
+/// catch-up batch should not pin its memory).
+pub const RECV_BUFFER_KEPT_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Buffers returned by finished reads. A fresh buffer per AppendEntries cost the
+/// follower page faults and zeroing of new memory: `clear_page_erms` was 20% of its
+/// CPU in `perf` (ARCHITECTURE.md, Performance).
+static RECV_BUFFERS: std::sync::Mutex<Vec<AlignedVec<16>>> = std::sync::Mutex::new(Vec::new());
+
+/// A frame body buffer of exactly the requested length, taken from [`RECV_BUFFERS`]
+/// when one is there and returned to it on drop.
+struct RecvBuffer(AlignedVec<16>);
+
+impl RecvBuffer {
+    fn take(len: usize) -> Self {
+        let kept = RECV_BUFFERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut buffer = kept.unwrap_or_default();
+        buffer.clear();
+        buffer.resize(len, 0);
+        RecvBuffer(buffer)
+    }
+}
+
+impl Drop for RecvBuffer {
+    fn drop(&mut self) {
+        if self.0.capacity() > RECV_BUFFER_KEPT_BYTES_MAX {
+            return;
+        }
+        let mut kept = RECV_BUFFERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < RECV_BUFFERS_KEPT_MAX {
+            kept.push(std::mem::take(&mut self.0));
+        }
+    }
 }
 
 async fn read_exact(
