@@ -59,6 +59,24 @@ pub struct Metrics {
     pub conversations: Gauge,
     /// Messages held in history.
     pub history_messages: Gauge,
+    /// Raft: the current term.
+    pub raft_term: Gauge,
+    /// Raft: 1 while this node leads, else 0.
+    pub raft_leader: Gauge,
+    /// Raft: times this node saw the leader change (including to "none").
+    pub raft_leader_changes: Counter,
+    /// Raft: the last log index on this node.
+    pub raft_last_log_index: Gauge,
+    /// Raft: the last index applied to the state machine.
+    pub raft_applied_index: Gauge,
+    /// Raft log store: bytes in segment files.
+    pub raft_log_bytes: Gauge,
+    /// Raft log store: fsync/fdatasync calls.
+    pub raft_fsyncs: Counter,
+    /// Raft log store: seconds spent in them.
+    pub raft_fsync_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Raft log store: the slowest of the last 256 fsyncs, seconds.
+    pub raft_fsync_seconds_max_recent: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -85,6 +103,15 @@ impl Metrics {
             session_writes: Counter::default(),
             conversations: Gauge::default(),
             history_messages: Gauge::default(),
+            raft_term: Gauge::default(),
+            raft_leader: Gauge::default(),
+            raft_leader_changes: Counter::default(),
+            raft_last_log_index: Gauge::default(),
+            raft_applied_index: Gauge::default(),
+            raft_log_bytes: Gauge::default(),
+            raft_fsyncs: Counter::default(),
+            raft_fsync_seconds: Counter::default(),
+            raft_fsync_seconds_max_recent: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -174,6 +201,51 @@ impl Metrics {
             "Messages held in history",
             m.history_messages.clone(),
         );
+        r.register(
+            "herald_raft_term",
+            "Raft: current term",
+            m.raft_term.clone(),
+        );
+        r.register(
+            "herald_raft_leader",
+            "Raft: 1 while this node leads",
+            m.raft_leader.clone(),
+        );
+        r.register(
+            "herald_raft_leader_changes",
+            "Raft: leader changes this node saw",
+            m.raft_leader_changes.clone(),
+        );
+        r.register(
+            "herald_raft_last_log_index",
+            "Raft: last log index on this node",
+            m.raft_last_log_index.clone(),
+        );
+        r.register(
+            "herald_raft_applied_index",
+            "Raft: last index applied to the state machine",
+            m.raft_applied_index.clone(),
+        );
+        r.register(
+            "herald_raft_log_bytes",
+            "Raft log store: bytes in segment files",
+            m.raft_log_bytes.clone(),
+        );
+        r.register(
+            "herald_raft_fsyncs",
+            "Raft log store: fsync calls",
+            m.raft_fsyncs.clone(),
+        );
+        r.register(
+            "herald_raft_fsync_seconds",
+            "Raft log store: seconds spent in fsync",
+            m.raft_fsync_seconds.clone(),
+        );
+        r.register(
+            "herald_raft_fsync_seconds_max_recent",
+            "Raft log store: slowest of the last 256 fsyncs",
+            m.raft_fsync_seconds_max_recent.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -193,6 +265,21 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Takes in the log store's counters (at scrape time: they live in the store).
+    pub fn observe_log(&self, stats: &crate::raft::log_store::LogStats) {
+        self.raft_log_bytes
+            .set(i64::try_from(stats.bytes_on_disk).unwrap_or(i64::MAX));
+        // Counters only move forward: add what the store counted since the last scrape.
+        self.raft_fsyncs
+            .inc_by(stats.fsyncs_total.saturating_sub(self.raft_fsyncs.get()));
+        let seconds = stats.fsync_seconds_total - self.raft_fsync_seconds.get();
+        if seconds > 0.0 {
+            self.raft_fsync_seconds.inc_by(seconds);
+        }
+        self.raft_fsync_seconds_max_recent
+            .set(stats.fsync_us_max_recent as f64 / 1e6);
     }
 
     /// OpenMetrics text for `/metrics`.
@@ -230,6 +317,31 @@ mod tests {
             text.contains("herald_publish_ack_latency_seconds_bucket"),
             "{text}"
         );
+        let stats = crate::raft::log_store::LogStats {
+            first_index: Some(1),
+            last_index: Some(9),
+            bytes_on_disk: 4096,
+            segments: 1,
+            fsyncs_total: 7,
+            fsync_seconds_total: 0.5,
+            fsync_us_max_recent: 2500,
+            appended_entries_total: 9,
+        };
+        // Twice: a scrape adds only what the store counted since the last one.
+        m.observe_log(&stats);
+        let text = m.render();
+        m.observe_log(&stats);
+        assert_eq!(text, m.render());
+        assert!(text.contains("herald_raft_fsyncs_total 7"), "{text}");
+        assert!(
+            text.contains("herald_raft_fsync_seconds_total 0.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herald_raft_fsync_seconds_max_recent 0.0025"),
+            "{text}"
+        );
+        assert!(text.contains("herald_raft_log_bytes 4096"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("herald_"), "{line}");
         }

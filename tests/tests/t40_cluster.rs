@@ -140,6 +140,31 @@ async fn three_nodes_form_one_cluster_that_status_shows() -> anyhow::Result<()> 
         let json: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
         anyhow::ensure!(json["groups"][0]["leader"] == leader, "{json}");
+
+        // `/metrics` carries the same Raft picture for Prometheus.
+        for k in cluster.ids() {
+            let (code, text) = cluster.admin_get(k, "/metrics").await?;
+            anyhow::ensure!(code == 200, "node {k} /metrics: {code}");
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            };
+            let is_leader = if k == leader { 1.0 } else { 0.0 };
+            anyhow::ensure!(
+                value("herald_raft_leader") == Some(is_leader)
+                    && value("herald_raft_term") == Some(terms[0] as f64)
+                    && value("herald_raft_fsyncs_total").is_some_and(|n| n > 0.0)
+                    && value("herald_raft_log_bytes").is_some_and(|n| n > 0.0)
+                    && value("herald_raft_applied_index").is_some_and(|n| n > 0.0),
+                "node {k} (leader {leader}, term {}) exports:\n{}",
+                terms[0],
+                text.lines()
+                    .filter(|l| l.starts_with("herald_raft"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
         Ok(())
     }
     .await;

@@ -36,6 +36,7 @@ async fn readyz(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
+    ctx.metrics.observe_log(&ctx.log.stats());
     (
         [(
             header::CONTENT_TYPE,

@@ -372,9 +372,29 @@ const READY_APPLY_LAG_MAX: u64 = 1000;
 /// to `READY_APPLY_LAG_MAX` entries.
 async fn readiness(ctx: Arc<NodeContext>) {
     let mut metrics = ctx.engine.raft().metrics();
+    let mut leader_seen = None;
     loop {
         let ready = {
             let m = metrics.borrow_and_update();
+            // The Raft gauges ride along: this loop already wakes on every change.
+            let exported = &ctx.metrics;
+            exported
+                .raft_term
+                .set(i64::try_from(m.current_term).unwrap_or(i64::MAX));
+            exported
+                .raft_leader
+                .set(i64::from(m.state == openraft::ServerState::Leader));
+            if leader_seen != Some(m.current_leader) {
+                if leader_seen.is_some() {
+                    exported.raft_leader_changes.inc();
+                }
+                leader_seen = Some(m.current_leader);
+            }
+            let index = |i: Option<u64>| i64::try_from(i.unwrap_or(0)).unwrap_or(i64::MAX);
+            exported.raft_last_log_index.set(index(m.last_log_index));
+            exported
+                .raft_applied_index
+                .set(index(m.last_applied.map(|l| l.index)));
             let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
             let last = m.last_log_index.unwrap_or(0);
             // A leader restored from its saved vote is not ready until a quorum answered
