@@ -655,3 +655,71 @@ async fn a_node_slow_to_reply_but_alive_is_not_left() {
     assert_eq!(broker.connections(), 1, "a live node must not be left");
     publisher.close().await;
 }
+
+#[tokio::test]
+async fn a_node_that_goes_silent_while_writes_are_stuck_on_flow_control_is_left() {
+    // The node stops answering right after the handshake, and the client has more to
+    // send than QUIC will buffer for it: the driver sits in a write that can never
+    // finish. The liveness watchdog must still end the connection so the writes go
+    // to another node.
+    const PUBLISHES: usize = 40;
+    const PAYLOAD_BYTES: usize = 60 * 1024; // 2.4 MB in all, beyond every window
+    let (silence_tx, silence_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let broker = Broker::start(vec![
+        script(move |mut p| async move {
+            p.welcome(1).await;
+            silence_tx.send(p.conn.remote_address()).unwrap();
+            let _ = tokio::time::timeout(DEADLINE, p.conn.closed()).await;
+        }),
+        script(|mut p| async move {
+            p.welcome(2).await;
+            for seq in 1..=PUBLISHES as u64 {
+                let (id, _) = p.request().await;
+                p.reply(
+                    id,
+                    Reply::Published {
+                        seq,
+                        duplicate: false,
+                    },
+                )
+                .await;
+            }
+            p.until_client_closes().await;
+        }),
+    ]);
+    let relays = [
+        Relay::start(broker.addr).await,
+        Relay::start(broker.addr).await,
+    ];
+    let config = broker
+        .config()
+        .addrs(relays.iter().map(|r| r.addr.to_string()))
+        .liveness_timeout(Duration::from_millis(500))
+        .request_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let publisher = Publisher::connect(config).await.unwrap();
+    let from = silence_rx.await.unwrap();
+    relays
+        .iter()
+        .find(|r| r.back_addr == from)
+        .unwrap()
+        .go_silent();
+    let started = tokio::time::Instant::now();
+    let sends: Vec<_> = (0..PUBLISHES)
+        .map(|_| {
+            let p = publisher.clone();
+            tokio::spawn(async move { p.publish(1, vec![7u8; PAYLOAD_BYTES]).await })
+        })
+        .collect();
+    for send in sends {
+        send.await.unwrap().unwrap();
+    }
+    let took = started.elapsed();
+    assert_eq!(publisher.session_id(), 2);
+    assert!(
+        took < Duration::from_secs(5),
+        "{PUBLISHES} publishes took {took:?}: the stuck write was not ended by the watchdog"
+    );
+    publisher.close().await;
+}
