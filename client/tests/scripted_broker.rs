@@ -568,6 +568,30 @@ impl Relay {
     }
 }
 
+/// Two seeds, each a relay to the same broker: the client connects through either, and
+/// the test silences whichever one carried a given connection (the broker sees the
+/// relay's back address as the connection's remote address).
+struct Relays([Relay; 2]);
+
+impl Relays {
+    async fn start(broker: SocketAddr) -> Relays {
+        Relays([Relay::start(broker).await, Relay::start(broker).await])
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.0.iter().map(|r| r.addr.to_string()).collect()
+    }
+
+    /// Silences the relay whose connection the broker sees coming from `from`.
+    fn silence(&self, from: SocketAddr) {
+        self.0
+            .iter()
+            .find(|r| r.back_addr == from)
+            .expect("a connection through neither relay")
+            .go_silent();
+    }
+}
+
 #[tokio::test]
 async fn a_node_that_goes_silent_with_a_publish_in_flight_is_left_within_the_liveness_timeout() {
     let (silence_tx, silence_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
@@ -593,25 +617,19 @@ async fn a_node_that_goes_silent_with_a_publish_in_flight_is_left_within_the_liv
             p.until_client_closes().await;
         }),
     ]);
-    // Two seeds, each a relay to the broker; the first connection (to whichever
-    // seed the client picks) dies. The QUIC idle timeout stays at its 30 s default:
+    // The first connection (through whichever relay the client picks) dies. The QUIC idle timeout stays at its 30 s default:
     // only the liveness probe can notice in time.
-    let relays = [
-        Relay::start(broker.addr).await,
-        Relay::start(broker.addr).await,
-    ];
+    let relays = Relays::start(broker.addr).await;
     let liveness = Duration::from_millis(500);
     let config = broker
         .config()
-        .addrs(relays.iter().map(|r| r.addr.to_string()))
+        .addrs(relays.seeds())
         .liveness_timeout(liveness)
         .build()
         .unwrap();
     let publisher = Publisher::connect(config).await.unwrap();
     let silenced = tokio::spawn(async move {
-        let from = silence_rx.await.unwrap();
-        let relay = relays.iter().find(|r| r.back_addr == from).unwrap();
-        relay.go_silent();
+        relays.silence(silence_rx.await.unwrap());
         tokio::time::Instant::now()
     });
     let ack = publisher.publish(1, "x").await.unwrap();
@@ -687,24 +705,16 @@ async fn a_node_that_goes_silent_while_writes_are_stuck_on_flow_control_is_left(
             p.until_client_closes().await;
         }),
     ]);
-    let relays = [
-        Relay::start(broker.addr).await,
-        Relay::start(broker.addr).await,
-    ];
+    let relays = Relays::start(broker.addr).await;
     let config = broker
         .config()
-        .addrs(relays.iter().map(|r| r.addr.to_string()))
+        .addrs(relays.seeds())
         .liveness_timeout(Duration::from_millis(500))
         .request_timeout(Duration::from_secs(20))
         .build()
         .unwrap();
     let publisher = Publisher::connect(config).await.unwrap();
-    let from = silence_rx.await.unwrap();
-    relays
-        .iter()
-        .find(|r| r.back_addr == from)
-        .unwrap()
-        .go_silent();
+    relays.silence(silence_rx.await.unwrap());
     let started = tokio::time::Instant::now();
     let sends: Vec<_> = (0..PUBLISHES)
         .map(|_| {

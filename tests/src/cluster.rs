@@ -820,16 +820,7 @@ pub async fn admin_get_at(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, 
     })
     .await
     .with_context(|| format!("{addr}{path} did not answer within {ADMIN_TIMEOUT:?}"))??;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status code")?
-        .parse()?;
-    Ok((code, body.to_owned()))
+    crate::parse_http_response(&String::from_utf8_lossy(&response))
 }
 
 /// A base port P such that, for K = 1..=n, UDP P+10(K-1) and TCP P+10(K-1)+1 are free

@@ -207,16 +207,21 @@ impl DevNode {
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .context("malformed HTTP response")?;
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .context("no status code")?
-            .parse()?;
-        Ok((code, body.to_owned()))
+        parse_http_response(&response)
     }
+}
+
+/// Splits a raw HTTP/1.1 response into (status code, body).
+pub fn parse_http_response(response: &str) -> anyhow::Result<(u16, String)> {
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status code")?
+        .parse()?;
+    Ok((code, body.to_owned()))
 }
 
 impl Drop for DevNode {
