@@ -318,10 +318,9 @@ mod tests {
             "{text}"
         );
         let stats = crate::raft::log_store::LogStats {
-            first_index: Some(1),
-            last_index: Some(9),
             bytes_on_disk: 4096,
             segments: 1,
+            groups: 1,
             fsyncs_total: 7,
             fsync_seconds_total: 0.5,
             fsync_us_max_recent: 2500,

@@ -360,18 +360,19 @@ fn corrupt_middle_record(path: &Path) -> anyhow::Result<u64> {
     let len = bytes.len();
     let mut offset = 0usize;
     loop {
+        // The shared log's record header is 32 bytes, its length field first.
         let header = bytes
-            .get(offset..offset + 24)
+            .get(offset..offset + 32)
             .with_context(|| format!("no record spans the middle of {}", path.display()))?;
         let body_len = u32::from_le_bytes(header[..4].try_into()?) as usize;
-        let end = offset + 24 + body_len;
-        if end > len / 2 {
+        let end = offset + 32 + body_len;
+        if end > len / 2 && body_len > 0 {
             anyhow::ensure!(
-                end < len && body_len > 0,
+                end < len,
                 "the middle record of {} is its last one; publish more first",
                 path.display()
             );
-            let at = offset + 24 + body_len / 2;
+            let at = offset + 32 + body_len / 2;
             file.seek(SeekFrom::Start(at as u64))?;
             file.write_all(&[bytes[at] ^ 0xff])?;
             file.sync_all()?;
@@ -400,11 +401,11 @@ async fn a_corrupt_log_record_stops_that_node_and_is_never_served() -> anyhow::R
         cluster.wait_caught_up(victim).await?;
         cluster.kill9(victim);
 
-        let log_dir = cluster.data_dir(victim).join("raft/log");
+        let log_dir = cluster.data_dir(victim).join("raft/wal");
         let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
             .collect();
         segments.sort();
         let segment = segments

@@ -25,6 +25,15 @@ use crate::store::Command;
 /// A node's id in the cluster (1-based in configs; openraft's `NodeId`).
 pub type NodeId = u64;
 
+/// A Raft group's id. Every group is its own openraft instance; the groups of a node
+/// share its QUIC endpoint and its log store.
+pub type GroupId = u32;
+
+/// The metadata group (the cluster map) is group 0; data groups are numbered from 1.
+pub const META_GROUP: GroupId = 0;
+/// The first data group.
+pub const FIRST_DATA_GROUP: GroupId = 1;
+
 /// What a committed command did, returned to the proposer (and across a forward).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

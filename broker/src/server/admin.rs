@@ -36,7 +36,7 @@ async fn readyz(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
-    ctx.metrics.observe_log(&ctx.log.stats());
+    ctx.metrics.observe_log(&ctx.wal.stats());
     (
         [(
             header::CONTENT_TYPE,
@@ -92,10 +92,20 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
         .unwrap_or_default();
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
     let log = ctx.log.stats();
+    let wal = ctx.wal.stats();
     serde_json::json!({
         "node_id": me,
         "ready": ready,
         "nodes": nodes,
+        "log": {
+            "bytes": wal.bytes_on_disk,
+            "segments": wal.segments,
+            "groups": wal.groups,
+            "appended_entries_total": wal.appended_entries_total,
+            "fsyncs_total": wal.fsyncs_total,
+            "fsync_seconds_total": wal.fsync_seconds_total,
+            "fsync_us_max_recent": wal.fsync_us_max_recent,
+        },
         "groups": [{
             "id": 0,
             "replicas": replicas,
@@ -107,15 +117,9 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
             "last_log_index": last_log,
             "snapshot_index": m.snapshot.map(|l| l.index),
             "purged_index": m.purged.map(|l| l.index),
-            "log_bytes": log.bytes_on_disk,
-            "log": {
-                "segments": log.segments,
-                "first_index": log.first_index,
-                "appended_entries_total": log.appended_entries_total,
-                "fsyncs_total": log.fsyncs_total,
-                "fsync_seconds_total": log.fsync_seconds_total,
-                "fsync_us_max_recent": log.fsync_us_max_recent,
-            },
+            "log_bytes": log.bytes,
+            "log_entries": log.entries,
+            "first_index": log.first_index,
             "lag": lag,
         }]
     })

@@ -2,7 +2,7 @@
 //! network, openraft itself, and the one-time initialization of a new cluster.
 //!
 //! Owns: the mapping from [`Config`] to openraft's config, where the Raft data lives
-//! under the data directory (`raft/log`, `raft/snapshot`), and the rule that decides
+//! under the data directory (`raft/wal`, `raft/snapshot`), and the rule that decides
 //! who initializes: the member with the lowest id, on its first boot only (its log and
 //! vote are empty), so no two nodes race to form two clusters.
 //! Must not: serve clients, or touch conversation state beyond opening it.
@@ -17,7 +17,7 @@ use openraft::BasicNode;
 use super::NodeError;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::raft::log_store::{LogStore, LogStoreConfig};
+use crate::raft::log_store::{LogStore, LogStoreConfig, Wal};
 use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
 use crate::raft::state_machine::{StateMachine, StateMachineConfig};
 use crate::raft::{NodeId, Raft};
@@ -45,7 +45,9 @@ pub struct Replication {
     pub peers: PeerNetwork,
     /// What serving an incoming peer connection needs.
     pub peer_server: Arc<PeerServerContext>,
-    /// The log store (for stats).
+    /// The node's shared log (for stats).
+    pub wal: Wal,
+    /// The group's log (for stats).
     pub log: LogStore,
 }
 
@@ -123,14 +125,15 @@ pub async fn start(
             "{POWER_LOSS_ENV}=1: the log store simulates power loss on restart (tests only)"
         );
     }
-    let log = LogStore::open(LogStoreConfig {
-        dir: raft_dir.join("log"),
+    let wal = Wal::open(LogStoreConfig {
+        dir: raft_dir.join("wal"),
         segment_bytes_max: config.raft.log_segment_bytes_max,
         cache_bytes_max: usize::try_from(config.raft.log_cache_bytes_max).unwrap_or(usize::MAX),
         simulate_power_loss,
     })
     .await
     .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let log = wal.group(crate::raft::FIRST_DATA_GROUP);
     let sm = StateMachine::open(
         StateMachineConfig {
             dir: raft_dir.join("snapshot"),
@@ -228,6 +231,7 @@ pub async fn start(
         sm,
         peers,
         peer_server,
+        wal,
         log,
     })
 }

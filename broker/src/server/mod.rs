@@ -83,6 +83,8 @@ pub struct NodeContext {
     pub peer_server: Arc<crate::raft::network::PeerServerContext>,
     /// The Raft log store (for `/cluster` and metrics).
     pub log: crate::raft::log_store::LogStore,
+    /// The node's shared log of all groups (fsync stats).
+    pub wal: crate::raft::log_store::Wal,
     session_ids: AtomicU64,
     /// Held while anything of this node may still write to the data directory.
     _data_dir_lock: std::fs::File,
@@ -198,6 +200,7 @@ impl RunningNode {
             engine,
             peer_server: replication.peer_server.clone(),
             log: replication.log.clone(),
+            wal: replication.wal.clone(),
             config,
             verifier,
             metrics,

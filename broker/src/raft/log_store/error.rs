@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
 
 use crate::raft::codec::CodecError;
-use crate::raft::StorageError;
+use crate::raft::{GroupId, StorageError};
 
 /// Why the log store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +26,9 @@ pub enum LogStoreError {
         source: io::Error,
     },
     /// A record of the log is damaged: its CRC does not match, it is cut short before a
-    /// valid record, its index is out of sequence, or a segment file is missing.
+    /// valid record, it does not continue its group's log, or a segment file is missing.
     #[error(
-        "the log of this node is damaged at {} byte offset {offset} (log index {index}): {reason}; \
+        "the log of this node is damaged at {} byte offset {offset} (group {group}, log index {index}): {reason}; \
          move the data directory away and restart the node so it rejoins from a snapshot",
         file.display()
     )]
@@ -37,13 +37,14 @@ pub enum LogStoreError {
         file: PathBuf,
         /// The byte offset of the damaged record in that file.
         offset: u64,
-        /// The log index expected at that offset.
+        /// The Raft group the record belongs to (as far as its header can be read).
+        group: GroupId,
+        /// The log index of the record (as far as its header can be read).
         index: u64,
         /// What exactly is wrong.
         reason: String,
     },
-    /// A small metadata file (`vote`, `purged`, `durable.manifest`) fails its CRC or does not
-    /// decode.
+    /// The test-only `durable.manifest` fails its CRC or does not decode.
     #[error(
         "the file {} of the Raft log is damaged: {reason}; move the data directory away and \
          restart the node so it rejoins from a snapshot",
@@ -64,8 +65,10 @@ pub enum LogStoreError {
         source: CodecError,
     },
     /// An encoded entry is larger than one record may be.
-    #[error("log entry {index} is {bytes} bytes encoded, above the record limit of {max} bytes; lower the payload limit")]
+    #[error("log entry {index} of group {group} is {bytes} bytes encoded, above the record limit of {max} bytes; lower the payload limit")]
     EntryTooLarge {
+        /// The group.
+        group: GroupId,
         /// The entry's log index.
         index: u64,
         /// Its encoded size.
@@ -75,8 +78,10 @@ pub enum LogStoreError {
     },
     /// An append would leave a hole in (or rewrite) the log; openraft never asks for that,
     /// so this is a bug in the caller.
-    #[error("append of log index {got} refused: the log expects index {expected} next (no holes, no overwrites without truncate)")]
+    #[error("append of log index {got} to group {group} refused: its log expects index {expected} next (no holes, no overwrites without truncate)")]
     NotContiguous {
+        /// The group.
+        group: GroupId,
         /// The index the log expects next.
         expected: u64,
         /// The index offered.

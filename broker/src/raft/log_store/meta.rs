@@ -1,11 +1,12 @@
-//! The small files beside the segments: `vote`, `purged`, `committed` and (test-only)
-//! `durable.manifest`.
+//! fsync helpers, and the one small file beside the segments: the test-only
+//! `durable.manifest` of the power-loss simulation.
 //!
-//! Owns: their framing (`[u32 LE body_len][u32 LE crc of body_len and body][body]`), the
-//! atomic replace (temp file, fsync, rename, fsync of the directory), and the body
-//! encodings (rkyv [`WireVote`]/[`WireLogId`] via [`codec`], a plain list for the manifest).
+//! Owns: timing every fsync into the store's stats, the manifest's framing
+//! (`[u32 LE body_len][u32 LE crc of body_len and body][body]`) and encoding, and the
+//! atomic replace (temp file, fsync, rename, fsync of the directory).
 //! Must not: decide when a file is written (the writer thread does, in order with the
 //! appends) or accept a file whose CRC fails: that is [`LogStoreError::CorruptMeta`].
+//! (Votes, purge points and the committed hint are records of the shared log itself.)
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -15,15 +16,7 @@ use std::time::Instant;
 
 use super::error::LogStoreError;
 use super::Stats;
-use crate::raft::codec::{self, WireLogId, WireVote};
-use crate::raft::{LogId, Vote};
 
-/// The vote, replaced atomically and fsync'ed before `save_vote` returns.
-pub(super) const VOTE: &str = "vote";
-/// The last purged log id, replaced atomically and fsync'ed before segments are deleted.
-pub(super) const PURGED: &str = "purged";
-/// The last committed log id, overwritten in place without fsync (see [`super`]).
-pub(super) const COMMITTED: &str = "committed";
 /// Test-only: the fsync'ed length of every segment (power-loss simulation).
 pub(super) const MANIFEST: &str = "durable.manifest";
 /// Suffix of the temp file an atomic replace writes first.
@@ -141,49 +134,7 @@ fn corrupt(dir: &Path, name: &str, reason: impl ToString) -> LogStoreError {
     }
 }
 
-/// The body of the vote file.
-pub(super) fn encode_vote(vote: &Vote) -> Result<Vec<u8>, LogStoreError> {
-    codec::encode(&WireVote::from(vote))
-        .map(|bytes| bytes.to_vec())
-        .map_err(|source| LogStoreError::Encode {
-            what: "the vote".into(),
-            source,
-        })
-}
-
-/// Reads the saved vote.
-pub(super) fn read_vote(dir: &Path) -> Result<Option<Vote>, LogStoreError> {
-    read(dir, VOTE)?
-        .map(|body| {
-            codec::decode::<WireVote>(&body)
-                .map(Vote::from)
-                .map_err(|e| corrupt(dir, VOTE, e))
-        })
-        .transpose()
-}
-
-/// The body of a log-id file (`purged`, `committed`).
-pub(super) fn encode_log_id(log_id: &LogId) -> Result<Vec<u8>, LogStoreError> {
-    codec::encode(&WireLogId::from(log_id))
-        .map(|bytes| bytes.to_vec())
-        .map_err(|source| LogStoreError::Encode {
-            what: format!("log id {log_id}"),
-            source,
-        })
-}
-
-/// Reads a log-id file (`purged`, `committed`).
-pub(super) fn read_log_id(dir: &Path, name: &str) -> Result<Option<LogId>, LogStoreError> {
-    read(dir, name)?
-        .map(|body| {
-            codec::decode::<WireLogId>(&body)
-                .map(LogId::from)
-                .map_err(|e| corrupt(dir, name, e))
-        })
-        .transpose()
-}
-
-/// The body of the manifest: `[u64 LE first index][u64 LE length]` per segment.
+/// The body of the manifest: `[u64 LE segment number][u64 LE length]` per segment.
 pub(super) fn encode_manifest(segments: &BTreeMap<u64, u64>) -> Vec<u8> {
     let mut body = Vec::with_capacity(segments.len() * 16);
     for (first, len) in segments {
@@ -193,7 +144,7 @@ pub(super) fn encode_manifest(segments: &BTreeMap<u64, u64>) -> Vec<u8> {
     body
 }
 
-/// Reads the manifest: durable length by segment first index.
+/// Reads the manifest: durable length by segment number.
 pub(super) fn read_manifest(dir: &Path) -> Result<Option<BTreeMap<u64, u64>>, LogStoreError> {
     let Some(body) = read(dir, MANIFEST)? else {
         return Ok(None);
@@ -236,20 +187,20 @@ mod tests {
     }
 
     #[test]
-    fn vote_survives_and_damage_is_refused() {
+    fn the_manifest_survives_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let stats = Stats::default();
-        let vote = Vote::new_committed(7, 3);
-        write_atomic(dir.path(), VOTE, &encode_vote(&vote).unwrap(), &stats).unwrap();
-        assert_eq!(read_vote(dir.path()).unwrap(), Some(vote));
-        assert!(!dir.path().join(format!("{VOTE}{TMP_SUFFIX}")).exists());
+        let lengths = BTreeMap::from([(3, 4096), (4, 17)]);
+        write_atomic(dir.path(), MANIFEST, &encode_manifest(&lengths), &stats).unwrap();
+        assert_eq!(read_manifest(dir.path()).unwrap(), Some(lengths));
+        assert!(!dir.path().join(format!("{MANIFEST}{TMP_SUFFIX}")).exists());
 
-        let path = dir.path().join(VOTE);
+        let path = dir.path().join(MANIFEST);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x10;
         std::fs::write(&path, bytes).unwrap();
-        let err = read_vote(dir.path()).unwrap_err();
+        let err = read_manifest(dir.path()).unwrap_err();
         assert!(matches!(err, LogStoreError::CorruptMeta { .. }), "{err}");
     }
 }

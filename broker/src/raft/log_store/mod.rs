@@ -1,65 +1,72 @@
-//! The Raft log store: segmented, append-only, CRC-checked files with group-committed
-//! fsync. It implements openraft's `RaftLogStorage` and `RaftLogReader` (in `raft_impl`).
+//! The Raft log store: one shared, segmented, append-only, CRC-checked log per node that
+//! holds the logs of every Raft group the node hosts, with group-committed fsync: one
+//! `fdatasync` covers the appends of many groups. Each group sees its own log through a
+//! [`LogStore`], which implements openraft's `RaftLogStorage` and `RaftLogReader` (in
+//! `raft_impl`).
 //!
-//! Owns: everything under the log directory (`DATA/raft/log`): segment files, `vote`,
-//! `purged`, `committed`, and the test-only `durable.manifest`.
-//! Must not: know what an entry means (bodies are [`crate::raft::codec`]'s rkyv form), apply
-//! entries, or report an append done before it is fsync'ed.
+//! Owns: everything under the log directory (`DATA/raft/wal`): segment files and the
+//! test-only `durable.manifest`; where each record goes (the placement); which segments
+//! are retired.
+//! Must not: know what an entry means (bodies are [`crate::raft::codec`]'s rkyv form),
+//! apply entries, or report an operation done before it is fsync'ed.
 //!
 //! # On disk
 //!
 //! ```text
 //! DIR/
-//! ├── 00000000000000000001.log    segment: records for index 1, 2, 3, … (append-only)
-//! ├── 00000000000000052311.log    the next segment, first index 52311 (rolled past
-//! │                               segment_bytes_max)
-//! ├── vote                        frame(rkyv WireVote)     atomic replace + fsync
-//! ├── purged                      frame(rkyv WireLogId)    atomic replace + fsync
-//! ├── committed                   frame(rkyv WireLogId)    overwritten in place, no fsync
-//! └── durable.manifest            frame((u64 first, u64 len)*)   test-only power-loss mode
+//! ├── 00000000000000000001.wal    segment 1: records of any group, in log order
+//! ├── 00000000000000000002.wal    segment 2, started once segment 1 passed
+//! │                               segment_bytes_max; begins with every group's state
+//! └── durable.manifest            frame((u64 segment, u64 len)*)   test-only power-loss mode
 //!
 //! One record (integers little-endian):
 //!
-//!  0          4          8                 16                24           24+body_len
-//!  +----------+----------+-----------------+-----------------+----------------+
-//!  | body_len |   crc    |      index      |      term       |      body      |
-//!  |   u32    |   u32    |       u64       |       u64       | rkyv WireEntry |
-//!  +----------+----------+-----------------+-----------------+----------------+
-//!  crc = CRC-32 (crc32fast) over body_len ‖ index ‖ term ‖ body, i.e. every byte of the
-//!  record except the crc field itself. body_len ≤ 32 MiB.
+//!  0        4        8        12       16                24                32   32+body_len
+//!  +--------+--------+--------+--------+-----------------+-----------------+--------+
+//!  |body_len|  crc   | group  |  kind  |      index      |      term       |  body  |
+//!  |  u32   |  u32   |  u32   |  u32   |       u64       |       u64       |        |
+//!  +--------+--------+--------+--------+-----------------+-----------------+--------+
+//!  crc = CRC-32 (crc32fast) over every byte of the record except the crc field.
+//!  body_len ≤ 32 MiB.
 //!
-//! A frame (the small files):  [u32 body_len][u32 crc of body_len ‖ body][body]
+//!  kind 1 entry      index, term of the entry; body = rkyv WireEntry
+//!  kind 2 truncate   index = first index removed; no body
+//!  kind 3 purge      body = purged log id (term u64, node u64, index u64)
+//!  kind 4 vote       body = vote (term u64, node u64, committed u8)
+//!  kind 5 committed  body = committed log id (a hint)
+//!  kind 6 drop       the group left this node; no body
 //! ```
 //!
-//! Records in a segment hold consecutive indexes starting at the file's name; segments
-//! are consecutive too. An atomic replace writes `NAME.tmp`, fsyncs it, renames it over
-//! `NAME` and fsyncs the directory.
+//! A group's entries appear in index order (after a truncate record, the log continues
+//! at the cut). The latest vote, purge and committed records of a group win.
 //!
 //! # Writing
 //!
-//! `append` encodes the entries, lays them out (offsets, segment rolls) and makes them
-//! readable at once from the cache (openraft may read entries it appended before they are
-//! flushed), then queues them for the writer thread (`writer`), which group-commits:
-//! one `fdatasync` per batch, callbacks only after it. The queue is bounded
-//! ([`WRITE_QUEUE_OPS`]); when it is full, `append` waits. `truncate`, `purge` and
-//! `save_vote` go through the same queue, so every write is serialized as openraft
-//! requires, and wait until they are durable. An append must continue the log (no holes);
-//! on an empty log, entries at or below the last purged index are acknowledged and
-//! dropped, since a snapshot covers them.
+//! Every write — an append, truncate, purge, vote, committed hint or drop of any group —
+//! is laid out under one placement lock (offsets in the active segment, segment rolls)
+//! and queued, in that order, for the writer thread (`writer`), which group-commits: one
+//! `fdatasync` per batch, completions only after it. An append makes its entries
+//! readable at once from the group's cache (openraft may read entries it appended before
+//! they are flushed). The queue is bounded ([`WRITE_QUEUE_OPS`]); when it is full,
+//! writers wait. `truncate`, `purge`, `save_vote` and `drop_group` wait until durable;
+//! `save_committed` does not (it is a hint, made durable by the next fsync). An append
+//! must continue its group's log (no holes); on an empty log, entries at or below the
+//! last purged index are acknowledged and dropped, since a snapshot covers them.
 //!
-//! `save_committed` is implemented: the committed log id is written in place after the
-//! batch's fsync, without its own fsync. After a crash it may be stale (openraft re-applies
-//! from an older point: harmless) or torn (the CRC fails: ignored); if it is past the
-//! recovered log it is clamped to the last entry. It lets a restarted node re-apply
-//! committed entries before it hears from a leader.
+//! A roll writes every group's vote, purge point and committed hint at the start of the
+//! new segment. So the oldest segment can be deleted as soon as no group has a live entry
+//! in it: everything it said that still matters is restated later. Segments are retired
+//! oldest first only; the log therefore holds everything from the oldest live entry of
+//! any group on (see ARCHITECTURE.md → Replication: the retention window bounds it).
 //!
 //! # Reading and memory
 //!
-//! The index (log index → segment offset and length) costs 16 bytes per live entry. The
-//! cache of decoded entries is bounded by `cache_bytes_max` (oldest evicted first; entries
-//! the writer has not written yet stay until it has). Other reads are positioned reads
-//! (`read_exact_at`) of the segment, one read per run of consecutive records, done in
-//! the calling task (mostly page-cache hits); every record read is CRC-checked: a damaged
+//! Each group's index costs 24 bytes per live entry. Each group caches its recent
+//! decoded entries, within its share of `cache_bytes_max` (the budget divided among the
+//! open groups, at least [`GROUP_CACHE_BYTES_MIN`]); entries the writer has not written
+//! yet stay until it has. Other reads are positioned reads (`read_exact_at`), one per
+//! run of a group's records in one segment, done in the calling task (mostly page-cache
+//! hits); every record read is CRC-checked and must be the entry asked for: a damaged
 //! record is an error, never an entry. `limited_get_log_entries` returns at most about
 //! [`READ_BATCH_BYTES`] per call.
 //!
@@ -75,42 +82,46 @@
 //! `durable.manifest` after each fsync, before any callback fires; `open` first cuts every
 //! segment to that length and deletes unlisted ones, throwing away whatever was written
 //! but not fsync'ed, as a power cut would. Enable it from a directory's first open; it
-//! costs three extra fsyncs per batch and is not for production.
+//! costs extra fsyncs per batch and is not for production.
 
 mod error;
+mod group;
 mod meta;
 mod raft_impl;
 mod record;
 mod recovery;
 mod segment;
-mod state;
 mod writer;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use openraft::storage::LogFlushed;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::LogStoreError;
-use state::{Piece, State};
-use writer::{Completion, Op, Writer};
+use group::{GroupState, Removed};
+use segment::{Loc, Segment};
+use writer::{Chunk, Completion, Op, Writer};
 
-use crate::raft::{Entry, LogId, TypeConfig, Vote};
+use crate::raft::{Entry, GroupId, LogId, TypeConfig, Vote};
 
-/// Bound: operations (appends, truncates, purges, votes) queued for the writer thread.
-/// When the queue is full, `append` waits until the writer takes a batch.
+/// Bound: operations (appends, truncates, purges, votes, …) of all groups queued for the
+/// writer thread. When the queue is full, writers wait until it takes a batch.
 pub const WRITE_QUEUE_OPS: usize = 1024;
 
 /// Bound: bytes `limited_get_log_entries` returns per call (at least one entry), so one
 /// replication request stays small.
 pub const READ_BATCH_BYTES: u64 = 4 << 20;
+
+/// The least cache a group gets, however many groups share the budget.
+pub const GROUP_CACHE_BYTES_MIN: usize = 1 << 20;
 
 /// How many recent fsync durations `fsync_us_max_recent` looks at.
 const RECENT_FSYNCS: usize = 256;
@@ -118,11 +129,11 @@ const RECENT_FSYNCS: usize = 256;
 /// Where and how the log is stored.
 #[derive(Debug, Clone)]
 pub struct LogStoreConfig {
-    /// The log directory (e.g. `DATA/raft/log`); created if missing.
+    /// The log directory (e.g. `DATA/raft/wal`); created if missing.
     pub dir: PathBuf,
     /// A new segment file starts once the current one would pass this size.
     pub segment_bytes_max: u64,
-    /// Bound on recent decoded entries kept in memory (oldest evicted first).
+    /// Bound on recent decoded entries kept in memory, for all groups together.
     pub cache_bytes_max: usize,
     /// Test-only power-loss simulation (see the module documentation).
     pub simulate_power_loss: bool,
@@ -131,7 +142,7 @@ pub struct LogStoreConfig {
 impl Default for LogStoreConfig {
     fn default() -> Self {
         LogStoreConfig {
-            dir: PathBuf::from("herald-data/raft/log"),
+            dir: PathBuf::from("herald-data/raft/wal"),
             segment_bytes_max: 64 << 20,
             cache_bytes_max: 64 << 20,
             simulate_power_loss: false,
@@ -139,18 +150,16 @@ impl Default for LogStoreConfig {
     }
 }
 
-/// Counters and gauges of the log, for metrics.
+/// Counters and gauges of the node's shared log, for metrics.
 #[derive(Debug, Clone, Default)]
 pub struct LogStats {
-    /// The first live (unpurged) index, if any entry is present.
-    pub first_index: Option<u64>,
-    /// The last index, if any entry is present.
-    pub last_index: Option<u64>,
     /// Bytes in segment files (including writes still queued).
     pub bytes_on_disk: u64,
     /// Segment files.
     pub segments: usize,
-    /// fsync/fdatasync calls by the store (segments, directory, small files).
+    /// Groups with a log here.
+    pub groups: usize,
+    /// fsync/fdatasync calls by the store (segments, directory, manifest).
     pub fsyncs_total: u64,
     /// Time spent in them.
     pub fsync_seconds_total: f64,
@@ -158,6 +167,19 @@ pub struct LogStats {
     pub fsync_us_max_recent: u64,
     /// Entries made durable.
     pub appended_entries_total: u64,
+}
+
+/// One group's log, for metrics and status.
+#[derive(Debug, Clone, Default)]
+pub struct GroupLogStats {
+    /// The first live (unpurged) index, if any entry is present.
+    pub first_index: Option<u64>,
+    /// The last index, if any entry is present.
+    pub last_index: Option<u64>,
+    /// Live entries.
+    pub entries: u64,
+    /// Record bytes of the live entries.
+    pub bytes: u64,
 }
 
 /// Counters shared with the writer thread.
@@ -189,24 +211,74 @@ impl Stats {
     }
 }
 
-/// What the store, its readers and its writer thread share.
+/// One group's log state, shared by its handles and the writer thread.
+#[derive(Debug)]
+struct GroupLog {
+    state: RwLock<GroupState>,
+}
+
+impl GroupLog {
+    /// Read access (never held across an `.await`).
+    fn read_state(&self) -> RwLockReadGuard<'_, GroupState> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Write access (never held across an `.await`).
+    fn write_state(&self) -> RwLockWriteGuard<'_, GroupState> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A segment file and how many live entries (of any group) it holds.
+#[derive(Debug)]
+struct SegMeta {
+    seg: Arc<Segment>,
+    /// Bytes laid out in it so far.
+    len: u64,
+    /// Live entries in it; 0 makes it retirable once it is the oldest and not active.
+    live: u64,
+}
+
+/// What the store, its handles and its writer thread share.
 #[derive(Debug)]
 struct Shared {
-    state: RwLock<State>,
+    dir: PathBuf,
+    /// Every group with a log here. Lock order: the placement lock, then this, then a
+    /// group's state; nobody takes a group's state and then this.
+    groups: RwLock<BTreeMap<GroupId, Arc<GroupLog>>>,
+    /// Every segment file, oldest first.
+    segments: Mutex<BTreeMap<u64, SegMeta>>,
+    cache_bytes_max: usize,
+    /// Each group's share of `cache_bytes_max`.
+    group_cache_bytes: AtomicUsize,
     stats: Stats,
     /// The first write failure; once set, every write fails.
     failure: Mutex<Option<String>>,
 }
 
 impl Shared {
-    /// Read access to the state (never held across an `.await`).
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    fn groups(&self) -> RwLockReadGuard<'_, BTreeMap<GroupId, Arc<GroupLog>>> {
+        self.groups.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Write access to the state (never held across an `.await`).
-    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    fn segments(&self) -> MutexGuard<'_, BTreeMap<u64, SegMeta>> {
+        self.segments.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn segment(&self, seq: u64) -> Option<Arc<Segment>> {
+        self.segments().get(&seq).map(|m| m.seg.clone())
+    }
+
+    /// A group's share of the cache budget.
+    fn cache_budget(&self) -> usize {
+        self.group_cache_bytes.load(Ordering::Relaxed)
+    }
+
+    fn update_cache_budget(&self, groups: usize) {
+        let share = (self.cache_bytes_max / groups.max(1)).max(GROUP_CACHE_BYTES_MIN);
+        // A configured budget of 0 (tests: every read from disk) stays 0.
+        let share = if self.cache_bytes_max == 0 { 0 } else { share };
+        self.group_cache_bytes.store(share, Ordering::Relaxed);
     }
 
     /// The first write failure, if any.
@@ -229,27 +301,181 @@ impl Shared {
             None => Ok(()),
         }
     }
+
+    /// Counts `locs` as no longer live.
+    fn release(&self, locs: &Removed) {
+        let mut segments = self.segments();
+        for loc in locs {
+            if let Some(meta) = segments.get_mut(&loc.seg) {
+                meta.live = meta.live.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Takes the oldest segments that hold nothing live, except the active one, out of
+    /// the table: the writer deletes them once the records queued before are durable.
+    fn retire_dead_prefix(&self, active: Option<u64>) -> Vec<Arc<Segment>> {
+        let mut segments = self.segments();
+        let mut retired = Vec::new();
+        while let Some(entry) = segments.first_entry() {
+            if entry.get().live > 0 || Some(*entry.key()) == active {
+                break;
+            }
+            retired.push(entry.remove().seg);
+        }
+        retired
+    }
 }
 
-/// The durable Raft log of one group. Cheap to clone; clones share the store. The writer
-/// thread stops once every clone is dropped and the queue is drained.
+/// Where the next record goes: the active segment and how much is laid out in it.
+/// Guarded by the placement lock, which is held until the op is queued, so queue order
+/// is log order.
+#[derive(Debug)]
+struct Placement {
+    /// The segment records go to, and its laid-out length.
+    active: Option<(Arc<Segment>, u64)>,
+    /// Number of the next segment.
+    next_seq: u64,
+    segment_bytes_max: u64,
+}
+
+/// Records being laid out for one queued op.
+struct Layout<'p> {
+    placement: &'p mut Placement,
+    chunks: Vec<Chunk>,
+}
+
+impl Layout<'_> {
+    /// Appends `bytes` to the active segment (rolling first if it would pass the bound),
+    /// counts it live if it is an entry, and returns where it went.
+    fn place(
+        &mut self,
+        shared: &Shared,
+        own: Option<&GroupState>,
+        bytes: Vec<u8>,
+        live: bool,
+    ) -> Result<Loc, LogStoreError> {
+        let len = bytes.len() as u64;
+        let roll = match &self.placement.active {
+            None => true,
+            Some((_, used)) => *used > 0 && used + len > self.placement.segment_bytes_max,
+        };
+        if roll {
+            self.roll(shared, own)?;
+        }
+        let Some((seg, used)) = self.placement.active.as_mut() else {
+            return Err(LogStoreError::WriterFailed {
+                reason: "no active segment after a roll (an internal inconsistency)".into(),
+            });
+        };
+        let loc = Loc {
+            seg: seg.seq,
+            offset: *used,
+            len: bytes.len() as u32,
+        };
+        *used += len;
+        {
+            let mut segments = shared.segments();
+            if let Some(meta) = segments.get_mut(&seg.seq) {
+                meta.len = *used;
+                meta.live += u64::from(live);
+            }
+        }
+        match self.chunks.last_mut() {
+            Some(chunk) if Arc::ptr_eq(&chunk.seg, seg) => chunk.bytes.extend_from_slice(&bytes),
+            _ => self.chunks.push(Chunk {
+                seg: seg.clone(),
+                offset: loc.offset,
+                bytes,
+            }),
+        }
+        Ok(loc)
+    }
+
+    /// Starts a new segment and writes every group's state at its start. `own` is the
+    /// state of the group whose write lock the caller holds (it is not locked again).
+    fn roll(&mut self, shared: &Shared, own: Option<&GroupState>) -> Result<(), LogStoreError> {
+        let seq = self.placement.next_seq;
+        self.placement.next_seq += 1;
+        let seg = Arc::new(Segment::new(&shared.dir, seq));
+        let mut checkpoint = Vec::new();
+        {
+            let groups = shared.groups();
+            for (id, log) in groups.iter() {
+                match own {
+                    Some(state) if state.group == *id => {
+                        checkpoint_records(state, &mut checkpoint)?
+                    }
+                    _ => checkpoint_records(&log.read_state(), &mut checkpoint)?,
+                }
+            }
+        }
+        let used = checkpoint.len() as u64;
+        shared.segments().insert(
+            seq,
+            SegMeta {
+                seg: seg.clone(),
+                len: used,
+                live: 0,
+            },
+        );
+        if !checkpoint.is_empty() {
+            self.chunks.push(Chunk {
+                seg: seg.clone(),
+                offset: 0,
+                bytes: checkpoint,
+            });
+        }
+        self.placement.active = Some((seg, used));
+        Ok(())
+    }
+}
+
+/// The records that restate a group's state at the start of a segment.
+fn checkpoint_records(state: &GroupState, out: &mut Vec<u8>) -> Result<(), LogStoreError> {
+    let group = state.group;
+    if let Some(vote) = &state.vote {
+        out.extend_from_slice(&record::encode_vote(group, vote)?);
+    }
+    if let Some(purged) = &state.last_purged {
+        out.extend_from_slice(&record::encode_purge(group, purged)?);
+    }
+    if let Some(committed) = &state.committed {
+        out.extend_from_slice(&record::encode_committed(group, committed)?);
+    }
+    Ok(())
+}
+
+/// The node's shared log. Cheap to clone; clones share it. The writer thread stops once
+/// every clone and every [`LogStore`] is dropped and the queue is drained.
 #[derive(Debug, Clone)]
-pub struct LogStore {
+pub struct Wal {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Op>,
-    /// Serializes laying out a write and queueing it, so queue order is log order.
-    order: Arc<tokio::sync::Mutex<()>>,
+    placement: Arc<tokio::sync::Mutex<Placement>>,
 }
 
-/// Reads the log; cheap to clone, usable from any thread.
+/// One group's log in the shared log: what openraft's storage traits run on. Cheap to
+/// clone; clones share it.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    wal: Wal,
+    group: GroupId,
+    log: Arc<GroupLog>,
+}
+
+/// Reads one group's log; cheap to clone, usable from any thread.
 #[derive(Debug, Clone)]
 pub struct LogReader {
     shared: Arc<Shared>,
+    group: GroupId,
+    log: Arc<GroupLog>,
 }
 
-impl LogStore {
-    /// Opens (or creates) the log in `config.dir`, recovering it (see the module documentation).
-    pub async fn open(config: LogStoreConfig) -> Result<LogStore, LogStoreError> {
+impl Wal {
+    /// Opens (or creates) the log in `config.dir`, recovering it (see the module
+    /// documentation).
+    pub async fn open(config: LogStoreConfig) -> Result<Wal, LogStoreError> {
         if config.segment_bytes_max == 0 {
             return Err(LogStoreError::InvalidConfig {
                 reason: "segment_bytes_max must be above 0".into(),
@@ -265,42 +491,146 @@ impl LogStore {
             LogStoreError::io("recover", &config.dir, std::io::Error::other(e.to_string()))
         })?;
         let (loaded, stats) = recovered?;
-        let segments = loaded.segments.clone();
-        let state = State::new(
-            config.dir.clone(),
-            config.segment_bytes_max,
-            config.cache_bytes_max,
-            loaded,
-        );
+
+        let mut segments = BTreeMap::new();
+        for (seg, len) in &loaded.segments {
+            segments.insert(
+                seg.seq,
+                SegMeta {
+                    seg: seg.clone(),
+                    len: *len,
+                    live: 0,
+                },
+            );
+        }
+        let groups: BTreeMap<GroupId, Arc<GroupLog>> = loaded
+            .groups
+            .into_iter()
+            .map(|(id, recovered)| {
+                for loc in &recovered.locs {
+                    if let Some(meta) = segments.get_mut(&loc.seg) {
+                        meta.live += 1;
+                    }
+                }
+                let log = GroupLog {
+                    state: RwLock::new(GroupState::new(id, recovered)),
+                };
+                (id, Arc::new(log))
+            })
+            .collect();
+        let lengths = segments.iter().map(|(seq, m)| (*seq, m.len)).collect();
+        let placement = Placement {
+            active: loaded.segments.last().map(|(seg, len)| (seg.clone(), *len)),
+            next_seq: loaded.segments.last().map_or(1, |(seg, _)| seg.seq + 1),
+            segment_bytes_max: config.segment_bytes_max,
+        };
+        let group_count = groups.len();
         let shared = Arc::new(Shared {
-            state: RwLock::new(state),
+            dir: config.dir.clone(),
+            groups: RwLock::new(groups),
+            segments: Mutex::new(segments),
+            cache_bytes_max: config.cache_bytes_max,
+            group_cache_bytes: AtomicUsize::new(0),
             stats,
             failure: Mutex::new(None),
         });
+        shared.update_cache_budget(group_count);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_OPS);
         Writer::new(
             config.dir.clone(),
             shared.clone(),
             rx,
-            segments,
+            lengths,
             config.simulate_power_loss,
         )
         .spawn()?;
-        Ok(LogStore {
+        Ok(Wal {
             shared,
             tx,
-            order: Arc::new(tokio::sync::Mutex::new(())),
+            placement: Arc::new(tokio::sync::Mutex::new(placement)),
         })
     }
 
-    /// A reader of this log.
-    pub fn reader(&self) -> LogReader {
-        LogReader {
-            shared: self.shared.clone(),
+    /// The groups that have a log here (found at open or opened since).
+    pub fn groups(&self) -> Vec<GroupId> {
+        self.shared.groups().keys().copied().collect()
+    }
+
+    /// The log of `group`, created empty if the node has none for it yet.
+    pub fn group(&self, group: GroupId) -> LogStore {
+        let existing = self.shared.groups().get(&group).cloned();
+        let log = match existing {
+            Some(log) => log,
+            None => {
+                let mut groups = self
+                    .shared
+                    .groups
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let log = groups
+                    .entry(group)
+                    .or_insert_with(|| {
+                        Arc::new(GroupLog {
+                            state: RwLock::new(GroupState::new(group, Default::default())),
+                        })
+                    })
+                    .clone();
+                let count = groups.len();
+                drop(groups);
+                self.shared.update_cache_budget(count);
+                log
+            }
+        };
+        LogStore {
+            wal: self.clone(),
+            group,
+            log,
         }
     }
 
-    /// Current counters.
+    /// Forgets `group`'s log on this node, durably (the replica moved away). Its
+    /// handles must not be used again.
+    pub async fn drop_group(&self, group: GroupId) -> Result<(), LogStoreError> {
+        self.shared.check_writable()?;
+        let mut placement = self.placement.lock().await;
+        let removed = {
+            let mut groups = self
+                .shared
+                .groups
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(log) = groups.remove(&group) else {
+                return Ok(());
+            };
+            let count = groups.len();
+            drop(groups);
+            self.shared.update_cache_budget(count);
+            let mut state = log.write_state();
+            state.take_all()
+        };
+        self.shared.release(&removed);
+        let mut layout = Layout {
+            placement: &mut placement,
+            chunks: Vec::new(),
+        };
+        layout.place(&self.shared, None, record::encode_drop(group)?, false)?;
+        let chunks = layout.chunks;
+        let active = placement.active.as_ref().map(|(s, _)| s.seq);
+        let remove = self.shared.retire_dead_prefix(active);
+        let (reply, rx) = oneshot::channel();
+        self.send(Op {
+            chunks,
+            remove,
+            written: None,
+            entries: 0,
+            done: Completion::Reply(reply),
+        })
+        .await?;
+        drop(placement);
+        Self::wait(rx).await
+    }
+
+    /// Current counters of the shared log.
     pub fn stats(&self) -> LogStats {
         let stats = &self.shared.stats;
         let fsync_us_max_recent = stats
@@ -311,12 +641,14 @@ impl LogStore {
             .copied()
             .max()
             .unwrap_or(0);
-        let state = self.shared.read_state();
+        let (segments, bytes_on_disk) = {
+            let segments = self.shared.segments();
+            (segments.len(), segments.values().map(|m| m.len).sum())
+        };
         LogStats {
-            first_index: state.first_live(),
-            last_index: state.last_live(),
-            bytes_on_disk: state.bytes_on_disk(),
-            segments: state.segment_count(),
+            bytes_on_disk,
+            segments,
+            groups: self.shared.groups().len(),
             fsyncs_total: stats.fsyncs.load(Ordering::Relaxed),
             fsync_seconds_total: stats.fsync_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             fsync_us_max_recent,
@@ -335,6 +667,38 @@ impl LogStore {
         reply: oneshot::Receiver<Result<(), LogStoreError>>,
     ) -> Result<(), LogStoreError> {
         reply.await.map_err(|_| LogStoreError::WriterGone)?
+    }
+}
+
+impl LogStore {
+    /// The group this log belongs to.
+    pub fn group_id(&self) -> GroupId {
+        self.group
+    }
+
+    /// A reader of this group's log.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            shared: self.wal.shared.clone(),
+            group: self.group,
+            log: self.log.clone(),
+        }
+    }
+
+    /// The shared log this group's log lives in.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// This group's counters.
+    pub fn stats(&self) -> GroupLogStats {
+        let state = self.log.read_state();
+        GroupLogStats {
+            first_index: state.first_live(),
+            last_index: state.last_live(),
+            entries: state.live_entries(),
+            bytes: state.live_bytes(),
+        }
     }
 
     /// Appends `entries`; `callback` fires once they are durable.
@@ -365,83 +729,188 @@ impl LogStore {
         entries: Vec<Entry>,
         done: Completion,
     ) -> Result<(), LogStoreError> {
-        self.shared.check_writable()?;
+        let shared = &self.wal.shared;
+        shared.check_writable()?;
         let records = entries
             .into_iter()
-            .map(|entry| record::encode(&entry).map(|bytes| (entry, bytes)))
+            .map(|entry| record::encode_entry(self.group, &entry).map(|bytes| (entry, bytes)))
             .collect::<Result<Vec<_>, _>>()?;
-        let _order = self.order.lock().await;
-        let placed = self.shared.write_state().place(records)?;
-        self.send(Op::Append {
-            chunks: placed.chunks,
-            drop: placed.drop,
-            seq: placed.seq,
-            entries: placed.entries,
-            done,
-        })
-        .await
+        let mut placement = self.wal.placement.lock().await;
+        let op = {
+            let mut state = self.log.write_state();
+            let records = state.admit(records)?;
+            let seq = state.begin_append();
+            let count = records.len() as u64;
+            let mut layout = Layout {
+                placement: &mut placement,
+                chunks: Vec::new(),
+            };
+            let budget = shared.cache_budget();
+            for (entry, bytes) in records {
+                let loc = layout.place(shared, Some(&state), bytes, true)?;
+                state.push(entry, loc, seq, budget);
+            }
+            Op {
+                chunks: layout.chunks,
+                remove: Vec::new(),
+                written: Some((self.log.clone(), seq)),
+                entries: count,
+                done,
+            }
+        };
+        self.wal.send(op).await
+    }
+
+    /// Lays out one state record of this group (with `change` applied to the group's
+    /// state under its lock first), queues it, and returns where its completion arrives.
+    /// `retire` also retires the dead prefix of segments once the record is durable.
+    async fn write_state_record(
+        &self,
+        change: impl FnOnce(&mut GroupState) -> Result<Option<(Vec<u8>, Removed)>, LogStoreError>,
+        retire: bool,
+        wait: bool,
+    ) -> Result<Option<oneshot::Receiver<Result<(), LogStoreError>>>, LogStoreError> {
+        let shared = &self.wal.shared;
+        shared.check_writable()?;
+        let mut placement = self.wal.placement.lock().await;
+        let chunks = {
+            let mut state = self.log.write_state();
+            let Some((bytes, removed)) = change(&mut state)? else {
+                return Ok(None);
+            };
+            shared.release(&removed);
+            let mut layout = Layout {
+                placement: &mut placement,
+                chunks: Vec::new(),
+            };
+            layout.place(shared, Some(&state), bytes, false)?;
+            layout.chunks
+        };
+        let remove = if retire {
+            let active = placement.active.as_ref().map(|(s, _)| s.seq);
+            shared.retire_dead_prefix(active)
+        } else {
+            Vec::new()
+        };
+        let (done, rx) = if wait {
+            let (reply, rx) = oneshot::channel();
+            (Completion::Reply(reply), Some(rx))
+        } else {
+            (Completion::Nothing, None)
+        };
+        self.wal
+            .send(Op {
+                chunks,
+                remove,
+                written: None,
+                entries: 0,
+                done,
+            })
+            .await?;
+        Ok(rx)
     }
 
     /// Deletes entries from `index` on, durably.
     async fn truncate_from(&self, index: u64) -> Result<(), LogStoreError> {
-        self.shared.check_writable()?;
-        let reply = {
-            let _order = self.order.lock().await;
-            let plan = self.shared.write_state().truncate(index)?;
-            let Some(plan) = plan else {
-                return Ok(());
-            };
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Truncate { plan, reply }).await?;
-            rx
-        };
-        Self::wait(reply).await
+        let group = self.group;
+        let shared = self.wal.shared.clone();
+        let rx = self
+            .write_state_record(
+                |state| {
+                    let read = |i, loc: Loc| {
+                        let seg = shared.segment(loc.seg).ok_or(LogStoreError::Corrupt {
+                            file: PathBuf::from(segment::file_name(loc.seg)),
+                            offset: loc.offset,
+                            group,
+                            index: i,
+                            reason: "the segment of a live entry is gone".into(),
+                        })?;
+                        seg.read_entries(group, i, &[loc])?
+                            .pop()
+                            .ok_or(LogStoreError::Corrupt {
+                                file: seg.path.clone(),
+                                offset: loc.offset,
+                                group,
+                                index: i,
+                                reason: "record not found".into(),
+                            })
+                    };
+                    let Some(removed) = state.truncate(index, read)? else {
+                        return Ok(None);
+                    };
+                    Ok(Some((record::encode_truncate(group, index)?, removed)))
+                },
+                true,
+                true,
+            )
+            .await?;
+        match rx {
+            Some(rx) => Wal::wait(rx).await,
+            None => Ok(()),
+        }
     }
 
     /// Forgets entries up to `log_id`, durably.
     async fn purge_upto(&self, log_id: LogId) -> Result<(), LogStoreError> {
-        self.shared.check_writable()?;
-        let reply = {
-            let _order = self.order.lock().await;
-            let remove = self.shared.write_state().purge(log_id);
-            let Some(remove) = remove else {
-                return Ok(());
-            };
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Purge {
-                purged: log_id,
-                remove,
-                reply,
-            })
+        let group = self.group;
+        let rx = self
+            .write_state_record(
+                |state| {
+                    let Some(removed) = state.purge(log_id) else {
+                        return Ok(None);
+                    };
+                    Ok(Some((record::encode_purge(group, &log_id)?, removed)))
+                },
+                true,
+                true,
+            )
             .await?;
-            rx
-        };
-        Self::wait(reply).await
+        match rx {
+            Some(rx) => Wal::wait(rx).await,
+            None => Ok(()),
+        }
     }
 
     /// Saves the vote; durable when this returns.
     async fn save_vote_durably(&self, vote: Vote) -> Result<(), LogStoreError> {
-        self.shared.check_writable()?;
-        let reply = {
-            let _order = self.order.lock().await;
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Vote { vote, reply }).await?;
-            rx
-        };
-        Self::wait(reply).await?;
-        self.shared.write_state().vote = Some(vote);
-        Ok(())
-    }
-
-    /// Remembers the committed log id (see the module documentation).
-    async fn set_committed(&self, committed: Option<LogId>) -> Result<(), LogStoreError> {
-        self.shared.check_writable()?;
-        let _order = self.order.lock().await;
-        self.shared.write_state().committed = committed;
-        match committed {
-            Some(log_id) => self.send(Op::Committed(log_id)).await,
+        let group = self.group;
+        let rx = self
+            .write_state_record(
+                |state| {
+                    // Set under the placement lock, so a roll's checkpoint after this
+                    // record restates this vote, not the previous one.
+                    state.vote = Some(vote);
+                    Ok(Some((record::encode_vote(group, &vote)?, Vec::new())))
+                },
+                false,
+                true,
+            )
+            .await?;
+        match rx {
+            Some(rx) => Wal::wait(rx).await,
             None => Ok(()),
         }
+    }
+
+    /// Remembers the committed log id (a hint: made durable by the next fsync).
+    async fn set_committed(&self, committed: Option<LogId>) -> Result<(), LogStoreError> {
+        let group = self.group;
+        self.write_state_record(
+            |state| {
+                state.committed = committed;
+                match committed {
+                    Some(log_id) => Ok(Some((
+                        record::encode_committed(group, &log_id)?,
+                        Vec::new(),
+                    ))),
+                    None => Ok(None),
+                }
+            },
+            false,
+            false,
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -465,18 +934,7 @@ impl LogReader {
 
     /// The live entries of `start..end`, up to about `budget` bytes (at least one).
     fn entries(&self, start: u64, end: u64, budget: u64) -> Result<Vec<Entry>, LogStoreError> {
-        let pieces = self.shared.read_state().plan(start, end, budget);
-        let mut entries = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Cached(cached) => entries.extend(cached),
-                Piece::Disk {
-                    seg,
-                    first_index,
-                    locs,
-                } => entries.extend(seg.read_entries(first_index, &locs)?),
-            }
-        }
-        Ok(entries)
+        let pieces = self.log.read_state().plan(start, end, budget);
+        GroupState::read_pieces(self.group, pieces, |seq| self.shared.segment(seq))
     }
 }

@@ -1,4 +1,4 @@
-//! openraft's storage traits on [`LogStore`] and [`LogReader`].
+//! openraft's storage traits on [`LogStore`] and [`LogReader`] (one group's log each).
 //!
 //! Owns: translating openraft's calls (ranges, log ids, callbacks) to the store's methods
 //! and [`LogStoreError`] to openraft's `StorageError` (which stops the node).
@@ -74,7 +74,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let state = self.shared.read_state();
+        let state = self.log.read_state();
         Ok(LogState {
             last_purged_log_id: state.last_purged,
             last_log_id: state.last_log_id,
@@ -92,7 +92,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(self.shared.read_state().vote)
+        Ok(self.log.read_state().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -102,7 +102,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.shared.read_state().committed)
+        Ok(self.log.read_state().committed)
     }
 
     async fn append<I>(

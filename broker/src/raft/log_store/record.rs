@@ -1,83 +1,115 @@
-//! One log record on disk: a fixed header, the entry's rkyv body, and the CRC over both.
+//! One record of the shared log on disk: a fixed header, a body, and the CRC over both.
 //!
-//! Owns: the byte layout of a record (see the diagram in [`super`]), building a record from
-//! an [`Entry`], checking a record's bounds and CRC, and decoding a checked body.
-//! Must not: do I/O or decide what a bad record means (torn tail or corruption): it only
-//! reports *what* is wrong, as a [`Fault`]; [`super::recovery`] and [`super::segment`]
-//! decide.
+//! Owns: the byte layout of a record (see the diagram in [`super`]), building the records
+//! of every kind (an entry of a group, and the small state records: truncate, purge,
+//! vote, committed, drop), checking a record's bounds and CRC, and decoding a checked
+//! body. Must not: do I/O or decide what a bad record means (torn tail or corruption): it
+//! only reports *what* is wrong, as a [`Fault`]; [`super::recovery`] and
+//! [`super::segment`] decide.
 
 use std::fmt;
 
+use openraft::CommittedLeaderId;
+
 use super::error::LogStoreError;
-use crate::raft::{codec, Entry};
+use crate::raft::{codec, Entry, GroupId, LogId, Vote};
 
-/// Bytes of the record header: body length, CRC, index, term.
-pub(super) const HEADER_LEN: usize = 24;
+/// Bytes of a record header: body_len, crc, group, kind (u32 each), index, term (u64 each).
+pub(super) const HEADER_LEN: usize = 32;
 
-/// The largest record body accepted (32 MiB). Payloads are capped at 1 MiB by the broker,
-/// so a larger length field is damage, not data; the bound also keeps a damaged length
-/// from making a reader allocate gigabytes.
+/// Bound: the largest record body. An entry is one batch of client writes (at most
+/// 16 MiB of payload in the write pipeline, plus its envelope), so 32 MiB holds any.
 pub(super) const MAX_BODY_BYTES: u32 = 32 << 20;
 
-/// A record's header fields.
+/// What a record says. The numbers are the on-disk `kind` field; never reuse one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// A log entry of the group at `index` (body: rkyv `WireEntry`).
+    Entry = 1,
+    /// The group's entries from `index` on are gone (no body).
+    Truncate = 2,
+    /// The group's entries up to the log id in the body are purged (body: log id).
+    Purge = 3,
+    /// The group's vote (body: vote).
+    Vote = 4,
+    /// The group's committed log id, a hint (body: log id).
+    Committed = 5,
+    /// The group no longer lives on this node: forget all of it (no body).
+    Drop = 6,
+}
+
+impl Kind {
+    fn from_u32(kind: u32) -> Option<Kind> {
+        Some(match kind {
+            1 => Kind::Entry,
+            2 => Kind::Truncate,
+            3 => Kind::Purge,
+            4 => Kind::Vote,
+            5 => Kind::Committed,
+            6 => Kind::Drop,
+            _ => return None,
+        })
+    }
+}
+
+/// A record header as read from disk (after its bounds were checked, before its CRC was).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Header {
-    /// Length of the body in bytes.
+    /// Body length in bytes.
     pub body_len: u32,
-    /// The CRC-32 (IEEE polynomial, as computed by crc32fast) stored in the record.
+    /// The stored CRC.
     pub crc: u32,
-    /// The entry's log index.
+    /// The Raft group the record belongs to.
+    pub group: GroupId,
+    /// The raw kind field ([`Header::kind`] parses it).
+    pub kind: u32,
+    /// Entry: its log index; truncate: the first index removed; others: 0.
     pub index: u64,
-    /// The entry's term.
+    /// Entry: its term; others: 0.
     pub term: u64,
 }
 
 impl Header {
-    /// The record's total length, header included.
+    /// Header plus body.
     pub fn record_len(&self) -> usize {
         HEADER_LEN + self.body_len as usize
     }
+
+    /// The record's kind, if it is one this build knows.
+    pub fn kind(&self) -> Option<Kind> {
+        Kind::from_u32(self.kind)
+    }
 }
 
-/// What is wrong with the bytes at a record position.
+/// What is wrong with bytes that should hold a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Fault {
-    /// Fewer bytes remain than the header, or than the header's body length, asks for.
+    /// Fewer bytes than the header or the announced body needs.
     Incomplete {
-        /// Bytes present from the record's start.
+        /// Bytes present.
         have: usize,
-        /// Bytes the record needs.
+        /// Bytes needed.
         need: usize,
     },
     /// The length field is above [`MAX_BODY_BYTES`].
     TooLarge {
-        /// The length field.
+        /// The announced body length.
         body_len: u32,
     },
-    /// The stored CRC does not match the bytes.
+    /// The CRC does not match.
     BadCrc {
-        /// CRC in the record.
+        /// CRC in the header.
         stored: u32,
-        /// CRC of the bytes read.
+        /// CRC of the bytes.
         computed: u32,
     },
-    /// The record is intact but holds another index than expected.
-    WrongIndex {
-        /// The index expected here.
-        expected: u64,
-        /// The index in the record.
-        found: u64,
+    /// The kind field names no known record (only reachable when the CRC matched: a
+    /// record from a newer build).
+    UnknownKind {
+        /// The kind field.
+        kind: u32,
     },
-    /// The record is intact but its term is below the previous record's (a Raft log's
-    /// terms never decrease).
-    TermDecreases {
-        /// The previous record's term.
-        previous: u64,
-        /// This record's term.
-        found: u64,
-    },
-    /// The CRC matches but the body is not a valid entry, or its log id disagrees with the
-    /// header.
+    /// The body is not what its kind needs.
     BadBody(String),
 }
 
@@ -95,56 +127,110 @@ impl fmt::Display for Fault {
                 f,
                 "CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
             ),
-            Fault::WrongIndex { expected, found } => {
-                write!(
-                    f,
-                    "record holds log index {found} where {expected} was expected"
-                )
-            }
-            Fault::TermDecreases { previous, found } => {
-                write!(
-                    f,
-                    "record has term {found}, below the previous record's term {previous}"
-                )
-            }
+            Fault::UnknownKind { kind } => write!(
+                f,
+                "record kind {kind} is unknown to this build (written by a newer herald?)"
+            ),
             Fault::BadBody(detail) => write!(f, "record body does not decode: {detail}"),
         }
     }
 }
 
-/// The CRC of a record: header fields (without the CRC itself) followed by the body.
-pub(super) fn crc(body_len: u32, index: u64, term: u64, body: &[u8]) -> u32 {
+/// CRC-32 over every byte of the record except the CRC field itself.
+fn crc(header_rest: &[u8], body: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&body_len.to_le_bytes());
-    hasher.update(&index.to_le_bytes());
-    hasher.update(&term.to_le_bytes());
+    hasher.update(header_rest);
     hasher.update(body);
     hasher.finalize()
 }
 
-/// Builds the record (header and body) for `entry`.
-pub(super) fn encode(entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
-    let index = entry.log_id.index;
-    let term = entry.log_id.leader_id.term;
-    let body = codec::encode_entry(entry).map_err(|source| LogStoreError::Encode {
-        what: format!("log entry {index}"),
-        source,
-    })?;
+/// Builds a record from its fields and body.
+fn build(
+    group: GroupId,
+    kind: Kind,
+    index: u64,
+    term: u64,
+    body: &[u8],
+) -> Result<Vec<u8>, LogStoreError> {
     let body_len = u32::try_from(body.len())
         .ok()
         .filter(|len| *len <= MAX_BODY_BYTES)
         .ok_or(LogStoreError::EntryTooLarge {
+            group,
             index,
             bytes: body.len(),
             max: MAX_BODY_BYTES,
         })?;
     let mut record = Vec::with_capacity(HEADER_LEN + body.len());
     record.extend_from_slice(&body_len.to_le_bytes());
-    record.extend_from_slice(&crc(body_len, index, term, &body).to_le_bytes());
+    record.extend_from_slice(&[0; 4]); // the CRC, filled in below
+    record.extend_from_slice(&group.to_le_bytes());
+    record.extend_from_slice(&(kind as u32).to_le_bytes());
     record.extend_from_slice(&index.to_le_bytes());
     record.extend_from_slice(&term.to_le_bytes());
-    record.extend_from_slice(&body);
+    record.extend_from_slice(body);
+    let crc = {
+        let (head, body) = record.split_at(HEADER_LEN);
+        let mut rest = Vec::with_capacity(HEADER_LEN - 4);
+        rest.extend_from_slice(&head[0..4]);
+        rest.extend_from_slice(&head[8..HEADER_LEN]);
+        crc(&rest, body)
+    };
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok(record)
+}
+
+/// The record of a log entry of `group`.
+pub(super) fn encode_entry(group: GroupId, entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
+    let index = entry.log_id.index;
+    let term = entry.log_id.leader_id.term;
+    let body = codec::encode_entry(entry).map_err(|source| LogStoreError::Encode {
+        what: format!("log entry {index} of group {group}"),
+        source,
+    })?;
+    build(group, Kind::Entry, index, term, &body)
+}
+
+/// A truncate record: `group`'s entries from `index` on are gone.
+pub(super) fn encode_truncate(group: GroupId, index: u64) -> Result<Vec<u8>, LogStoreError> {
+    build(group, Kind::Truncate, index, 0, &[])
+}
+
+/// A purge record: `group`'s entries up to `log_id` are purged.
+pub(super) fn encode_purge(group: GroupId, log_id: &LogId) -> Result<Vec<u8>, LogStoreError> {
+    build(group, Kind::Purge, 0, 0, &log_id_body(log_id))
+}
+
+/// A committed record (a hint: see the module documentation of [`super`]).
+pub(super) fn encode_committed(group: GroupId, log_id: &LogId) -> Result<Vec<u8>, LogStoreError> {
+    build(group, Kind::Committed, 0, 0, &log_id_body(log_id))
+}
+
+/// A vote record.
+pub(super) fn encode_vote(group: GroupId, vote: &Vote) -> Result<Vec<u8>, LogStoreError> {
+    let mut body = Vec::with_capacity(VOTE_BODY_LEN);
+    body.extend_from_slice(&vote.leader_id.term.to_le_bytes());
+    body.extend_from_slice(&vote.leader_id.node_id.to_le_bytes());
+    body.push(u8::from(vote.committed));
+    build(group, Kind::Vote, 0, 0, &body)
+}
+
+/// A drop record: the group is gone from this node.
+pub(super) fn encode_drop(group: GroupId) -> Result<Vec<u8>, LogStoreError> {
+    build(group, Kind::Drop, 0, 0, &[])
+}
+
+/// Body of a log id: term, leader node id, index (u64 LE each).
+const LOG_ID_BODY_LEN: usize = 24;
+/// Body of a vote: term, node id (u64 LE each), committed (u8).
+const VOTE_BODY_LEN: usize = 17;
+
+fn log_id_body(log_id: &LogId) -> Vec<u8> {
+    let mut body = Vec::with_capacity(LOG_ID_BODY_LEN);
+    body.extend_from_slice(&log_id.leader_id.term.to_le_bytes());
+    body.extend_from_slice(&log_id.leader_id.node_id.to_le_bytes());
+    body.extend_from_slice(&log_id.index.to_le_bytes());
+    body
 }
 
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
@@ -159,18 +245,20 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Reads the header at the start of `bytes`, if there are enough bytes for one.
+/// The header at the start of `bytes`, if there are enough bytes for one.
 pub(super) fn header(bytes: &[u8]) -> Option<Header> {
     (bytes.len() >= HEADER_LEN).then(|| Header {
         body_len: le_u32(bytes, 0),
         crc: le_u32(bytes, 4),
-        index: le_u64(bytes, 8),
-        term: le_u64(bytes, 16),
+        group: le_u32(bytes, 8),
+        kind: le_u32(bytes, 12),
+        index: le_u64(bytes, 16),
+        term: le_u64(bytes, 24),
     })
 }
 
-/// Checks the record at the start of `bytes`: complete, within the size limit, CRC intact.
-/// Returns its header and body.
+/// Checks the record at the start of `bytes` (bounds, then CRC, then a known kind) and
+/// returns its header and body.
 pub(super) fn check(bytes: &[u8]) -> Result<(Header, &[u8]), Fault> {
     let header = header(bytes).ok_or(Fault::Incomplete {
         have: bytes.len(),
@@ -188,31 +276,25 @@ pub(super) fn check(bytes: &[u8]) -> Result<(Header, &[u8]), Fault> {
             need: len,
         });
     }
+    let mut rest = [0u8; HEADER_LEN - 4];
+    rest[0..4].copy_from_slice(&bytes[0..4]);
+    rest[4..].copy_from_slice(&bytes[8..HEADER_LEN]);
     let body = &bytes[HEADER_LEN..len];
-    let computed = crc(header.body_len, header.index, header.term, body);
+    let computed = crc(&rest, body);
     if computed != header.crc {
         return Err(Fault::BadCrc {
             stored: header.crc,
             computed,
         });
     }
-    Ok((header, body))
-}
-
-/// Checks the record at the start of `bytes` and that it holds `expected_index`.
-pub(super) fn check_at(bytes: &[u8], expected_index: u64) -> Result<(Header, &[u8]), Fault> {
-    let (header, body) = check(bytes)?;
-    if header.index != expected_index {
-        return Err(Fault::WrongIndex {
-            expected: expected_index,
-            found: header.index,
-        });
+    if header.kind().is_none() {
+        return Err(Fault::UnknownKind { kind: header.kind });
     }
     Ok((header, body))
 }
 
-/// Decodes a checked body and confirms its log id agrees with the header.
-pub(super) fn decode(header: &Header, body: &[u8]) -> Result<Entry, Fault> {
+/// Decodes a checked entry body and checks it against its header.
+pub(super) fn decode_entry(header: &Header, body: &[u8]) -> Result<Entry, Fault> {
     let entry = codec::decode_entry(body).map_err(|e| Fault::BadBody(e.to_string()))?;
     if entry.log_id.index != header.index || entry.log_id.leader_id.term != header.term {
         return Err(Fault::BadBody(format!(
@@ -223,10 +305,44 @@ pub(super) fn decode(header: &Header, body: &[u8]) -> Result<Entry, Fault> {
     Ok(entry)
 }
 
+/// Decodes the body of a purge or committed record.
+pub(super) fn decode_log_id(body: &[u8]) -> Result<LogId, Fault> {
+    if body.len() != LOG_ID_BODY_LEN {
+        return Err(Fault::BadBody(format!(
+            "a log id takes {LOG_ID_BODY_LEN} bytes, the record has {}",
+            body.len()
+        )));
+    }
+    Ok(LogId::new(
+        CommittedLeaderId::new(le_u64(body, 0), le_u64(body, 8)),
+        le_u64(body, 16),
+    ))
+}
+
+/// Decodes the body of a vote record.
+pub(super) fn decode_vote(body: &[u8]) -> Result<Vote, Fault> {
+    if body.len() != VOTE_BODY_LEN {
+        return Err(Fault::BadBody(format!(
+            "a vote takes {VOTE_BODY_LEN} bytes, the record has {}",
+            body.len()
+        )));
+    }
+    let (term, node) = (le_u64(body, 0), le_u64(body, 8));
+    Ok(match body[16] {
+        0 => Vote::new(term, node),
+        1 => Vote::new_committed(term, node),
+        other => {
+            return Err(Fault::BadBody(format!(
+                "a vote's committed flag is 0 or 1, found {other}"
+            )))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    use openraft::{EntryPayload, LogId};
 
     fn blank(term: u64, index: u64) -> Entry {
         Entry {
@@ -236,32 +352,57 @@ mod tests {
     }
 
     #[test]
-    fn a_record_round_trips() {
+    fn an_entry_record_round_trips() {
         let entry = blank(3, 7);
-        let bytes = encode(&entry).unwrap();
-        let (header, body) = check_at(&bytes, 7).unwrap();
-        assert_eq!(header.index, 7);
-        assert_eq!(header.term, 3);
+        let bytes = encode_entry(9, &entry).unwrap();
+        let (header, body) = check(&bytes).unwrap();
+        assert_eq!(
+            (header.group, header.kind(), header.index, header.term),
+            (9, Some(Kind::Entry), 7, 3)
+        );
         assert_eq!(header.record_len(), bytes.len());
-        assert_eq!(decode(&header, body).unwrap(), entry);
+        assert_eq!(decode_entry(&header, body).unwrap(), entry);
+    }
+
+    #[test]
+    fn state_records_round_trip() {
+        let log_id = LogId::new(CommittedLeaderId::new(4, 2), 99);
+        let bytes = encode_purge(5, &log_id).unwrap();
+        let (h, body) = check(&bytes).unwrap();
+        assert_eq!((h.group, h.kind()), (5, Some(Kind::Purge)));
+        assert_eq!(decode_log_id(body).unwrap(), log_id);
+        let vote = Vote::new_committed(8, 3);
+        let bytes = encode_vote(5, &vote).unwrap();
+        let (h, body) = check(&bytes).unwrap();
+        assert_eq!(h.kind(), Some(Kind::Vote));
+        assert_eq!(decode_vote(body).unwrap(), vote);
+        let bytes = encode_truncate(5, 12).unwrap();
+        let (h, body) = check(&bytes).unwrap();
+        assert_eq!(
+            (h.kind(), h.index, body.len()),
+            (Some(Kind::Truncate), 12, 0)
+        );
+        let bytes = encode_drop(5).unwrap();
+        assert_eq!(check(&bytes).unwrap().0.kind(), Some(Kind::Drop));
     }
 
     #[test]
     fn every_flipped_byte_is_detected() {
-        let bytes = encode(&blank(3, 7)).unwrap();
-        for at in 0..bytes.len() {
-            let mut damaged = bytes.clone();
-            damaged[at] ^= 0x40;
-            assert!(
-                check_at(&damaged, 7).is_err(),
-                "flip at byte {at} went unnoticed"
-            );
+        for bytes in [
+            encode_entry(2, &blank(3, 7)).unwrap(),
+            encode_vote(2, &Vote::new(1, 1)).unwrap(),
+        ] {
+            for at in 0..bytes.len() {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 0x40;
+                assert!(check(&damaged).is_err(), "flip at byte {at} went unnoticed");
+            }
         }
     }
 
     #[test]
     fn short_and_oversized_records_are_faults() {
-        let bytes = encode(&blank(1, 1)).unwrap();
+        let bytes = encode_entry(1, &blank(1, 1)).unwrap();
         assert!(matches!(check(&bytes[..10]), Err(Fault::Incomplete { .. })));
         assert!(matches!(
             check(&bytes[..bytes.len() - 1]),
@@ -270,6 +411,14 @@ mod tests {
         let mut huge = bytes.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(check(&huge), Err(Fault::TooLarge { .. })));
-        assert!(matches!(check_at(&bytes, 2), Err(Fault::WrongIndex { .. })));
+    }
+
+    #[test]
+    fn bad_state_bodies_are_faults() {
+        assert!(decode_log_id(&[0; 23]).is_err());
+        assert!(decode_vote(&[0; 16]).is_err());
+        let mut vote = vec![0; 17];
+        vote[16] = 2;
+        assert!(decode_vote(&vote).is_err());
     }
 }

@@ -1,10 +1,12 @@
-//! Segment files: their names, listing them, and positioned, CRC-checked reads.
+//! Segment files of the shared log: their names, listing them, and positioned,
+//! CRC-checked reads.
 //!
 //! Owns: the [`Segment`] handle shared by the writer thread (which creates the file and
 //! writes it) and readers (which `pread` it), the file-name scheme
-//! `<first index, 20 digits>.log`, and turning record bytes read back into entries.
+//! `<segment number, 20 digits>.wal`, and turning record bytes read back into entries.
 //! Must not: write, truncate or delete files (only [`super::writer`] and
-//! [`super::recovery`] do), or return an entry whose record failed its CRC.
+//! [`super::recovery`] do), or return an entry whose record failed its CRC or belongs
+//! to another group or index than asked.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -12,71 +14,72 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use super::error::LogStoreError;
-use super::record::{self, Fault};
-use crate::raft::Entry;
+use super::record::{self, Fault, Kind};
+use crate::raft::{Entry, GroupId};
 
-/// The file-name suffix of a segment.
-const SUFFIX: &str = ".log";
+/// File-name suffix of a segment.
+const SUFFIX: &str = ".wal";
 
-/// Digits in a segment's file name (the first index, zero padded).
+/// Digits of the segment number in a file name (zero-padded, so names sort in order).
 const NAME_DIGITS: usize = 20;
 
-/// Where one record sits in its segment. 16 bytes in memory (with padding).
+/// Where one record lives: its segment, byte offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Loc {
-    /// Byte offset of the record's header.
+    /// The segment's number.
+    pub seg: u64,
+    /// Byte offset of the record in the segment.
     pub offset: u64,
-    /// The record's total length, header included (at most 24 B + 32 MiB).
+    /// Record length (header + body).
     pub len: u32,
 }
 
 impl Loc {
-    /// The offset just past the record.
+    /// One past the record's last byte.
     pub fn end(&self) -> u64 {
         self.offset + u64::from(self.len)
     }
 }
 
-/// One segment file: `first` is the index of the first record it was created for.
+/// One segment file. The file is opened (or created) once and kept open: readers and the
+/// writer share the descriptor; positioned I/O needs no seek, so no lock.
 #[derive(Debug)]
 pub(super) struct Segment {
-    /// Index of its first record (also its name).
-    pub first: u64,
+    /// The segment's number (its file name): segments are numbered 1, 2, 3, … in the
+    /// order they were started.
+    pub seq: u64,
     /// Its path.
     pub path: PathBuf,
-    /// The open file (read-write), shared by the writer and readers. Empty until the
-    /// writer creates the file; a reader only looks up records the writer has written.
     file: OnceLock<File>,
 }
 
 impl Segment {
-    /// A segment not yet on disk.
-    pub fn new(dir: &Path, first: u64) -> Self {
+    /// A segment that does not exist yet (the writer creates it on its first write).
+    pub fn new(dir: &Path, seq: u64) -> Self {
         Segment {
-            first,
-            path: dir.join(file_name(first)),
+            seq,
+            path: dir.join(file_name(seq)),
             file: OnceLock::new(),
         }
     }
 
-    /// A segment whose file exists and is open.
-    pub fn opened(path: PathBuf, first: u64, file: File) -> Self {
+    /// A segment found on disk at open, with its file already open.
+    pub fn opened(path: PathBuf, seq: u64, file: File) -> Self {
         let cell = OnceLock::new();
         let _ = cell.set(file);
         Segment {
-            first,
+            seq,
             path,
             file: cell,
         }
     }
 
-    /// The open file, when it exists.
+    /// The open file, if it exists yet.
     pub fn file(&self) -> Option<&File> {
         self.file.get()
     }
 
-    /// The open file, created (empty) first when it does not exist yet. Only the writer
-    /// thread calls this. Returns whether it created the file.
+    /// Creates the file (writer thread only). Returns the file and whether it was new.
     pub fn create(&self) -> Result<(&File, bool), LogStoreError> {
         if let Some(file) = self.file.get() {
             return Ok((file, false));
@@ -98,11 +101,12 @@ impl Segment {
         })
     }
 
-    /// The corruption error for the record at `offset`, expected to hold `index`.
-    pub fn corrupt(&self, offset: u64, index: u64, fault: &Fault) -> LogStoreError {
+    /// A corruption error at `offset` of this segment.
+    pub fn corrupt(&self, offset: u64, group: GroupId, index: u64, fault: &Fault) -> LogStoreError {
         LogStoreError::Corrupt {
             file: self.path.clone(),
             offset,
+            group,
             index,
             reason: fault.to_string(),
         }
@@ -129,24 +133,12 @@ impl Segment {
         Ok(buf)
     }
 
-    /// Reads the record `loc`, which holds `index`, checking its CRC.
-    pub fn read_entry(&self, index: u64, loc: Loc) -> Result<Entry, LogStoreError> {
-        let entries = self.read_entries(index, &[loc])?;
-        <[Entry; 1]>::try_from(entries)
-            .map(|[entry]| entry)
-            .map_err(|_| {
-                self.corrupt(
-                    loc.offset,
-                    index,
-                    &Fault::BadBody("record not found".into()),
-                )
-            })
-    }
-
-    /// Reads the consecutive records `locs`, holding indexes `first_index..`, with one
-    /// positioned read, checking each record's CRC and index.
+    /// Reads the entries of `group` at `first_index`, `first_index + 1`, … from `locs`
+    /// (all in this segment, in offset order) with one read of the span they cover,
+    /// checking each record's CRC, group, kind and index.
     pub fn read_entries(
         &self,
+        group: GroupId,
         first_index: u64,
         locs: &[Loc],
     ) -> Result<Vec<Entry>, LogStoreError> {
@@ -159,7 +151,7 @@ impl Segment {
             let start =
                 usize::try_from(loc.offset.saturating_sub(first.offset)).unwrap_or(usize::MAX);
             let bytes = buf.get(start..).unwrap_or_default();
-            let entry = record::check_at(bytes, index)
+            let entry = record::check(bytes)
                 .and_then(|(header, body)| {
                     if header.record_len() != loc.len as usize {
                         return Err(Fault::Incomplete {
@@ -167,21 +159,30 @@ impl Segment {
                             need: loc.len as usize,
                         });
                     }
-                    record::decode(&header, body)
+                    if header.kind() != Some(Kind::Entry)
+                        || header.group != group
+                        || header.index != index
+                    {
+                        return Err(Fault::BadBody(format!(
+                            "expected entry {index} of group {group}, found a record of kind {} for group {} index {}",
+                            header.kind, header.group, header.index
+                        )));
+                    }
+                    record::decode_entry(&header, body)
                 })
-                .map_err(|fault| self.corrupt(loc.offset, index, &fault))?;
+                .map_err(|fault| self.corrupt(loc.offset, group, index, &fault))?;
             entries.push(entry);
         }
         Ok(entries)
     }
 }
 
-/// The file name of the segment starting at `first`.
-pub(super) fn file_name(first: u64) -> String {
-    format!("{first:0width$}{SUFFIX}", width = NAME_DIGITS)
+/// The file name of segment `seq`.
+pub(super) fn file_name(seq: u64) -> String {
+    format!("{seq:0width$}{SUFFIX}", width = NAME_DIGITS)
 }
 
-/// The first index encoded in a segment's file name; `None` for other files.
+/// The segment number of a segment file name, or `None` for any other name.
 pub(super) fn parse_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SUFFIX)?;
     if digits.len() != NAME_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -190,18 +191,18 @@ pub(super) fn parse_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// The segment files in `dir`, ordered by first index.
+/// The segment files in `dir`, by number.
 pub(super) fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogStoreError> {
     let entries = std::fs::read_dir(dir).map_err(|e| LogStoreError::io("list", dir, e))?;
     let mut segments = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| LogStoreError::io("list", dir, e))?;
         let name = entry.file_name();
-        if let Some(first) = name.to_str().and_then(parse_name) {
-            segments.push((first, entry.path()));
+        if let Some(seq) = name.to_str().and_then(parse_name) {
+            segments.push((seq, entry.path()));
         }
     }
-    segments.sort_by_key(|(first, _)| *first);
+    segments.sort_by_key(|(seq, _)| *seq);
     Ok(segments)
 }
 
@@ -211,11 +212,12 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(file_name(42), "00000000000000000042.log");
+        assert_eq!(file_name(42), "00000000000000000042.wal");
         assert_eq!(parse_name(&file_name(42)), Some(42));
         assert_eq!(parse_name(&file_name(u64::MAX)), Some(u64::MAX));
-        assert_eq!(parse_name("42.log"), None);
-        assert_eq!(parse_name("0000000000000000004x.log"), None);
-        assert_eq!(parse_name("00000000000000000042.log.tmp"), None);
+        assert_eq!(parse_name("42.wal"), None);
+        assert_eq!(parse_name("0000000000000000004x.wal"), None);
+        assert_eq!(parse_name("00000000000000000042.wal.tmp"), None);
+        assert_eq!(parse_name("00000000000000000042.log"), None);
     }
 }

@@ -1,17 +1,20 @@
-//! The writer thread ("herald-log-writer"): the only code that writes, truncates or deletes
-//! segment files, and writes the vote, purged, committed and manifest files.
+//! The writer thread ("herald-log-writer"): the only code that writes or deletes segment
+//! files and the test-only manifest.
 //!
-//! Owns: group commit. It takes every operation queued (up to [`MAX_BATCH_OPS`]), executes
-//! them in queue order, calls one `fdatasync` per dirty segment for the whole batch (plus a
-//! directory fsync when names changed), and only then completes each operation in order:
-//! `LogFlushed::log_io_completed(Ok(()))` for appends, the reply for truncate/purge/vote.
+//! Owns: group commit for every Raft group of the node. It takes every operation queued
+//! (up to [`MAX_BATCH_OPS`], from any group), writes their bytes in queue order, calls one
+//! `fdatasync` per dirty segment for the whole batch (normally one: the active segment),
+//! plus a directory fsync when a segment file was created, and only then completes each
+//! operation in order: `LogFlushed::log_io_completed(Ok(()))` for appends, the reply for
+//! truncate, purge, vote and drop. Segments the operations retired are deleted after the
+//! fsync, never before the records that retire them are durable.
 //! On an I/O error every operation of the batch, and every later one, fails: the store
 //! can no longer say what is durable, so the node must stop.
-//! Must not: complete an append before its bytes are fsync'ed; reorder operations (openraft
-//! requires all log and vote I/O to be serialized); decide offsets (the appenders did).
+//! Must not: complete an operation before its bytes are fsync'ed; reorder operations
+//! (openraft requires a group's log and vote I/O to be serialized, and the shared log's
+//! offsets were assigned in queue order); decide offsets (the placement did).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -21,11 +24,9 @@ use openraft::storage::LogFlushed;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::LogStoreError;
-use super::meta;
 use super::segment::Segment;
-use super::state::{Chunk, TruncatePlan};
-use super::Shared;
-use crate::raft::{LogId, TypeConfig, Vote};
+use super::{meta, GroupLog, Shared};
+use crate::raft::TypeConfig;
 
 /// Bound: how many queued operations one batch takes at most; the rest wait for the next
 /// batch (bounds the latency of the first operation in a long queue).
@@ -34,46 +35,31 @@ pub(super) const MAX_BATCH_OPS: usize = 4096;
 /// The reply to an operation that waits for completion.
 pub(super) type Reply = oneshot::Sender<Result<(), LogStoreError>>;
 
-/// One queued operation.
-pub(super) enum Op {
-    /// Write placed records; call `callback` once they are durable.
-    Append {
-        /// The bytes and where they go.
-        chunks: Vec<Chunk>,
-        /// Segments to delete first (they hold only purged entries).
-        drop: Vec<Arc<Segment>>,
-        /// The append's sequence number (see [`super::state::State::mark_written`]).
-        seq: u64,
-        /// How many entries it carries.
-        entries: u64,
-        /// Told once the entries are durable (openraft's callback, or a reply).
-        done: Completion,
-    },
-    /// Cut the log (see [`super::state::State::truncate`]).
-    Truncate {
-        /// What to cut.
-        plan: TruncatePlan,
-        /// Completion.
-        reply: Reply,
-    },
-    /// Persist the last purged log id, then delete wholly purged segments.
-    Purge {
-        /// The last purged log id.
-        purged: LogId,
-        /// Segments to delete.
-        remove: Vec<Arc<Segment>>,
-        /// Completion.
-        reply: Reply,
-    },
-    /// Persist the vote (after everything queued before it is durable).
-    Vote {
-        /// The vote.
-        vote: Vote,
-        /// Completion.
-        reply: Reply,
-    },
-    /// Remember the committed log id (written after the batch, without fsync).
-    Committed(LogId),
+/// Bytes to write at an offset of a segment.
+#[derive(Debug)]
+pub(super) struct Chunk {
+    /// The segment (created by the writer on its first write).
+    pub seg: Arc<Segment>,
+    /// Where in the segment.
+    pub offset: u64,
+    /// The records.
+    pub bytes: Vec<u8>,
+}
+
+/// One queued operation: records to write, segments to delete once they are durable,
+/// and who to tell.
+pub(super) struct Op {
+    /// The bytes, in log order.
+    pub chunks: Vec<Chunk>,
+    /// Segments to delete after this batch's fsync (they hold nothing live).
+    pub remove: Vec<Arc<Segment>>,
+    /// An append: the group whose cache may let the entries go once written, and the
+    /// append's sequence number.
+    pub written: Option<(Arc<GroupLog>, u64)>,
+    /// Entries the op carries (for the stats).
+    pub entries: u64,
+    /// Told once the op is durable.
+    pub done: Completion,
 }
 
 /// How an operation's completion is told.
@@ -82,7 +68,7 @@ pub(super) enum Completion {
     Flushed(LogFlushed<TypeConfig>),
     /// A reply channel.
     Reply(Reply),
-    /// Nobody waits.
+    /// Nobody waits (the committed hint).
     Nothing,
 }
 
@@ -111,43 +97,37 @@ pub(super) struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Op>,
     /// Every segment file and the length written to it.
-    segments: BTreeMap<u64, (Arc<Segment>, u64)>,
+    lengths: BTreeMap<u64, u64>,
     /// Segments written since their last fsync.
     dirty: BTreeMap<u64, Arc<Segment>>,
-    /// Names created, renamed or deleted since the last directory fsync.
+    /// A segment file was created since the last directory fsync.
     dir_dirty: bool,
     power_loss: bool,
     /// Segment lengths changed since the manifest was last written (power-loss mode).
     manifest_dirty: bool,
-    committed_file: Option<File>,
 }
 
 impl Writer {
-    /// A writer over the recovered `segments`.
     pub fn new(
         dir: PathBuf,
         shared: Arc<Shared>,
         rx: mpsc::Receiver<Op>,
-        segments: Vec<(Arc<Segment>, u64)>,
+        lengths: BTreeMap<u64, u64>,
         power_loss: bool,
     ) -> Self {
         Writer {
             dir,
             shared,
             rx,
-            segments: segments
-                .into_iter()
-                .map(|(s, len)| (s.first, (s, len)))
-                .collect(),
+            lengths,
             dirty: BTreeMap::new(),
             dir_dirty: false,
             power_loss,
             manifest_dirty: false,
-            committed_file: None,
         }
     }
 
-    /// Starts the thread. It ends when every sender is dropped and the queue is drained.
+    /// Starts the thread; it ends once every sender is dropped and the queue is drained.
     pub fn spawn(self) -> Result<(), LogStoreError> {
         let dir = self.dir.clone();
         std::thread::Builder::new()
@@ -177,68 +157,38 @@ impl Writer {
             None => Ok(()),
         };
         let mut completions = Vec::with_capacity(batch.len());
-        let mut committed = None;
-        let mut written_seq = None;
+        let mut remove = Vec::new();
+        let mut written = Vec::new();
         let mut entries = 0;
         for op in batch {
-            let completion = match op {
-                Op::Append {
-                    chunks,
-                    drop,
-                    seq,
-                    entries: n,
-                    done,
-                } => {
-                    if result.is_ok() {
-                        result = self.append(drop, chunks);
-                        written_seq = Some(seq);
-                        entries += n;
-                    }
-                    done
-                }
-                Op::Truncate { plan, reply } => {
-                    if result.is_ok() {
-                        result = self.truncate(plan);
-                    }
-                    Completion::Reply(reply)
-                }
-                Op::Purge {
-                    purged,
-                    remove,
-                    reply,
-                } => {
-                    if result.is_ok() {
-                        result = self.purge(&purged, remove);
-                    }
-                    Completion::Reply(reply)
-                }
-                Op::Vote { vote, reply } => {
-                    if result.is_ok() {
-                        result = self.vote(&vote);
-                    }
-                    Completion::Reply(reply)
-                }
-                Op::Committed(log_id) => {
-                    committed = Some(log_id);
-                    Completion::Nothing
-                }
-            };
-            completions.push(completion);
+            if result.is_ok() {
+                result = self.write(op.chunks);
+            }
+            if result.is_ok() {
+                entries += op.entries;
+                remove.extend(op.remove);
+                written.extend(op.written);
+            }
+            completions.push(op.done);
         }
         if result.is_ok() {
-            if let Some(seq) = written_seq {
-                self.shared.write_state().mark_written(seq);
+            // Written (not yet durable) is enough for readers: the cache may let go.
+            let budget = self.shared.cache_budget();
+            for (group, seq) in written {
+                group.write_state().mark_written(seq, budget);
             }
             result = self.sync();
         }
-        if result.is_ok() && self.power_loss && self.manifest_dirty {
-            result = self.write_manifest();
+        if result.is_ok() {
+            for seg in &remove {
+                self.remove_segment(seg);
+            }
+            if self.power_loss && self.manifest_dirty {
+                result = self.write_manifest();
+            }
         }
         if result.is_ok() {
             self.shared.stats.add_appended(entries);
-            if let Some(log_id) = committed {
-                result = self.write_committed(&log_id);
-            }
         }
         if let Err(e) = &result {
             if self.shared.failure().is_none() {
@@ -251,7 +201,26 @@ impl Writer {
         }
     }
 
-    /// fsyncs every dirty segment, then the directory if names changed.
+    fn write(&mut self, chunks: Vec<Chunk>) -> Result<(), LogStoreError> {
+        for chunk in chunks {
+            if chunk.seg.file().is_none() {
+                // A new segment: make the older ones durable first, so that a crash never
+                // leaves an older segment torn behind a newer one with data.
+                self.sync()?;
+                self.dir_dirty = true;
+            }
+            let (file, _) = chunk.seg.create()?;
+            file.write_all_at(&chunk.bytes, chunk.offset)
+                .map_err(|e| LogStoreError::io("write segment", &chunk.seg.path, e))?;
+            let end = chunk.offset + chunk.bytes.len() as u64;
+            let len = self.lengths.entry(chunk.seg.seq).or_insert(0);
+            *len = (*len).max(end);
+            self.dirty.insert(chunk.seg.seq, chunk.seg);
+            self.manifest_dirty = true;
+        }
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<(), LogStoreError> {
         for seg in std::mem::take(&mut self.dirty).into_values() {
             if let Some(file) = seg.file() {
@@ -265,129 +234,26 @@ impl Writer {
         Ok(())
     }
 
-    fn remove_segment(&mut self, seg: &Segment) -> Result<(), LogStoreError> {
+    /// Deletes a retired segment. A failure only leaves a dead file behind, which the
+    /// next open deletes: it is logged, not fatal.
+    fn remove_segment(&mut self, seg: &Segment) {
         match std::fs::remove_file(&seg.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(LogStoreError::io("delete segment", &seg.path, e)),
+            Err(e) => {
+                tracing::warn!(file = %seg.path.display(), error = %e, "cannot delete a retired log segment");
+            }
         }
-        self.segments.remove(&seg.first);
-        self.dirty.remove(&seg.first);
-        self.dir_dirty = true;
+        self.lengths.remove(&seg.seq);
+        self.dirty.remove(&seg.seq);
         self.manifest_dirty = true;
-        Ok(())
     }
 
-    fn append(&mut self, drop: Vec<Arc<Segment>>, chunks: Vec<Chunk>) -> Result<(), LogStoreError> {
-        for seg in &drop {
-            self.remove_segment(seg)?;
-        }
-        for chunk in chunks {
-            if chunk.seg.file().is_none() {
-                // A new segment: make the older ones durable first, so that a crash never
-                // leaves an older segment torn behind a newer one with data.
-                self.sync()?;
-                self.dir_dirty = true;
-            }
-            let (file, _) = chunk.seg.create()?;
-            file.write_all_at(&chunk.bytes, chunk.offset)
-                .map_err(|e| LogStoreError::io("write segment", &chunk.seg.path, e))?;
-            let end = chunk.offset + chunk.bytes.len() as u64;
-            let first = chunk.seg.first;
-            match self.segments.get_mut(&first) {
-                Some((seg, len)) if Arc::ptr_eq(seg, &chunk.seg) => *len = (*len).max(end),
-                _ => {
-                    self.segments.insert(first, (chunk.seg.clone(), end));
-                }
-            }
-            self.dirty.insert(first, chunk.seg);
-            self.manifest_dirty = true;
-        }
-        Ok(())
-    }
-
-    fn truncate(&mut self, plan: TruncatePlan) -> Result<(), LogStoreError> {
-        for seg in &plan.remove {
-            self.remove_segment(seg)?;
-        }
-        if let Some((seg, len)) = plan.keep {
-            let file = seg.file().ok_or_else(|| {
-                LogStoreError::io(
-                    "truncate segment",
-                    &seg.path,
-                    io::ErrorKind::NotFound.into(),
-                )
-            })?;
-            file.set_len(len)
-                .map_err(|e| LogStoreError::io("truncate segment", &seg.path, e))?;
-            if let Some((_, written)) = self.segments.get_mut(&seg.first) {
-                *written = len;
-            }
-            self.dirty.insert(seg.first, seg);
-        }
-        self.manifest_dirty = true;
-        // Durable before later writes reuse the offsets: a crash must not leave new
-        // records followed by stale ones the truncate removed.
-        self.sync()
-    }
-
-    fn purge(&mut self, purged: &LogId, remove: Vec<Arc<Segment>>) -> Result<(), LogStoreError> {
-        // The purged log id is durable before any segment goes: recovery must never see a
-        // log that starts later than the purged id says.
-        meta::write_atomic(
-            &self.dir,
-            meta::PURGED,
-            &meta::encode_log_id(purged)?,
-            &self.shared.stats,
-        )?;
-        for seg in &remove {
-            self.remove_segment(seg)?;
-        }
-        Ok(())
-    }
-
-    fn vote(&mut self, vote: &Vote) -> Result<(), LogStoreError> {
-        // Serialized with the log: what was queued before the vote is durable before it.
-        self.sync()?;
-        meta::write_atomic(
-            &self.dir,
-            meta::VOTE,
-            &meta::encode_vote(vote)?,
-            &self.shared.stats,
-        )
-    }
-
-    fn write_committed(&mut self, log_id: &LogId) -> Result<(), LogStoreError> {
-        let path = self.dir.join(meta::COMMITTED);
-        if self.committed_file.is_none() {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| LogStoreError::io("open", &path, e))?;
-            self.committed_file = Some(file);
-        }
-        let framed = meta::frame(&meta::encode_log_id(log_id)?);
-        match &self.committed_file {
-            Some(file) => file
-                .write_all_at(&framed, 0)
-                .map_err(|e| LogStoreError::io("write", &path, e)),
-            None => Ok(()),
-        }
-    }
-
-    /// Test-only power-loss simulation: records the durable length of every segment.
     fn write_manifest(&mut self) -> Result<(), LogStoreError> {
-        let lengths: BTreeMap<u64, u64> = self
-            .segments
-            .iter()
-            .map(|(first, (_, len))| (*first, *len))
-            .collect();
         meta::write_atomic(
             &self.dir,
             meta::MANIFEST,
-            &meta::encode_manifest(&lengths),
+            &meta::encode_manifest(&self.lengths),
             &self.shared.stats,
         )?;
         self.manifest_dirty = false;

@@ -1,19 +1,20 @@
-//! Damaged files: a torn tail is cut off; a flipped byte anywhere else refuses the open;
-//! a flipped byte found by a reader is an error, never a wrong entry.
+//! Damaged files: a torn tail is cut off; a flipped byte anywhere else refuses the open,
+//! naming the file, offset, group and index; a flipped byte found by a reader is an
+//! error, never a wrong entry.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 use openraft::RaftLogReader;
 
-use super::super::{record, LogStore, LogStoreConfig, LogStoreError};
+use super::super::{record, LogStoreConfig, LogStoreError, Wal};
 use super::{
-    append, assert_holds, config, entries, entry, record_len, segment_firsts, segment_path,
+    append, assert_holds, config, entries, entry, open, record_len, segment_path, segment_seqs,
 };
 
-/// The byte offset of record `index` in a segment of 50-byte entries starting at `first`.
-fn offset_of(first: u64, index: u64) -> u64 {
-    (first..index).map(|i| record_len(&entry(1, i, 50))).sum()
+/// The byte offset of record `index` in a first segment of 50-byte entries from 1.
+fn offset_of(index: u64) -> u64 {
+    (1..index).map(|i| record_len(&entry(1, i, 50))).sum()
 }
 
 fn flip_byte(path: &std::path::Path, offset: u64) {
@@ -28,16 +29,17 @@ fn flip_byte(path: &std::path::Path, offset: u64) {
     file.write_all_at(&byte, offset).unwrap();
 }
 
-async fn store_with(config: &LogStoreConfig, to: u64) {
-    let store = LogStore::open(config.clone()).await.unwrap();
-    append(&store, entries(1, to)).await;
+/// A log whose group 3 holds entries 1..=to.
+async fn log_with(config: &LogStoreConfig, to: u64) {
+    let wal = open(config).await;
+    append(&wal.group(3), entries(1, to)).await;
 }
 
 #[tokio::test]
 async fn a_record_cut_short_at_the_end_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    store_with(&config, 10).await;
+    log_with(&config, 10).await;
     let path = segment_path(&config, 1);
     let len = std::fs::metadata(&path).unwrap().len();
     std::fs::OpenOptions::new()
@@ -47,20 +49,20 @@ async fn a_record_cut_short_at_the_end_is_a_torn_tail() {
         .set_len(len - 5)
         .unwrap();
 
-    let store = LogStore::open(config.clone()).await.unwrap();
-    assert_holds(&store, 1, 9);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), offset_of(1, 10));
-    append(&store, entries(10, 12)).await;
-    drop(store);
-    let store = LogStore::open(config).await.unwrap();
-    assert_holds(&store, 1, 12);
+    let wal = open(&config).await;
+    assert_holds(&wal.group(3), 1, 9);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), offset_of(10));
+    append(&wal.group(3), entries(10, 12)).await;
+    drop(wal);
+    let wal = open(&config).await;
+    assert_holds(&wal.group(3), 1, 12);
 }
 
 #[tokio::test]
 async fn garbage_after_the_last_record_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    store_with(&config, 10).await;
+    log_with(&config, 10).await;
     let path = segment_path(&config, 1);
     let mut file = std::fs::OpenOptions::new()
         .append(true)
@@ -72,16 +74,16 @@ async fn garbage_after_the_last_record_is_a_torn_tail() {
     file.write_all(&garbage).unwrap();
     drop(file);
 
-    let store = LogStore::open(config.clone()).await.unwrap();
-    assert_holds(&store, 1, 10);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), offset_of(1, 11));
+    let wal = open(&config).await;
+    assert_holds(&wal.group(3), 1, 10);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), offset_of(11));
 }
 
 #[tokio::test]
 async fn zeros_after_the_last_record_are_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    store_with(&config, 10).await;
+    log_with(&config, 10).await;
     let path = segment_path(&config, 1);
     let len = std::fs::metadata(&path).unwrap().len();
     std::fs::OpenOptions::new()
@@ -91,28 +93,29 @@ async fn zeros_after_the_last_record_are_a_torn_tail() {
         .set_len(len + 4096)
         .unwrap();
 
-    let store = LogStore::open(config).await.unwrap();
-    assert_holds(&store, 1, 10);
+    let wal = open(&config).await;
+    assert_holds(&wal.group(3), 1, 10);
 }
 
 #[tokio::test]
 async fn a_flipped_byte_before_an_intact_record_refuses_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    store_with(&config, 10).await;
+    log_with(&config, 10).await;
     let path = segment_path(&config, 1);
-    let offset = offset_of(1, 5);
+    let offset = offset_of(5);
     flip_byte(&path, offset + record::HEADER_LEN as u64 + 7);
 
-    let err = LogStore::open(config).await.unwrap_err();
+    let err = Wal::open(config).await.unwrap_err();
     match &err {
         LogStoreError::Corrupt {
             file,
             offset: at,
+            group,
             index,
             ..
         } => {
-            assert_eq!((file, *at, *index), (&path, offset, 5));
+            assert_eq!((file, *at, *group, *index), (&path, offset, 3, 5));
         }
         other => panic!("expected Corrupt, got {other}"),
     }
@@ -121,7 +124,8 @@ async fn a_flipped_byte_before_an_intact_record_refuses_the_open() {
         message.contains(&format!("byte offset {offset}")),
         "{message}"
     );
-    assert!(message.contains("log index 5"), "{message}");
+    assert!(message.contains("group 3, log index 5"), "{message}");
+    assert!(message.contains("CRC mismatch"), "{message}");
     assert!(
         message.contains("move the data directory away"),
         "{message}"
@@ -132,13 +136,14 @@ async fn a_flipped_byte_before_an_intact_record_refuses_the_open() {
 async fn a_flipped_length_field_before_an_intact_record_refuses_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    store_with(&config, 10).await;
+    log_with(&config, 10).await;
     let path = segment_path(&config, 1);
-    flip_byte(&path, offset_of(1, 8) + 1);
+    let offset = offset_of(8);
+    flip_byte(&path, offset + 1);
 
-    let err = LogStore::open(config).await.unwrap_err();
+    let err = Wal::open(config).await.unwrap_err();
     assert!(
-        matches!(err, LogStoreError::Corrupt { index: 8, .. }),
+        matches!(err, LogStoreError::Corrupt { offset: at, index: 8, .. } if at == offset),
         "{err}"
     );
 }
@@ -150,19 +155,25 @@ async fn damage_at_the_end_of_an_older_segment_refuses_the_open() {
         segment_bytes_max: 1024,
         ..config(dir.path())
     };
-    store_with(&config, 40).await;
-    let firsts = segment_firsts(&config);
-    assert!(firsts.len() >= 3);
+    log_with(&config, 40).await;
+    assert!(segment_seqs(&config).len() >= 3);
     // The last record of the first segment.
-    let last_of_first = firsts[1] - 1;
-    let offset = offset_of(1, last_of_first);
-    flip_byte(&segment_path(&config, 1), offset + 30);
+    let path = segment_path(&config, 1);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let last_len = record_len(&entry(1, 1, 50));
+    flip_byte(&path, len - last_len + 40);
 
-    let err = LogStore::open(config).await.unwrap_err();
+    let err = Wal::open(config).await.unwrap_err();
     match err {
         LogStoreError::Corrupt {
-            offset: at, index, ..
-        } => assert_eq!((at, index), (offset, last_of_first)),
+            file,
+            offset: at,
+            reason,
+            ..
+        } => {
+            assert_eq!((file, at), (path, len - last_len));
+            assert!(reason.contains("not the last"), "{reason}");
+        }
         other => panic!("expected Corrupt, got {other}"),
     }
 }
@@ -174,15 +185,20 @@ async fn a_missing_segment_refuses_the_open() {
         segment_bytes_max: 1024,
         ..config(dir.path())
     };
-    store_with(&config, 40).await;
-    let firsts = segment_firsts(&config);
-    std::fs::remove_file(segment_path(&config, firsts[1])).unwrap();
+    log_with(&config, 40).await;
+    let seqs = segment_seqs(&config);
+    std::fs::remove_file(segment_path(&config, seqs[1])).unwrap();
 
-    let err = LogStore::open(config).await.unwrap_err();
-    assert!(
-        matches!(err, LogStoreError::Corrupt { offset: 0, .. }),
-        "{err}"
-    );
+    let err = Wal::open(config).await.unwrap_err();
+    match err {
+        LogStoreError::Corrupt { reason, .. } => {
+            assert!(
+                reason.contains(&format!("segment {} is missing", seqs[1])),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
 }
 
 #[tokio::test]
@@ -192,9 +208,10 @@ async fn a_reader_never_returns_a_damaged_entry() {
         cache_bytes_max: 0,
         ..config(dir.path())
     };
-    let store = LogStore::open(config.clone()).await.unwrap();
+    let wal = open(&config).await;
+    let store = wal.group(3);
     append(&store, entries(1, 10)).await;
-    let offset = offset_of(1, 3);
+    let offset = offset_of(3);
     flip_byte(
         &segment_path(&config, 1),
         offset + record::HEADER_LEN as u64 + 3,
@@ -204,6 +221,7 @@ async fn a_reader_never_returns_a_damaged_entry() {
     match reader.entry(3) {
         Err(LogStoreError::Corrupt {
             offset: at,
+            group: 3,
             index: 3,
             ..
         }) => assert_eq!(at, offset),
@@ -212,4 +230,34 @@ async fn a_reader_never_returns_a_damaged_entry() {
     assert_eq!(reader.entry(4).unwrap(), Some(entry(1, 4, 50)));
     assert!(reader.clone().try_get_log_entries(1..11).await.is_err());
     assert!(reader.clone().try_get_log_entries(4..11).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_reader_never_returns_another_groups_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogStoreConfig {
+        cache_bytes_max: 0,
+        ..config(dir.path())
+    };
+    let wal = open(&config).await;
+    let (a, b) = (wal.group(1), wal.group(2));
+    append(&a, entries(1, 3)).await;
+    append(&b, entries(1, 3)).await;
+    // Rewrite a's record 2 as a valid record of group 2 (same length, good CRC): a read
+    // of a's index 2 must notice whose record it is.
+    let path = segment_path(&config, 1);
+    let forged = record::encode_entry(2, &entry(1, 2, 50)).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&forged, offset_of(2)).unwrap();
+    match a.reader().entry(2) {
+        Err(LogStoreError::Corrupt {
+            group: 1,
+            index: 2,
+            reason,
+            ..
+        }) => {
+            assert!(reason.contains("group 2"), "{reason}")
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::super::{LogStore, LogStoreConfig};
+use super::super::{LogStoreConfig, Wal};
 use super::entry;
 
 fn bench_dir() -> tempfile::TempDir {
@@ -49,19 +49,20 @@ async fn fsync_latency_of_4k_appends() {
     println!("raw fdatasync after a 4 KiB write: {}", percentiles(raw));
 
     // The store: one ~4 KiB entry at a time, waiting until durable.
-    let store = LogStore::open(LogStoreConfig {
-        dir: dir.path().join("log"),
+    let wal = Wal::open(LogStoreConfig {
+        dir: dir.path().join("wal"),
         ..LogStoreConfig::default()
     })
     .await
     .unwrap();
+    let store = wal.group(1);
     let mut acked = Vec::new();
     for index in 1..=1000 {
         let started = Instant::now();
         super::append(&store, vec![entry(1, index, 4000)]).await;
         acked.push(started.elapsed());
     }
-    let stats = store.stats();
+    let stats = wal.stats();
     println!(
         "store append of one 4 KiB entry until durable: {}; {} fsyncs",
         percentiles(acked),
@@ -71,20 +72,25 @@ async fn fsync_latency_of_4k_appends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "measurement; run by hand"]
-async fn appends_per_second_with_64_appenders() {
+async fn appends_per_second_with_64_appenders_in_16_groups() {
     let dir = bench_dir();
-    let store = LogStore::open(LogStoreConfig {
-        dir: dir.path().join("log"),
+    let wal = Wal::open(LogStoreConfig {
+        dir: dir.path().join("wal"),
         ..LogStoreConfig::default()
     })
     .await
     .unwrap();
-    let next = Arc::new(tokio::sync::Mutex::new(1u64));
+    let groups = 16u32;
+    let nexts: Vec<_> = (0..groups)
+        .map(|_| Arc::new(tokio::sync::Mutex::new(1u64)))
+        .collect();
     let (appenders, per_appender) = (64u64, 500u64);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..appenders {
-        let (store, next) = (store.clone(), next.clone());
+    for i in 0..appenders {
+        let group = (i % u64::from(groups)) as u32;
+        let store = wal.group(group + 1);
+        let next = nexts[group as usize].clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             for _ in 0..per_appender {
@@ -110,9 +116,9 @@ async fn appends_per_second_with_64_appenders() {
     }
     let elapsed = started.elapsed();
     let total = appenders * per_appender;
-    let stats = store.stats();
+    let stats = wal.stats();
     println!(
-        "{total} appends of 200-byte entries by {appenders} appenders in {:.2} s: {:.0} appends/s; \
+        "{total} appends of 200-byte entries by {appenders} appenders of {groups} groups in {:.2} s: {:.0} appends/s; \
          {} fsyncs ({:.1} appends per fsync); append-to-durable {}",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),

@@ -1,5 +1,6 @@
-//! Tests of the log store: openraft's suite ([`suite`]), durability and recovery
-//! ([`durability`]), damage ([`damage`]), and an ignored measurement ([`measure`]).
+//! Tests of the log store: openraft's suite on one group's log ([`suite`]), durability and
+//! recovery with several groups interleaved ([`durability`]), damage ([`damage`]), and
+//! ignored measurements ([`measure`]).
 
 mod damage;
 mod durability;
@@ -11,16 +12,21 @@ use std::path::{Path, PathBuf};
 use herald_client::wire::{IdempotencyKey, Principal};
 use openraft::{CommittedLeaderId, EntryPayload};
 
-use super::{record, segment, LogStore, LogStoreConfig};
+use super::{record, segment, LogStore, LogStoreConfig, Wal};
 use crate::raft::{Entry, LogId};
 use crate::store::Command;
 
-/// A config for a store in `dir/log`, with roomy segments and cache.
+/// A config for a log in `dir/wal`, with roomy segments and cache.
 pub(super) fn config(dir: &Path) -> LogStoreConfig {
     LogStoreConfig {
-        dir: dir.join("log"),
+        dir: dir.join("wal"),
         ..LogStoreConfig::default()
     }
+}
+
+/// Opens the shared log.
+pub(super) async fn open(config: &LogStoreConfig) -> Wal {
+    Wal::open(config.clone()).await.unwrap()
 }
 
 /// A log id of leader 1.
@@ -58,33 +64,34 @@ pub(super) async fn append(store: &LogStore, entries: Vec<Entry>) {
         .unwrap();
 }
 
-/// The encoded record length of `entry`.
+/// The encoded record length of `entry` (the same in every group).
 pub(super) fn record_len(entry: &Entry) -> u64 {
-    record::encode(entry).unwrap().len() as u64
+    record::encode_entry(1, entry).unwrap().len() as u64
 }
 
-/// The path of the segment starting at `first` in the store of `config`.
-pub(super) fn segment_path(config: &LogStoreConfig, first: u64) -> PathBuf {
-    config.dir.join(segment::file_name(first))
+/// The path of segment `seq` of the log of `config`.
+pub(super) fn segment_path(config: &LogStoreConfig, seq: u64) -> PathBuf {
+    config.dir.join(segment::file_name(seq))
 }
 
-/// The segment files of `config`'s store, by first index.
-pub(super) fn segment_firsts(config: &LogStoreConfig) -> Vec<u64> {
+/// The segment files of `config`'s log, by number.
+pub(super) fn segment_seqs(config: &LogStoreConfig) -> Vec<u64> {
     segment::list(&config.dir)
         .unwrap()
         .into_iter()
-        .map(|(first, _)| first)
+        .map(|(seq, _)| seq)
         .collect()
 }
 
-/// Asserts the store reads exactly `from..=to` as written by [`entries`].
+/// Asserts the group's log reads exactly `from..=to` as written by [`entries`].
 pub(super) fn assert_holds(store: &LogStore, from: u64, to: u64) {
     let reader = store.reader();
     for index in from..=to {
         assert_eq!(
             reader.entry(index).unwrap(),
             Some(entry(1, index, 50)),
-            "index {index}"
+            "group {} index {index}",
+            store.group_id()
         );
     }
     assert_eq!(reader.entry(to + 1).unwrap(), None);
@@ -98,6 +105,8 @@ pub(super) fn assert_holds(store: &LogStore, from: u64, to: u64) {
     let stats = store.stats();
     assert_eq!(
         (stats.first_index, stats.last_index),
-        (Some(from), Some(to))
+        (Some(from), Some(to)),
+        "group {}",
+        store.group_id()
     );
 }

@@ -1,12 +1,14 @@
-//! openraft's storage test suite against [`LogStore`] together with Herald's real
-//! conversation state machine (snapshots carry conversations and history).
+//! openraft's storage test suite against one group's [`LogStore`] together with Herald's
+//! real conversation state machine (snapshots carry conversations and history). The
+//! shared log also holds another group's entries, appended before every suite test, so
+//! the group's view must skip them.
 
 use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{AnyError, StorageIOError};
 
-use super::super::{LogStore, LogStoreConfig, LogStoreError};
+use super::super::{LogStore, LogStoreConfig, LogStoreError, Wal};
 use crate::raft::state_machine::{StateMachine, StateMachineConfig};
 use crate::raft::{StorageError, TypeConfig};
 
@@ -22,14 +24,24 @@ struct Builder {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDirGuard> for Builder {
     async fn build(&self) -> Result<(TempDirGuard, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-        let store = LogStore::open(LogStoreConfig {
-            dir: dir.path().join("log"),
+        let wal = Wal::open(LogStoreConfig {
+            dir: dir.path().join("wal"),
             segment_bytes_max: self.segment_bytes_max,
             cache_bytes_max: self.cache_bytes_max,
             simulate_power_loss: false,
         })
         .await
         .map_err(LogStoreError::write_logs)?;
+        // A neighbour group, so the suite's group shares segments with another.
+        let neighbour = wal.group(9);
+        neighbour
+            .append_notify(super::entries(1, 20))
+            .await
+            .map_err(LogStoreError::write_logs)?
+            .await
+            .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?
+            .map_err(LogStoreError::write_logs)?;
+        let store = wal.group(1);
         let sm = StateMachine::open(
             StateMachineConfig {
                 dir: dir.path().join("snapshot"),
