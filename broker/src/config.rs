@@ -76,6 +76,27 @@ pub struct ClusterConfig {
     /// The CA that signed every node's certificate (peers verify each other with it).
     /// Empty: `dev/ca.pem` under the data directory.
     pub ca_file: PathBuf,
+    /// Data groups (Raft groups that hold conversations), fixed when the cluster is
+    /// created. 0: four per member (four for a one-node cluster), so every node leads
+    /// several. Every node must use the same value.
+    pub groups: u32,
+    /// Replicas per data group (capped at the number of members). Every node must use
+    /// the same value.
+    pub replication_factor: u32,
+}
+
+/// Data groups per member when `cluster.groups` is 0.
+pub const GROUPS_PER_MEMBER_DEFAULT: u32 = 4;
+
+impl ClusterConfig {
+    /// The data group count: `groups`, or four per member when 0.
+    pub fn group_count(&self) -> u32 {
+        if self.groups > 0 {
+            return self.groups;
+        }
+        let members = u32::try_from(self.members.len().max(1)).unwrap_or(u32::MAX);
+        members.saturating_mul(GROUPS_PER_MEMBER_DEFAULT)
+    }
 }
 
 /// Raft tuning and the log store. Every node of a cluster should use the same values.
@@ -206,6 +227,8 @@ impl Default for ClusterConfig {
             members: Vec::new(),
             secret_file: PathBuf::new(),
             ca_file: PathBuf::new(),
+            groups: 0,
+            replication_factor: 3,
         }
     }
 }
@@ -447,6 +470,16 @@ impl Config {
         }
         if self.cluster.node_id == 0 {
             problems.push("cluster.node_id must be at least 1".into());
+        }
+        if self.cluster.group_count() > crate::cluster_map::GROUPS_MAX {
+            problems.push(format!(
+                "cluster.groups = {} is above the maximum of {} (one group per slot)",
+                self.cluster.group_count(),
+                crate::cluster_map::GROUPS_MAX
+            ));
+        }
+        if self.cluster.replication_factor == 0 {
+            problems.push("cluster.replication_factor must be at least 1".into());
         }
         match self.cluster.parsed_members() {
             Err(problem) => problems.push(problem),

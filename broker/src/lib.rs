@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod cluster_map;
 pub mod config;
 pub mod engine;
 pub mod metrics;

@@ -2,7 +2,8 @@
 //!
 //! Owns: every metric the node exports and its rendering as OpenMetrics text.
 //! Must not: use per-user, per-session or per-conversation labels (unbounded series);
-//! labels are limited to small fixed sets (refusal codes, disconnect reasons).
+//! labels are limited to small fixed sets (refusal codes, disconnect reasons, the Raft
+//! groups this node hosts).
 //! Names follow BRIEF §5: `herald_` prefix, base units, `_total` on counters
 //! (prometheus-client appends `_total` to counters itself).
 
@@ -18,6 +19,20 @@ use prometheus_client::registry::Registry;
 pub struct ReasonLabel {
     /// e.g. a refusal code or disconnect reason.
     pub reason: String,
+}
+
+/// The Raft group a series belongs to (a small set: the groups this node hosts).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    /// The group id.
+    pub group: u32,
+}
+
+impl GroupLabel {
+    /// The label of `group`.
+    pub fn of(group: u32) -> Self {
+        GroupLabel { group }
+    }
 }
 
 /// All metrics of a node. Cheap to clone handles out of; updated lock-free.
@@ -55,20 +70,20 @@ pub struct Metrics {
     pub publish_ack_latency_seconds: Histogram,
     /// Stream writes to sessions (each carries many frames when coalescing works).
     pub session_writes: Counter,
-    /// Conversations stored.
-    pub conversations: Gauge,
-    /// Messages held in history.
-    pub history_messages: Gauge,
-    /// Raft: the current term.
-    pub raft_term: Gauge,
-    /// Raft: 1 while this node leads, else 0.
-    pub raft_leader: Gauge,
+    /// Conversations stored, per group.
+    pub conversations: Family<GroupLabel, Gauge>,
+    /// Messages held in history, per group.
+    pub history_messages: Family<GroupLabel, Gauge>,
+    /// Raft: the current term, per group.
+    pub raft_term: Family<GroupLabel, Gauge>,
+    /// Raft: 1 while this node leads the group, else 0.
+    pub raft_leader: Family<GroupLabel, Gauge>,
     /// Raft: times this node saw the leader change (including to "none").
-    pub raft_leader_changes: Counter,
+    pub raft_leader_changes: Family<GroupLabel, Counter>,
     /// Raft: the last log index on this node.
-    pub raft_last_log_index: Gauge,
+    pub raft_last_log_index: Family<GroupLabel, Gauge>,
     /// Raft: the last index applied to the state machine.
-    pub raft_applied_index: Gauge,
+    pub raft_applied_index: Family<GroupLabel, Gauge>,
     /// Raft log store: bytes in segment files.
     pub raft_log_bytes: Gauge,
     /// Raft log store: fsync/fdatasync calls.
@@ -101,13 +116,13 @@ impl Metrics {
             // 10 µs .. ~10 s in 21 doubling buckets.
             publish_ack_latency_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 21)),
             session_writes: Counter::default(),
-            conversations: Gauge::default(),
-            history_messages: Gauge::default(),
-            raft_term: Gauge::default(),
-            raft_leader: Gauge::default(),
-            raft_leader_changes: Counter::default(),
-            raft_last_log_index: Gauge::default(),
-            raft_applied_index: Gauge::default(),
+            conversations: Family::default(),
+            history_messages: Family::default(),
+            raft_term: Family::default(),
+            raft_leader: Family::default(),
+            raft_leader_changes: Family::default(),
+            raft_last_log_index: Family::default(),
+            raft_applied_index: Family::default(),
             raft_log_bytes: Gauge::default(),
             raft_fsyncs: Counter::default(),
             raft_fsync_seconds: Counter::default(),

@@ -58,14 +58,25 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Writes an `n`-node cluster with `herald dev-cluster` on a free port range, starts
-    /// every node with `herald serve` (with `env` added, `RUST_LOG=warn` unless `env`
-    /// sets it), and waits until every node is ready and all agree on one leader.
+    /// Writes an `n`-node cluster of ONE data group with `herald dev-cluster` on a free
+    /// port range, starts every node with `herald serve` (with `env` added,
+    /// `RUST_LOG=warn` unless `env` sets it), and waits until every node is ready. One
+    /// group keeps "the leader" meaningful for the replication tests; sharding tests use
+    /// [`Cluster::start_sharded`].
     pub async fn start(n: u16, env: &[(&str, &str)]) -> anyhow::Result<Cluster> {
+        Self::start_sharded(n, 1, env).await
+    }
+
+    /// The same with `groups` data groups (replication factor 3).
+    pub async fn start_sharded(
+        n: u16,
+        groups: u32,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=9).contains(&n), "a cluster has 1 to 9 nodes, not {n}");
         let mut last = None;
         for _ in 0..3 {
-            let cluster = Self::write(n, env)?;
+            let cluster = Self::write(n, groups, env)?;
             match cluster.spawn_all().await {
                 Ok(()) => {}
                 Err(e) if cluster.logs_tail().contains("in use") => {
@@ -81,7 +92,7 @@ impl Cluster {
         Err(last.unwrap_or_else(|| anyhow!("no free port range found")))
     }
 
-    fn write(n: u16, env: &[(&str, &str)]) -> anyhow::Result<Cluster> {
+    fn write(n: u16, groups: u32, env: &[(&str, &str)]) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("herald-cluster-")
             .tempdir()?;
@@ -94,6 +105,8 @@ impl Cluster {
             .arg(dir.path())
             .arg("--base-port")
             .arg(base_port.to_string())
+            .arg("--groups")
+            .arg(groups.to_string())
             .env("RUST_LOG", "warn")
             .output()
             .context("cannot run herald dev-cluster")?;
@@ -503,7 +516,8 @@ impl Cluster {
         serde_json::from_str(&body).with_context(|| format!("node {k} /cluster: {body}"))
     }
 
-    /// Node `k`'s view of group 0 (`groups[0]` of `/cluster`).
+    /// Node `k`'s view of the first data group (`groups[0]` of `/cluster`: the only one
+    /// of a [`Cluster::start`] cluster).
     pub async fn group(&self, k: u16) -> anyhow::Result<serde_json::Value> {
         let status = self.status(k).await?;
         Ok(status["groups"][0].clone())

@@ -20,6 +20,7 @@ use herald_client::wire::{self, Frame, Hello, Request};
 
 pub mod checker;
 pub mod cluster;
+pub mod shards;
 
 /// How long any single wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -44,9 +45,27 @@ fn build_herald() -> anyhow::Result<PathBuf> {
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    // `--workspace` resolves features as `cargo test --workspace` does, so the
-    // dependencies built for the tests are reused rather than built a second time.
-    cmd.args(["build", "--quiet", "--workspace", "--bin", "herald"]);
+    // `--workspace --tests` resolves features as `cargo test` does (dev-dependencies
+    // included), so the dependencies built for the tests are reused rather than built a
+    // second time.
+    cmd.args([
+        "build",
+        "--quiet",
+        "--workspace",
+        "--tests",
+        "--bin",
+        "herald",
+    ]);
+    // The variables cargo sets for this test process (CARGO_MANIFEST_DIR, CARGO_PKG_*,
+    // …) would reach build scripts that watch them (ring's does) and make this build
+    // and the next `cargo test` rebuild half the dependency tree in turn.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_") && !matches!(name.as_ref(), "CARGO_HOME" | "CARGO_TARGET_DIR")
+        {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     if release {
         cmd.arg("--release");
     }

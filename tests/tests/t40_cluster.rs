@@ -12,7 +12,7 @@ use herald_broker::raft::network::frame::{
     CLOSE_PROTOCOL,
 };
 use herald_broker::raft::network::{
-    PeerHello, PeerReply, PeerRequest, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
+    GroupRequest, PeerHello, PeerReply, PeerRequest, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
 };
 use herald_client::io::TransportLimits;
 use herald_client::wire::{self, Frame, Principal, RefusalCode};
@@ -56,7 +56,7 @@ async fn three_nodes_form_one_cluster_that_status_shows() -> anyhow::Result<()> 
             anyhow::ensure!(ids == [1, 2, 3], "node {k} lists nodes {ids:?}");
             for n in nodes {
                 let id = n["id"].as_u64().unwrap_or(0) as u16;
-                anyhow::ensure!(n["voter"] == true, "node {k}: {n}");
+                anyhow::ensure!(n["groups"] == 1, "node {k}: {n}");
                 anyhow::ensure!(
                     n["addr"] == cluster.addr(id).to_string(),
                     "node {k} lists {n}, expected addr {}",
@@ -128,8 +128,9 @@ async fn three_nodes_form_one_cluster_that_status_shows() -> anyhow::Result<()> 
             .context("no group line")?;
         let fields: Vec<&str> = group_line.split_whitespace().collect();
         anyhow::ensure!(
-            fields.get(1) == Some(&leader.to_string().as_str())
-                && fields.get(2) == Some(&terms[0].to_string().as_str()),
+            fields.get(1) == Some(&"0..4096")
+                && fields.get(2) == Some(&leader.to_string().as_str())
+                && fields.get(3) == Some(&terms[0].to_string().as_str()),
             "group line {group_line:?} should show leader {leader} and term {}:\n{text}",
             terms[0]
         );
@@ -145,9 +146,14 @@ async fn three_nodes_form_one_cluster_that_status_shows() -> anyhow::Result<()> 
         for k in cluster.ids() {
             let (code, text) = cluster.admin_get(k, "/metrics").await?;
             anyhow::ensure!(code == 200, "node {k} /metrics: {code}");
+            // Raft series carry the group (the only one here is group 1).
             let value = |name: &str| {
                 text.lines()
-                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .find_map(|l| {
+                        let rest = l.strip_prefix(name)?;
+                        let rest = rest.strip_prefix("{group=\"1\"}").unwrap_or(rest);
+                        rest.strip_prefix(' ')
+                    })
                     .and_then(|v| v.trim().parse::<f64>().ok())
             };
             let is_leader = if k == leader { 1.0 } else { 0.0 };
@@ -383,14 +389,15 @@ async fn closed_with(conn: &quinn::Connection) -> anyhow::Result<u64> {
 
 /// After a refusal, the connection serves nothing: a further RPC gets no reply.
 async fn serves_nothing(conn: &quinn::Connection) -> anyhow::Result<()> {
-    let heartbeat = PeerRequest::Vote {
+    let heartbeat = GroupRequest::Vote {
         vote: WireVote {
             term: 1_000_000,
             node_id: 2,
             committed: false,
         },
         last_log_id: None,
-    };
+    }
+    .to(1);
     match peer_call(conn, &heartbeat).await {
         Ok(reply) => anyhow::bail!("a refused connection answered an RPC with {reply:?}"),
         Err(_) => Ok(()),
@@ -431,14 +438,15 @@ async fn the_peer_port_refuses_a_connection_without_a_valid_hello() -> anyhow::R
         // 1. No hello: a vote with a huge term first. Refused, closed, not counted.
         let case1 = async {
             let (_e1, conn) = peer_connect(&cluster, leader).await?;
-            let vote = PeerRequest::Vote {
+            let vote = GroupRequest::Vote {
                 vote: WireVote {
                     term: 1_000_000,
                     node_id: 2,
                     committed: false,
                 },
                 last_log_id: None,
-            };
+            }
+            .to(1);
             match peer_call(&conn, &vote).await? {
                 PeerReply::Refused(text) => {
                     anyhow::ensure!(text.contains("hello"), "refusal: {text}")
@@ -453,13 +461,14 @@ async fn the_peer_port_refuses_a_connection_without_a_valid_hello() -> anyhow::R
         // 2. No hello: a forwarded write first. Refused; nothing is appended.
         let case2 = async {
             let (_e2, conn) = peer_connect(&cluster, leader).await?;
-            let forged = PeerRequest::Forward(herald_broker::store::Command::Publish {
+            let forged = GroupRequest::Forward(herald_broker::store::Command::Publish {
                 conv: 1,
                 sender: Principal::Service("intruder".into()),
                 key: IdempotencyKey::Caller("intruder".into()),
                 payload: b"forged".to_vec(),
                 timestamp_ms: 0,
-            });
+            })
+            .to(1);
             let reply = peer_call(&conn, &forged).await?;
             anyhow::ensure!(
                 matches!(reply, PeerReply::Refused(_)),
@@ -562,14 +571,15 @@ async fn garbage_and_peer_frames_on_the_client_port_get_a_protocol_error() -> an
 
         // A peer request frame after a good hello.
         let mut bad = RawClient::welcomed_to(cluster.addr(k), &ca, &token).await?;
-        let vote = PeerRequest::Vote {
+        let vote = GroupRequest::Vote {
             vote: WireVote {
                 term: 1_000_000,
                 node_id: 1,
                 committed: false,
             },
             last_log_id: None,
-        };
+        }
+        .to(1);
         bad.send
             .write_all(&encode_frame(&vote, "request", PEER_FRAME_BYTES_MAX)?)
             .await?;

@@ -83,9 +83,13 @@ pub struct DevClusterArgs {
     /// Node K listens for QUIC on 127.0.0.1:P+10(K-1) and admin HTTP on the port after it.
     #[arg(long, default_value_t = 7410)]
     base_port: u16,
-    /// Raft groups (sharding is a later issue: only 1 is supported today).
-    #[arg(long, default_value_t = 1)]
-    groups: u32,
+    /// Data groups (Raft groups holding conversations); default: four per node, so
+    /// every node leads several.
+    #[arg(long)]
+    groups: Option<u32>,
+    /// Replicas per data group (capped at the number of nodes).
+    #[arg(long, default_value_t = 3)]
+    replication_factor: u32,
     /// Put node K on host K of this list (e.g. compose services node1,node2,node3)
     /// instead of 127.0.0.1: every node listens on 0.0.0.0 at QUIC port P and admin
     /// P+1, peers dial HOST_K:P, and the node certificate also names these hosts.
@@ -101,8 +105,17 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
     if !(1..=9).contains(&args.nodes) {
         bail!("--nodes must be between 1 and 9, got {}", args.nodes);
     }
-    if args.groups != 1 {
-        bail!("--groups {}: this build runs one Raft group per cluster; sharding over many groups is not built yet", args.groups);
+    let groups = args
+        .groups
+        .unwrap_or(u32::from(args.nodes) * herald_broker::config::GROUPS_PER_MEMBER_DEFAULT);
+    if groups == 0 || groups > herald_broker::cluster_map::GROUPS_MAX {
+        bail!(
+            "--groups must be between 1 and {}, got {groups}",
+            herald_broker::cluster_map::GROUPS_MAX
+        );
+    }
+    if args.replication_factor == 0 {
+        bail!("--replication-factor must be at least 1");
     }
     let on_hosts = !args.hosts.is_empty();
     if on_hosts && args.hosts.len() != usize::from(args.nodes) {
@@ -179,6 +192,8 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         config.cluster.members = members.clone();
         config.cluster.secret_file = cluster_secret.clone();
         config.cluster.ca_file = files.ca_pem.clone();
+        config.cluster.groups = groups;
+        config.cluster.replication_factor = args.replication_factor;
         let text = toml::to_string_pretty(&config).context("cannot render a node config")?;
         let path = dir.join(format!("node{k}.toml"));
         let place = if on_hosts {
@@ -327,8 +342,8 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
 }
 
 /// `herald status --admin A[,B…]`: asks every admin address given; node readiness
-/// and state come from each node itself, group lag from the leader (only the leader
-/// knows it). Unreachable nodes are listed as such.
+/// and each group's state come from the nodes themselves, a group's follower lag from
+/// its leader (only the leader knows it). Unreachable nodes are listed as such.
 pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
     let mut views = Vec::new();
     let mut unreachable = Vec::new();
@@ -345,52 +360,43 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
     let Some((_, first)) = views.first() else {
         bail!("no admin address answered:\n  {}", unreachable.join("\n  "));
     };
-    // The leader's view has the follower lag; fall back to the first answer.
-    let leader_view = views
-        .iter()
-        .map(|(_, v)| v)
-        .find(|v| v["groups"][0]["state"] == "Leader")
-        .unwrap_or(first);
+    let views: Vec<&serde_json::Value> = views.iter().map(|(_, v)| v).collect();
+    let groups = merged_groups(first, &views);
     if json {
-        println!("{leader_view:#}");
+        let mut merged = first.clone();
+        merged["groups"] = serde_json::Value::Array(groups);
+        println!("{merged:#}");
         return Ok(());
     }
-    println!("NODE  ADDR                   READY  STATE      TERM  APPLIED");
-    for n in leader_view["nodes"].as_array().into_iter().flatten() {
-        let own = views
-            .iter()
-            .map(|(_, v)| v)
-            .find(|v| v["node_id"] == n["id"]);
-        let (ready, state, term, applied) = match own {
-            Some(v) => (
-                v["ready"].to_string(),
-                v["groups"][0]["state"].as_str().unwrap_or("?").to_owned(),
-                v["groups"][0]["term"].to_string(),
-                v["groups"][0]["applied_index"].to_string(),
-            ),
-            None => ("?".into(), "(not asked)".into(), "?".into(), "?".into()),
-        };
+    println!("NODE  ADDR                   READY  GROUPS  LEADS");
+    for n in first["nodes"].as_array().into_iter().flatten() {
+        let own = views.iter().find(|v| v["node_id"] == n["id"]);
+        let leads = groups.iter().filter(|g| g["leader"] == n["id"]).count();
+        let ready = own.map_or("?".to_owned(), |v| v["ready"].to_string());
         println!(
-            "{:<5} {:<22} {:<6} {:<10} {:<5} {}",
+            "{:<5} {:<22} {:<6} {:<7} {}",
             n["id"].to_string(),
             n["addr"].as_str().unwrap_or("?"),
             ready,
-            state,
-            term,
-            applied
+            n["groups"].to_string(),
+            leads
         );
     }
     println!();
-    println!("GROUP  LEADER  TERM  COMMIT  REPLICAS  LAG");
-    for g in leader_view["groups"].as_array().into_iter().flatten() {
+    println!("GROUP  SLOTS       LEADER  TERM  COMMIT  REPLICAS  LAG");
+    for g in &groups {
         let lag = if g["state"] == "Leader" {
             g["lag"].to_string()
+        } else if g["leader"].is_null() {
+            "(no leader known to the nodes asked)".to_owned()
         } else {
             "(known on the leader; add its --admin)".to_owned()
         };
+        let slots = format!("{}..{}", g["slots"][0], g["slots"][1]);
         println!(
-            "{:<6} {:<7} {:<5} {:<7} {:<9} {}",
+            "{:<6} {:<11} {:<7} {:<5} {:<7} {:<9} {}",
             g["id"].to_string(),
+            slots,
             g["leader"].to_string(),
             g["term"].to_string(),
             g["commit_index"].to_string(),
@@ -402,6 +408,32 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
         println!("unreachable: {u}");
     }
     Ok(())
+}
+
+/// Every group of the map, each as the best-informed node asked sees it: its leader's
+/// view (which has the lag), else the replica with the highest term, else the map's
+/// entry alone.
+fn merged_groups(
+    first: &serde_json::Value,
+    views: &[&serde_json::Value],
+) -> Vec<serde_json::Value> {
+    let mut merged = Vec::new();
+    for entry in first["groups"].as_array().into_iter().flatten() {
+        let id = &entry["id"];
+        let seen: Vec<&serde_json::Value> = views
+            .iter()
+            .flat_map(|v| v["groups"].as_array().into_iter().flatten())
+            .filter(|g| &g["id"] == id && !g["state"].is_null())
+            .collect();
+        let best = seen
+            .iter()
+            .find(|g| g["state"] == "Leader")
+            .or_else(|| seen.iter().max_by_key(|g| g["term"].as_u64().unwrap_or(0)))
+            .copied()
+            .unwrap_or(entry);
+        merged.push(best.clone());
+    }
+    merged
 }
 
 /// A minimal HTTP/1.1 GET (admin endpoints are plain HTTP on loopback or a private network).

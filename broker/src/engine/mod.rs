@@ -1,13 +1,16 @@
-//! The node's conversation engine: where client requests meet the Raft group.
+//! The node's conversation engine: where client requests meet the Raft groups.
 //!
-//! Owns: turning requests into [`Command`]s and queueing them on the node's write
-//! [`Pipeline`] (which commits them in order through the leader, wherever it is,
-//! retrying through elections until a bound), the wall clock for timestamps, and
-//! answering reads from this replica's state machine. Writes are two-step: the engine
-//! queues a write and returns a [`Submitted`]; awaiting it gives the outcome. A
-//! session queues its writes in the order it sent them. A write is answered only after its entry is committed (fsync'ed on a
-//! quorum) and applied; every command is idempotent, so a retry across a failover
-//! changes nothing twice (publishes carry their idempotency key).
+//! Owns: finding a conversation's group (slot → group, from the [`ClusterMap`]),
+//! turning requests into [`Command`]s and queueing them on that group's write
+//! [`Pipeline`] (which commits them in order through the group's leader, wherever it
+//! is, retrying through elections until a bound), the wall clock for timestamps, and
+//! answering reads from this node's replica of the group. Writes are two-step: the
+//! engine queues a write and returns a [`Submitted`]; awaiting it gives the outcome. A
+//! session queues its writes in the order it sent them, so writes of one session to one
+//! conversation commit in that order. A write is answered only after its entry is
+//! committed (fsync'ed on a quorum) and applied; every command is idempotent, so a
+//! retry across a failover changes nothing twice (publishes carry their idempotency
+//! key).
 //!
 //! Must not: touch sockets or sessions; fan-out happens in the state machine, on every
 //! replica, when the entry is applied.
@@ -20,21 +23,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_client::wire::{ConvKind, IdempotencyKey, Principal, Refusal, RefusalCode};
+mod groups;
 mod pipeline;
 
+use crate::cluster_map::ClusterMap;
 use crate::metrics::Metrics;
-use crate::raft::network::PeerNetwork;
-use crate::raft::state_machine::StateMachine;
-use crate::raft::{NodeId, Outcome, Raft};
+use crate::raft::{GroupId, NodeId, Outcome};
 use crate::routing::Router;
 use crate::store::{Action, Command, History};
+pub use groups::{Group, GroupSet};
 pub use pipeline::Pipeline;
 
-/// Conversation state, the Raft group and metrics of one node.
+/// The groups, the cluster map and the metrics of one node.
 pub struct Engine {
-    raft: Raft,
-    sm: StateMachine,
-    pipeline: Pipeline,
+    groups: GroupSet,
+    map: Arc<ClusterMap>,
+    router: Arc<Router>,
     node_id: NodeId,
     metrics: Arc<Metrics>,
     payload_bytes_max: u32,
@@ -60,21 +64,21 @@ pub struct PublishOutcome {
 }
 
 impl Engine {
-    /// An engine over a started Raft node and its state machine. A write that finds no
-    /// leader for `write_timeout` is refused with `Unavailable`.
+    /// An engine over the started groups of this node. A write that finds no leader
+    /// for `write_timeout` is refused with `Unavailable`.
     pub fn new(
-        raft: Raft,
-        sm: StateMachine,
-        peers: PeerNetwork,
+        groups: GroupSet,
+        map: Arc<ClusterMap>,
+        router: Arc<Router>,
         node_id: NodeId,
         payload_bytes_max: u32,
         write_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Engine {
-            pipeline: Pipeline::start(raft.clone(), peers, node_id),
-            raft,
-            sm,
+            groups,
+            map,
+            router,
             node_id,
             metrics,
             payload_bytes_max,
@@ -84,22 +88,41 @@ impl Engine {
 
     /// The local routing table.
     pub fn router(&self) -> &Router {
-        self.sm.router()
+        &self.router
     }
 
-    /// The Raft node.
-    pub fn raft(&self) -> &Raft {
-        &self.raft
+    /// The groups this node hosts.
+    pub fn groups(&self) -> &GroupSet {
+        &self.groups
     }
 
-    /// This replica's state machine.
-    pub fn state_machine(&self) -> &StateMachine {
-        &self.sm
+    /// The cluster map.
+    pub fn map(&self) -> &ClusterMap {
+        &self.map
     }
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// The group that owns `conv`.
+    pub fn group_of(&self, conv: u64) -> GroupId {
+        self.map.group_of(conv)
+    }
+
+    /// The local replica of `conv`'s group.
+    fn local(&self, conv: u64) -> Result<Arc<Group>, Refusal> {
+        let group = self.group_of(conv);
+        self.groups.get(group).ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::Unavailable,
+                format!(
+                    "conversation {conv} belongs to group {group}, which has no replica on node {}; connect to one of its nodes",
+                    self.node_id
+                ),
+            )
+        })
     }
 
     /// Queues a conversation create (idempotent); the answer says whether this call
@@ -118,12 +141,11 @@ impl Engine {
             kind,
             members,
         };
-        Ok(self
-            .submit(command, |outcome| match outcome {
-                Outcome::Created { created } => Ok(created),
-                other => Err(unexpected(other)),
-            })
-            .await)
+        self.submit(conv, command, |outcome| match outcome {
+            Outcome::Created { created } => Ok(created),
+            other => Err(unexpected(other)),
+        })
+        .await
     }
 
     /// Queues adding or removing members.
@@ -139,7 +161,7 @@ impl Engine {
             MemberChange::Add => Command::AddMembers { conv, members },
             MemberChange::Remove => Command::RemoveMembers { conv, members },
         };
-        Ok(self.submit(command, |_| Ok(())).await)
+        self.submit(conv, command, |_| Ok(())).await
     }
 
     /// Queues a message. Answered after commit and apply; the state machine
@@ -169,57 +191,73 @@ impl Engine {
             timestamp_ms: now_ms(),
         };
         let metrics = self.metrics.clone();
-        Ok(self
-            .submit(command, move |outcome| match outcome {
-                Outcome::Published { seq, duplicate } => {
-                    if duplicate {
-                        metrics.publish_duplicates.inc();
-                    }
-                    Ok(PublishOutcome { seq, duplicate })
+        self.submit(conv, command, move |outcome| match outcome {
+            Outcome::Published { seq, duplicate } => {
+                if duplicate {
+                    metrics.publish_duplicates.inc();
                 }
-                other => Err(unexpected(other)),
-            })
-            .await)
+                Ok(PublishOutcome { seq, duplicate })
+            }
+            other => Err(unexpected(other)),
+        })
+        .await
     }
 
     async fn submit<T>(
         &self,
+        conv: u64,
         command: Command,
         map: impl FnOnce(Outcome) -> Result<T, Refusal> + Send + 'static,
-    ) -> Submitted<T> {
-        let answer = self
+    ) -> Result<Submitted<T>, Refusal> {
+        let group = self.local(conv).map_err(|r| self.refuse(r))?;
+        let answer = group
             .pipeline
             .submit(command, Instant::now() + self.write_timeout)
             .await;
-        Submitted {
+        Ok(Submitted {
             answer,
             map: Box::new(map),
             metrics: self.metrics.clone(),
-        }
+        })
     }
 
-    /// Proposes the retention trim if this node leads (housekeeping calls it).
+    /// Proposes the retention trim in every group this node leads (housekeeping calls
+    /// it).
     pub async fn trim_expired(&self) {
-        if self.is_leader() {
-            if let Err(refusal) = self.write(Command::Trim { now_ms: now_ms() }).await {
-                tracing::warn!("retention trim not committed: {refusal}");
+        for group in self.groups.all().values() {
+            if !group.is_leader(self.node_id) {
+                continue;
+            }
+            let answer = group
+                .pipeline
+                .submit(
+                    Command::Trim { now_ms: now_ms() },
+                    Instant::now() + self.write_timeout,
+                )
+                .await;
+            if let Err(refusal) = answer.wait().await {
+                tracing::warn!(group = group.id, "retention trim not committed: {refusal}");
             }
         }
     }
 
-    /// Lets the log go below the oldest message history still reads from it, up to the
-    /// latest snapshot (housekeeping calls it).
+    /// Lets each group's log go below the oldest message history still reads from it,
+    /// up to its latest snapshot (housekeeping calls it).
     pub async fn purge_log(&self) {
-        if let Some(upto) = self.sm.purgeable_upto() {
-            if let Err(e) = self.raft.trigger().purge_log(upto).await {
-                tracing::warn!("cannot purge the log up to {upto}: {e}");
+        for group in self.groups.all().values() {
+            if let Some(upto) = group.sm.purgeable_upto() {
+                if let Err(e) = group.raft.trigger().purge_log(upto).await {
+                    tracing::warn!(group = group.id, "cannot purge the log up to {upto}: {e}");
+                }
             }
         }
     }
 
-    /// True while this node is the group's leader.
-    pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    /// True while this node leads the group of `conv`.
+    pub fn is_leader_of(&self, conv: u64) -> bool {
+        self.groups
+            .get(self.group_of(conv))
+            .is_some_and(|g| g.is_leader(self.node_id))
     }
 
     /// Checks that `principal` may do `action` in `conv`, on this replica's state.
@@ -229,30 +267,33 @@ impl Engine {
         action: Action,
         conv: u64,
     ) -> Result<(), Refusal> {
-        self.sm
+        if action == Action::Manage {
+            // Decided by role alone, wherever the conversation lives.
+            return crate::store::ConversationStore::authorize_role(principal, conv)
+                .map_err(|e| self.refuse(e.refusal()));
+        }
+        let group = self.local(conv).map_err(|r| self.refuse(r))?;
+        group
+            .sm
             .with_store(|s| s.authorize(principal, action, conv))?
             .map_err(|e| self.refuse(e.refusal()))
     }
 
     /// Reads history (the caller has authorized the read).
     pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<History, Refusal> {
-        self.sm.read(conv, from, limit)
+        self.local(conv)?.sm.read(conv, from, limit)
     }
 
     /// The seq the next message of `conv` will get, on this replica.
     pub fn next_seq(&self, conv: u64) -> Result<u64, Refusal> {
-        self.sm
+        self.local(conv)?
+            .sm
             .with_store(|s| s.next_seq(conv))?
             .map_err(|e| e.refusal())
     }
 
     fn authorize_role(&self, principal: &Principal, conv: u64) -> Result<(), Refusal> {
-        // Manage is decided by role alone; the store answers without the conversation.
         self.authorize(principal, Action::Manage, conv)
-    }
-
-    async fn write(&self, command: Command) -> Result<Outcome, Refusal> {
-        self.submit(command, Ok).await.wait().await
     }
 
     fn refuse(&self, refusal: Refusal) -> Refusal {

@@ -1,7 +1,7 @@
-//! The node's write pipeline: every write of every session, in arrival order, to the
-//! leader in batches.
+//! A group's write pipeline: every write of every session to that group's
+//! conversations, in arrival order, to the group's leader in batches.
 //!
-//! Owns: one FIFO queue per node and one task that takes the writes waiting in it as a
+//! Owns: one FIFO queue per group on this node and one task that takes the writes waiting in it as a
 //! batch and commits them in order, as ONE log entry: proposed on the leader, or sent
 //! as one `ForwardBatch` RPC to the leader from a follower (which proposes it as one
 //! entry). openraft 0.9 waits for each log append to be durable before it takes the
@@ -34,7 +34,7 @@ use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::raft::network::{ForwardBatchReply, PeerError, PeerNetwork};
-use crate::raft::{NodeId, Raft, Response};
+use crate::raft::{GroupId, NodeId, Raft, Response};
 use crate::store::Command;
 
 /// Writes waiting for a batch, over all sessions of the node.
@@ -66,10 +66,10 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the pipeline task for this node.
-    pub fn start(raft: Raft, peers: PeerNetwork, node_id: NodeId) -> Self {
+    /// Starts the pipeline task of `group` on this node.
+    pub fn start(group: GroupId, raft: Raft, peers: PeerNetwork, node_id: NodeId) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
-        tokio::spawn(run(rx, raft, peers, node_id));
+        tokio::spawn(run(rx, group, raft, peers, node_id));
         Pipeline { queue }
     }
 
@@ -110,7 +110,13 @@ fn stopped() -> Refusal {
     )
 }
 
-async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, node_id: NodeId) {
+async fn run(
+    mut rx: mpsc::Receiver<Pending>,
+    group: GroupId,
+    raft: Raft,
+    peers: PeerNetwork,
+    node_id: NodeId,
+) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     // Batches proposed on this node (the leader) are awaited in tasks, at most
     // LOCAL_BATCHES_IN_FLIGHT at once; what they could not commit comes back here.
@@ -189,7 +195,7 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
                 // the retry is safe, every command being idempotent.
                 let forwarded_at = Instant::now();
                 tokio::select! {
-                    reply = peers.forward_batch(id, &addr, commands) => match reply {
+                    reply = peers.forward_batch(group, id, &addr, commands) => match reply {
                         Ok(ForwardBatchReply::Done(results)) => (results, None),
                         Ok(ForwardBatchReply::NotLeader(_)) => (
                             Vec::new(),
@@ -228,7 +234,11 @@ async fn run(mut rx: mpsc::Receiver<Pending>, raft: Raft, peers: PeerNetwork, no
             ),
         };
         if let Some(problem) = &problem {
-            tracing::debug!(writes = batch.len(), "forwarding a batch failed: {problem}");
+            tracing::debug!(
+                group,
+                writes = batch.len(),
+                "forwarding a batch failed: {problem}"
+            );
         }
         let retry = answer(batch, results, problem);
         if !retry.is_empty() {

@@ -43,8 +43,8 @@ use openraft::{
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::codec::{self, WireLogId, WireStoredMembership};
-use super::{Entry, LogId, NodeId, Outcome, Response, StorageError, TypeConfig};
-use crate::metrics::Metrics;
+use super::{Entry, GroupId, LogId, NodeId, Outcome, Response, StorageError, TypeConfig};
+use crate::metrics::{GroupLabel, Metrics};
 use crate::routing::Router;
 use crate::store::{
     Applied, Command, ConversationStore, History, Location, MessageRef, StoreImage, StoreLimits,
@@ -64,6 +64,8 @@ pub trait EntrySource: Send + Sync + 'static {
 /// The state machine's on-disk place and bounds.
 #[derive(Debug, Clone)]
 pub struct StateMachineConfig {
+    /// The group this state machine belongs to (labels its metrics).
+    pub group: GroupId,
     /// Where `current.snap` lives (created if missing).
     pub dir: PathBuf,
     /// The store's bounds (every replica must use the same).
@@ -84,6 +86,7 @@ struct Shared {
     log: Arc<dyn EntrySource>,
     dir: PathBuf,
     limits: StoreLimits,
+    group: GroupId,
 }
 
 struct State {
@@ -172,6 +175,7 @@ impl StateMachine {
                 log,
                 dir: config.dir,
                 limits: config.limits,
+                group: config.group,
             }),
         })
     }
@@ -352,6 +356,7 @@ impl StateMachine {
                             metrics.publishes.inc();
                             metrics
                                 .history_messages
+                                .get_or_create(&GroupLabel::of(self.shared.group))
                                 .set(state.store.message_count() as i64);
                         }
                         Outcome::Published { seq, duplicate }
@@ -363,11 +368,14 @@ impl StateMachine {
 
     fn update_gauges(&self, state: &State) {
         let metrics = &self.shared.metrics;
+        let label = GroupLabel::of(self.shared.group);
         metrics
             .history_messages
+            .get_or_create(&label)
             .set(state.store.message_count() as i64);
         metrics
             .conversations
+            .get_or_create(&label)
             .set(state.store.conversation_count() as i64);
     }
 

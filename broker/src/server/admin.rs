@@ -54,25 +54,65 @@ async fn cluster(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     Json(cluster_status(&ctx))
 }
 
-/// `/cluster`'s JSON.
+/// `/cluster`'s JSON: every node and every group of the cluster map; the groups this
+/// node hosts carry their live Raft state as this replica sees it.
 pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
     let ready = ctx.ready.load(Ordering::Acquire);
     let me = ctx.config.cluster.node_id;
-    let metrics = ctx.engine.raft().metrics();
-    let m = metrics.borrow();
-    let membership = m.membership_config.membership();
-    let replicas: Vec<u64> = membership.voter_ids().collect();
-    let nodes: Vec<serde_json::Value> = membership
+    let map = ctx.engine.map();
+    let hosted = ctx.engine.groups().all();
+    let nodes: Vec<serde_json::Value> = map
         .nodes()
+        .iter()
         .map(|(id, node)| {
-            let mut entry =
-                serde_json::json!({"id": id, "addr": node.addr, "voter": replicas.contains(id)});
+            let mut entry = serde_json::json!({
+                "id": id,
+                "addr": node.addr,
+                "groups": map.hosted_by(*id).len(),
+            });
             if *id == me {
                 entry["ready"] = serde_json::Value::Bool(ready);
             }
             entry
         })
         .collect();
+    let groups: Vec<serde_json::Value> = map
+        .groups()
+        .iter()
+        .map(|(id, entry)| {
+            let mut status = serde_json::json!({
+                "id": id,
+                "replicas": entry.replicas,
+                "slots": [entry.slots.start, entry.slots.end],
+            });
+            if let Some(group) = hosted.get(id) {
+                group_status(group, me, &mut status);
+            }
+            status
+        })
+        .collect();
+    let wal = ctx.wal.stats();
+    serde_json::json!({
+        "node_id": me,
+        "ready": ready,
+        "nodes": nodes,
+        "log": {
+            "bytes": wal.bytes_on_disk,
+            "segments": wal.segments,
+            "groups": wal.groups,
+            "appended_entries_total": wal.appended_entries_total,
+            "fsyncs_total": wal.fsyncs_total,
+            "fsync_seconds_total": wal.fsync_seconds_total,
+            "fsync_us_max_recent": wal.fsync_us_max_recent,
+        },
+        "groups": groups,
+    })
+}
+
+/// Adds a hosted group's Raft state (as this replica sees it) to its `/cluster` entry.
+fn group_status(group: &crate::engine::Group, me: u64, status: &mut serde_json::Value) {
+    let metrics = group.raft.metrics();
+    let m = metrics.borrow();
     let last_log = m.last_log_index.unwrap_or(0);
     let lag: serde_json::Map<String, serde_json::Value> = m
         .replication
@@ -91,36 +131,24 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
         })
         .unwrap_or_default();
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-    let log = ctx.log.stats();
-    let wal = ctx.wal.stats();
-    serde_json::json!({
-        "node_id": me,
-        "ready": ready,
-        "nodes": nodes,
-        "log": {
-            "bytes": wal.bytes_on_disk,
-            "segments": wal.segments,
-            "groups": wal.groups,
-            "appended_entries_total": wal.appended_entries_total,
-            "fsyncs_total": wal.fsyncs_total,
-            "fsync_seconds_total": wal.fsync_seconds_total,
-            "fsync_us_max_recent": wal.fsync_us_max_recent,
-        },
-        "groups": [{
-            "id": 0,
-            "replicas": replicas,
-            "leader": m.current_leader,
-            "state": format!("{:?}", m.state),
-            "term": m.current_term,
-            "commit_index": applied,
-            "applied_index": applied,
-            "last_log_index": last_log,
-            "snapshot_index": m.snapshot.map(|l| l.index),
-            "purged_index": m.purged.map(|l| l.index),
-            "log_bytes": log.bytes,
-            "log_entries": log.entries,
-            "first_index": log.first_index,
-            "lag": lag,
-        }]
-    })
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let log = group.log.stats();
+    let fields = serde_json::json!({
+        "voters": voters,
+        "leader": m.current_leader,
+        "state": format!("{:?}", m.state),
+        "term": m.current_term,
+        "commit_index": applied,
+        "applied_index": applied,
+        "last_log_index": last_log,
+        "snapshot_index": m.snapshot.map(|l| l.index),
+        "purged_index": m.purged.map(|l| l.index),
+        "log_bytes": log.bytes,
+        "log_entries": log.entries,
+        "first_index": log.first_index,
+        "lag": lag,
+    });
+    if let (Some(status), serde_json::Value::Object(fields)) = (status.as_object_mut(), fields) {
+        status.extend(fields);
+    }
 }

@@ -1,10 +1,12 @@
-//! Bringing a node's Raft group up: the log store, the state machine, the peer
-//! network, openraft itself, and the one-time initialization of a new cluster.
+//! Bringing a node's Raft groups up: the shared log, a state machine per group, the
+//! peer network, one openraft instance per group the cluster map places here, and the
+//! one-time initialization of a new cluster's groups.
 //!
-//! Owns: the mapping from [`Config`] to openraft's config, where the Raft data lives
-//! under the data directory (`raft/wal`, `raft/snapshot`), and the rule that decides
-//! who initializes: the member with the lowest id, on its first boot only (its log and
-//! vote are empty), so no two nodes race to form two clusters.
+//! Owns: the mapping from [`Config`] to openraft's config and to the cluster map, where
+//! the Raft data lives under the data directory (`raft/wal` for every group's log,
+//! `raft/groups/<id>/snapshot`), and the rule that decides who initializes a group: its
+//! first replica, on its first boot only (the group's log and vote are empty), so no two
+//! nodes race to form two groups.
 //! Must not: serve clients, or touch conversation state beyond opening it.
 
 use std::collections::BTreeMap;
@@ -15,12 +17,14 @@ use std::time::Duration;
 use openraft::BasicNode;
 
 use super::NodeError;
+use crate::cluster_map::ClusterMap;
 use crate::config::Config;
+use crate::engine::{Group, GroupSet, Pipeline};
 use crate::metrics::Metrics;
-use crate::raft::log_store::{LogStore, LogStoreConfig, Wal};
+use crate::raft::log_store::{LogStoreConfig, Wal};
 use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
 use crate::raft::state_machine::{StateMachine, StateMachineConfig};
-use crate::raft::{NodeId, Raft};
+use crate::raft::{GroupId, NodeId, Raft};
 use crate::routing::Router;
 use crate::store::StoreLimits;
 
@@ -35,20 +39,18 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Set to `1` (tests only) to open the log store in power-loss simulation mode.
 pub const POWER_LOSS_ENV: &str = "HERALD_TEST_POWER_LOSS";
 
-/// A started Raft group and what the rest of the node needs from it.
+/// The started Raft groups of this node and what the rest of the node needs from them.
 pub struct Replication {
-    /// The Raft node.
-    pub raft: Raft,
-    /// This replica's state machine.
-    pub sm: StateMachine,
-    /// Dials peers (also used to forward writes to the leader).
+    /// The groups this node hosts.
+    pub groups: GroupSet,
+    /// The cluster map they were started from.
+    pub map: Arc<ClusterMap>,
+    /// Dials peers (also used to forward writes to leaders).
     pub peers: PeerNetwork,
     /// What serving an incoming peer connection needs.
-    pub peer_server: Arc<PeerServerContext>,
+    pub peer_server: Arc<PeerServerContext<GroupSet>>,
     /// The node's shared log (for stats).
     pub wal: Wal,
-    /// The group's log (for stats).
-    pub log: LogStore,
 }
 
 /// Transport settings of node-to-node connections: a dead peer's connection must end
@@ -108,8 +110,8 @@ pub fn initial_members(
         .collect())
 }
 
-/// Opens storage, starts openraft and initializes a brand-new cluster if this node is
-/// the one to do it.
+/// Opens storage, starts one openraft instance per group this node hosts, and
+/// initializes each group of a brand-new cluster on its first replica.
 pub async fn start(
     config: &Config,
     endpoint: &quinn::Endpoint,
@@ -133,17 +135,18 @@ pub async fn start(
     })
     .await
     .map_err(|e| NodeError::Storage(e.to_string()))?;
-    let log = wal.group(crate::raft::FIRST_DATA_GROUP);
-    let sm = StateMachine::open(
-        StateMachineConfig {
-            dir: raft_dir.join("snapshot"),
-            limits: store_limits(&config.limits),
-        },
-        router,
-        metrics,
-        Arc::new(log.reader()),
+
+    let members = initial_members(config, quic_addr)?;
+    let map = ClusterMap::initial(
+        &members
+            .iter()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect(),
+        config.cluster.group_count(),
+        config.cluster.replication_factor,
     )
-    .map_err(|e| NodeError::Storage(e.to_string()))?;
+    .map_err(|e| NodeError::Config(crate::config::ConfigError::Invalid(vec![e.to_string()])))?;
+    let map = Arc::new(map);
 
     let secret_file = if config.cluster.secret_file.as_os_str().is_empty() {
         &config.auth.token_secret_file
@@ -179,8 +182,70 @@ pub async fn start(
         rpc_timeout: config.raft.write_timeout.min(FORWARD_TIMEOUT),
     });
 
-    let r = &config.raft;
-    let raft_config = openraft::Config {
+    let raft_config = Arc::new(raft_config(&config.raft)?);
+    let hosted = map.hosted_by(node_id);
+    for stale in wal.groups() {
+        if !hosted.contains(&stale) {
+            tracing::warn!(
+                group = stale,
+                "the log holds a group the cluster map does not place on this node; ignoring it"
+            );
+        }
+    }
+    let mut groups = Vec::with_capacity(hosted.len());
+    for group in hosted {
+        let log = wal.group(group);
+        let sm = StateMachine::open(
+            StateMachineConfig {
+                group,
+                dir: raft_dir.join(format!("groups/{group}/snapshot")),
+                limits: store_limits(&config.limits),
+            },
+            router.clone(),
+            metrics.clone(),
+            Arc::new(log.reader()),
+        )
+        .map_err(|e| NodeError::Storage(format!("group {group}: {e}")))?;
+        let raft = Raft::new(
+            node_id,
+            raft_config.clone(),
+            peers.for_group(group),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Storage(format!("cannot start raft for group {group}: {e}")))?;
+        let replicas = map
+            .group(group)
+            .map(|g| g.replicas.clone())
+            .unwrap_or_default();
+        initialize_once(&raft, group, node_id, &replicas, &map).await?;
+        groups.push(Group {
+            id: group,
+            pipeline: Pipeline::start(group, raft.clone(), peers.clone(), node_id),
+            raft,
+            sm,
+            log,
+        });
+    }
+    let groups = GroupSet::new(groups);
+    let peer_server = Arc::new(PeerServerContext {
+        groups: groups.clone(),
+        secret,
+        streams_max: PEER_STREAMS_MAX,
+    });
+    Ok(Replication {
+        groups,
+        map,
+        peers,
+        peer_server,
+        wal,
+    })
+}
+
+/// openraft's settings from Herald's.
+fn raft_config(r: &crate::config::RaftConfig) -> Result<openraft::Config, NodeError> {
+    openraft::Config {
         cluster_name: "herald".into(),
         heartbeat_interval: r.heartbeat_interval.as_millis() as u64,
         election_timeout_min: r.election_timeout_min.as_millis() as u64,
@@ -194,44 +259,50 @@ pub async fn start(
         ..Default::default()
     }
     .validate()
-    .map_err(|e| NodeError::Storage(format!("raft settings are not usable: {e}")))?;
-    let raft = Raft::new(
-        node_id,
-        Arc::new(raft_config),
-        peers.clone(),
-        log.clone(),
-        sm.clone(),
-    )
-    .await
-    .map_err(|e| NodeError::Storage(format!("cannot start raft: {e}")))?;
+    .map_err(|e| NodeError::Storage(format!("raft settings are not usable: {e}")))
+}
 
-    let members = initial_members(config, quic_addr)?;
-    let initializer = members.keys().next().copied() == Some(node_id);
+/// Initializes a group of a brand-new cluster: only its first replica does, and only
+/// while the group has never been initialized here (empty log and vote), so no two
+/// nodes race to form two groups.
+async fn initialize_once(
+    raft: &Raft,
+    group: GroupId,
+    node_id: NodeId,
+    replicas: &[NodeId],
+    map: &ClusterMap,
+) -> Result<(), NodeError> {
+    if replicas.first() != Some(&node_id) {
+        return Ok(());
+    }
     let initialized = raft
         .is_initialized()
         .await
-        .map_err(|e| NodeError::Storage(format!("raft stopped: {e}")))?;
-    if initializer && !initialized {
-        tracing::info!(
-            ?members,
-            "first boot of the lowest-id member: initializing the cluster"
-        );
-        if let Err(e) = raft.initialize(members).await {
-            // Another path got there first (e.g. a peer already replicated to us).
-            tracing::info!("cluster not initialized by this node: {e}");
-        }
+        .map_err(|e| NodeError::Storage(format!("raft of group {group} stopped: {e}")))?;
+    if initialized {
+        return Ok(());
     }
-    let peer_server = Arc::new(PeerServerContext {
-        raft: raft.clone(),
-        secret,
-        streams_max: PEER_STREAMS_MAX,
-    });
-    Ok(Replication {
-        raft,
-        sm,
-        peers,
-        peer_server,
-        wal,
-        log,
-    })
+    let members: BTreeMap<NodeId, BasicNode> = replicas
+        .iter()
+        .filter_map(|id| {
+            map.addr(*id).map(|addr| {
+                (
+                    *id,
+                    BasicNode {
+                        addr: addr.to_owned(),
+                    },
+                )
+            })
+        })
+        .collect();
+    tracing::info!(
+        group,
+        ?members,
+        "first boot of the group's first replica: initializing it"
+    );
+    if let Err(e) = raft.initialize(members).await {
+        // Another path got there first (e.g. a peer already replicated to us).
+        tracing::info!(group, "group not initialized by this node: {e}");
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod cluster;
+mod readiness;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -80,9 +81,7 @@ pub struct NodeContext {
     /// Live sessions per user (to end subscriptions of removed members).
     pub sessions: session::Registry,
     /// What serving a peer (node-to-node) connection needs.
-    pub peer_server: Arc<crate::raft::network::PeerServerContext>,
-    /// The Raft log store (for `/cluster` and metrics).
-    pub log: crate::raft::log_store::LogStore,
+    pub peer_server: Arc<crate::raft::network::PeerServerContext<crate::engine::GroupSet>>,
     /// The node's shared log of all groups (fsync stats).
     pub wal: crate::raft::log_store::Wal,
     session_ids: AtomicU64,
@@ -185,12 +184,18 @@ impl RunningNode {
             })?;
         let metrics = Arc::new(Metrics::new());
         let router = Arc::new(crate::routing::Router::new());
-        let replication =
-            cluster::start(&config, &endpoint, quic_addr, router, metrics.clone()).await?;
+        let replication = cluster::start(
+            &config,
+            &endpoint,
+            quic_addr,
+            router.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let engine = Engine::new(
-            replication.raft.clone(),
-            replication.sm.clone(),
-            replication.peers.clone(),
+            replication.groups.clone(),
+            replication.map.clone(),
+            router,
             config.cluster.node_id,
             config.limits.payload_bytes_max,
             config.raft.write_timeout,
@@ -199,7 +204,6 @@ impl RunningNode {
         let context = Arc::new(NodeContext {
             engine,
             peer_server: replication.peer_server.clone(),
-            log: replication.log.clone(),
             wal: replication.wal.clone(),
             config,
             verifier,
@@ -213,17 +217,18 @@ impl RunningNode {
             tokio::spawn(admin::serve(admin_listener, context.clone())),
             tokio::spawn(accept_loop(endpoint.clone(), context.clone())),
             tokio::spawn(housekeeping(context.clone())),
-            tokio::spawn(readiness(context.clone())),
+            tokio::spawn(readiness::watch(context.clone())),
         ];
         if context.config.cluster.members.is_empty() {
             // A one-node cluster (`herald dev`) elects itself at once: answer only when
-            // it can take writes, as before replication.
-            let _ = context
-                .engine
-                .raft()
-                .wait(Some(Duration::from_secs(10)))
-                .metrics(|m| m.current_leader.is_some(), "one-node cluster leader")
-                .await;
+            // every group can take writes, as before replication.
+            for group in context.engine.groups().all().values() {
+                let _ = group
+                    .raft
+                    .wait(Some(Duration::from_secs(10)))
+                    .metrics(|m| m.current_leader.is_some(), "one-node cluster leader")
+                    .await;
+            }
         }
         tracing::info!(%quic_addr, %admin_addr, node_id = context.config.cluster.node_id, "node serving; ready once it has a leader and has caught up");
         Ok(RunningNode {
@@ -246,7 +251,9 @@ impl RunningNode {
         for task in self.tasks {
             task.abort();
         }
-        let _ = self.context.engine.raft().shutdown().await;
+        for group in self.context.engine.groups().all().values() {
+            let _ = group.raft.shutdown().await;
+        }
     }
 }
 
@@ -362,62 +369,6 @@ fn refused(ctx: &NodeContext, reason: &str) {
             reason: reason.to_owned(),
         })
         .inc();
-}
-
-/// How long ago a leader may have last heard from a quorum and still call itself ready.
-const READY_QUORUM_ACK_MS_MAX: u64 = 2_000;
-
-/// How far behind the last log entry this node may apply and still call itself
-/// caught up (`/readyz`).
-const READY_APPLY_LAG_MAX: u64 = 1000;
-
-/// Keeps `ready` true exactly while the node knows a leader and has applied its log up
-/// to `READY_APPLY_LAG_MAX` entries.
-async fn readiness(ctx: Arc<NodeContext>) {
-    let mut metrics = ctx.engine.raft().metrics();
-    let mut leader_seen = None;
-    loop {
-        let ready = {
-            let m = metrics.borrow_and_update();
-            // The Raft gauges ride along: this loop already wakes on every change.
-            let exported = &ctx.metrics;
-            exported
-                .raft_term
-                .set(i64::try_from(m.current_term).unwrap_or(i64::MAX));
-            exported
-                .raft_leader
-                .set(i64::from(m.state == openraft::ServerState::Leader));
-            if leader_seen != Some(m.current_leader) {
-                if leader_seen.is_some() {
-                    exported.raft_leader_changes.inc();
-                }
-                leader_seen = Some(m.current_leader);
-            }
-            let index = |i: Option<u64>| i64::try_from(i.unwrap_or(0)).unwrap_or(i64::MAX);
-            exported.raft_last_log_index.set(index(m.last_log_index));
-            exported
-                .raft_applied_index
-                .set(index(m.last_applied.map(|l| l.index)));
-            let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-            let last = m.last_log_index.unwrap_or(0);
-            // A leader restored from its saved vote is not ready until a quorum answered
-            // it recently (a lone restarted node must not claim readiness).
-            let voters = m.membership_config.membership().voter_ids().count();
-            let leader_confirmed = m.state != openraft::ServerState::Leader
-                || voters <= 1
-                || m.millis_since_quorum_ack
-                    .is_some_and(|ms| ms <= READY_QUORUM_ACK_MS_MAX);
-            m.current_leader.is_some()
-                && leader_confirmed
-                && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX
-        };
-        if ctx.ready.swap(ready, Ordering::AcqRel) != ready {
-            tracing::info!(ready, "readiness changed");
-        }
-        if metrics.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 /// Every `raft.housekeeping_interval`: the leader proposes the retention trim; every node purges its log

@@ -712,7 +712,7 @@ impl SessionWriter {
             }
         };
         let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
-        if start > next_seq && self.ctx.engine.is_leader() {
+        if start > next_seq && self.ctx.engine.is_leader_of(conv) {
             // The client claims messages the leader never had (e.g. state lost with a
             // restart): say so instead of silently skipping seqs below its cursor. A
             // follower may simply be behind the node the client saw them on: there the

@@ -400,17 +400,23 @@ impl ConversationStore {
         conv: u64,
     ) -> Result<(), StoreError> {
         if action == Action::Manage {
-            return match principal {
-                Principal::Service(_) => Ok(()),
-                Principal::User(_) => Err(StoreError::RoleNotAllowed {
-                    principal: principal.clone(),
-                    action,
-                    conv,
-                    reason: "only services create conversations and change members",
-                }),
-            };
+            return Self::authorize_role(principal, conv);
         }
         self.conversation(conv)?.authorize(principal, action)
+    }
+
+    /// The role check of [`Action::Manage`]: only services create conversations and
+    /// change members. Needs no state, so any node can answer it for any conversation.
+    pub fn authorize_role(principal: &Principal, conv: u64) -> Result<(), StoreError> {
+        match principal {
+            Principal::Service(_) => Ok(()),
+            Principal::User(_) => Err(StoreError::RoleNotAllowed {
+                principal: principal.clone(),
+                action: Action::Manage,
+                conv,
+                reason: "only services create conversations and change members",
+            }),
+        }
     }
 
     /// Messages with seq >= `from`, at most `limit`, in order; O(limit).

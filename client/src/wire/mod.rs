@@ -38,8 +38,10 @@
 //! and writes the same bytes to every subscribed session.
 
 mod frame;
+mod slot;
 
 pub use frame::*;
+pub use slot::{slot_of, SLOT_COUNT};
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;

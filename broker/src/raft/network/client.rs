@@ -29,11 +29,11 @@ use tracing::debug;
 
 use super::frame::{
     self, connection_exporter, encode_frame, hello_proof, read_frame, write_frame, FrameError,
-    PeerHello, PeerReply, PeerRequest, WireFatal, CLOSE_DONE, FORWARD_BATCH_COMMANDS_MAX,
-    HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
-    STREAM_CANCELLED,
+    GroupRequest, PeerHello, PeerReply, PeerRequest, WireFatal, CLOSE_DONE,
+    FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX,
+    PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX, STREAM_CANCELLED,
 };
-use crate::raft::{NodeId, Response, TypeConfig};
+use crate::raft::{GroupId, NodeId, Response, TypeConfig};
 use crate::store::Command;
 
 /// At most this many peers have a cached connection; when full, entries whose
@@ -210,6 +210,14 @@ pub enum PeerError {
         /// Its encoded size, when it was encoded (not when there were too many).
         bytes: Option<u64>,
     },
+    /// The node hosts no replica of the group.
+    #[error("node {target} hosts no replica of group {group}")]
+    NoGroup {
+        /// The node.
+        target: NodeId,
+        /// The group.
+        group: GroupId,
+    },
     /// The reply to a batch does not have one result per command.
     #[error("node {target}: a batch of {sent} commands was answered with {got} results")]
     BatchLengthMismatch {
@@ -236,7 +244,8 @@ impl PeerError {
             | PeerError::DialAborted { .. }
             | PeerError::NoExporter { .. }
             | PeerError::Connection { .. }
-            | PeerError::Refused { .. } => true,
+            | PeerError::Refused { .. }
+            | PeerError::NoGroup { .. } => true,
             PeerError::Frame { source, .. } => matches!(
                 source,
                 FrameError::Read {
@@ -331,11 +340,12 @@ impl PeerNetwork {
     /// `addr`, within `rpc_timeout`. `NotLeader` carries the leader the target knows.
     pub async fn forward(
         &self,
+        group: GroupId,
         target: NodeId,
         addr: &str,
         command: Command,
     ) -> Result<ForwardReply, PeerError> {
-        let request = PeerRequest::Forward(command);
+        let request = GroupRequest::Forward(command).to(group);
         let bytes = encode_frame(&request, "request", PEER_FRAME_BYTES_MAX)
             .map_err(|source| PeerError::Frame { target, source })?;
         let ttl = self.inner.config.rpc_timeout;
@@ -345,6 +355,7 @@ impl PeerNetwork {
         {
             PeerReply::Forwarded(response) => Ok(ForwardReply::Done(response)),
             PeerReply::NotLeader { leader } => Ok(ForwardReply::NotLeader(leader)),
+            PeerReply::NoGroup { .. } => Ok(ForwardReply::NotLeader(None)),
             PeerReply::Fatal(f) => Err(PeerError::Remote {
                 target,
                 message: fatal_text(&f),
@@ -366,6 +377,7 @@ impl PeerNetwork {
     /// may have been committed; commands are idempotent, so resending is safe.
     pub async fn forward_batch(
         &self,
+        group: GroupId,
         target: NodeId,
         addr: &str,
         commands: Vec<Command>,
@@ -378,7 +390,7 @@ impl PeerNetwork {
                 bytes: None,
             });
         }
-        let request = PeerRequest::ForwardBatch(commands);
+        let request = GroupRequest::ForwardBatch(commands).to(group);
         let bytes = match encode_frame(&request, "request", PEER_FRAME_BYTES_MAX) {
             Ok(bytes) => bytes,
             Err(FrameError::TooLarge { len, .. }) => {
@@ -412,6 +424,7 @@ impl PeerNetwork {
                 got: results.len(),
             }),
             PeerReply::NotLeader { leader } => Ok(ForwardBatchReply::NotLeader(leader)),
+            PeerReply::NoGroup { .. } => Ok(ForwardBatchReply::NotLeader(None)),
             PeerReply::Fatal(f) => Err(PeerError::Remote {
                 target,
                 message: fatal_text(&f),
@@ -722,21 +735,42 @@ fn fatal(f: WireFatal) -> Fatal<NodeId> {
     }
 }
 
-impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+/// openraft's network factory for one group: its RPCs go over the node's shared peer
+/// connections, addressed to that group.
+#[derive(Clone)]
+pub struct GroupNetwork {
+    network: PeerNetwork,
+    group: GroupId,
+}
+
+impl PeerNetwork {
+    /// The network factory of `group`'s Raft instance.
+    pub fn for_group(&self, group: GroupId) -> GroupNetwork {
+        GroupNetwork {
+            network: self.clone(),
+            group,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
-            network: self.clone(),
+            network: self.network.clone(),
+            group: self.group,
             target,
             node: node.clone(),
         }
     }
 }
 
-/// Openraft's handle for sending RPCs to one peer; shares [`PeerNetwork`]'s cache.
+/// Openraft's handle for sending one group's RPCs to one peer; shares [`PeerNetwork`]'s
+/// connection cache with every other group.
 pub struct PeerClient {
     network: PeerNetwork,
+    group: GroupId,
     target: NodeId,
     node: BasicNode,
 }
@@ -796,6 +830,14 @@ impl PeerClient {
     ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
         match reply {
             PeerReply::Fatal(f) => self.remote(RaftError::Fatal(fatal(f))),
+            // Not (yet, or any more) a replica there: openraft backs off, as from a node
+            // it cannot reach.
+            PeerReply::NoGroup { group } => {
+                RPCError::Unreachable(Unreachable::new(&PeerError::NoGroup {
+                    target: self.target,
+                    group,
+                }))
+            }
             PeerReply::Error(message) => RPCError::Network(NetworkError::new(&PeerError::Remote {
                 target: self.target,
                 message,
@@ -827,7 +869,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let entries = rpc.entries.len() as u64;
-        let request = PeerRequest::from(rpc);
+        let request = GroupRequest::from(rpc).to(self.group);
         let bytes = match encode_frame(&request, "request", PEER_FRAME_BYTES_MAX) {
             Ok(bytes) => bytes,
             // Too many entries for one frame: openraft retries with fewer.
@@ -858,14 +900,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let bytes = encode_frame(&PeerRequest::from(rpc), "request", PEER_FRAME_BYTES_MAX)
-            .map_err(|source| {
-                let e = PeerError::Frame {
-                    target: self.target,
-                    source,
-                };
-                RPCError::Network(NetworkError::new(&e))
-            })?;
+        let bytes = encode_frame(
+            &GroupRequest::from(rpc).to(self.group),
+            "request",
+            PEER_FRAME_BYTES_MAX,
+        )
+        .map_err(|source| {
+            let e = PeerError::Frame {
+                target: self.target,
+                source,
+            };
+            RPCError::Network(NetworkError::new(&e))
+        })?;
         match self
             .send(RPCTypes::InstallSnapshot, &bytes, option.hard_ttl())
             .await?
@@ -890,14 +936,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        let bytes = encode_frame(&PeerRequest::from(rpc), "request", PEER_FRAME_BYTES_MAX)
-            .map_err(|source| {
-                let e = PeerError::Frame {
-                    target: self.target,
-                    source,
-                };
-                RPCError::Network(NetworkError::new(&e))
-            })?;
+        let bytes = encode_frame(
+            &GroupRequest::from(rpc).to(self.group),
+            "request",
+            PEER_FRAME_BYTES_MAX,
+        )
+        .map_err(|source| {
+            let e = PeerError::Frame {
+                target: self.target,
+                source,
+            };
+            RPCError::Network(NetworkError::new(&e))
+        })?;
         match self.send(RPCTypes::Vote, &bytes, option.hard_ttl()).await? {
             PeerReply::Vote {
                 vote,

@@ -38,13 +38,21 @@
 //! Replies are bounded by [`PEER_REPLY_BYTES_MAX`], except the answer to a batch
 //! ([`PeerReply::ForwardedBatch`]), bounded by [`PEER_BATCH_REPLY_BYTES_MAX`].
 //!
+//! # Groups
+//!
+//! After the hello, every request is [`PeerRequest::Group`]: a group id and a
+//! [`GroupRequest`] for that Raft group. All groups two nodes share use the same
+//! connection (one stream per RPC, so one group's snapshot never holds up another's
+//! heartbeat). An acceptor that hosts no replica of the group answers
+//! [`PeerReply::NoGroup`] (the dialer treats the group as unreachable there).
+//!
 //! # Forwarding writes
 //!
-//! A follower hands client writes to the leader in one of two ways:
+//! A node hands client writes to a group's leader in one of two ways:
 //!
-//! * [`PeerRequest::Forward`]`(command)`: one command; answered with
+//! * [`GroupRequest::Forward`]`(command)`: one command; answered with
 //!   [`PeerReply::Forwarded`]`(response)` once committed and applied.
-//! * [`PeerRequest::ForwardBatch`]`(commands)`: up to [`FORWARD_BATCH_COMMANDS_MAX`]
+//! * [`GroupRequest::ForwardBatch`]`(commands)`: up to [`FORWARD_BATCH_COMMANDS_MAX`]
 //!   commands, proposed by the leader one after the other in the order given, so their
 //!   log entries are in that order. Answered with
 //!   [`PeerReply::ForwardedBatch`]`(results)`: exactly one element per command, in the
@@ -75,7 +83,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use crate::raft::codec::{
     self, CodecError, WireEntry, WireLogId, WirePayload, WireStoredMembership, WireVote,
 };
-use crate::raft::{Entry, LogId, NodeId, Response, TypeConfig, Vote};
+use crate::raft::{Entry, GroupId, LogId, NodeId, Response, TypeConfig, Vote};
 use crate::store::Command;
 
 /// Length of a frame header (the body length, u32 little-endian).
@@ -101,7 +109,7 @@ pub const HELLO_FRAME_BYTES_MAX: u32 = 1024;
 /// error text, all far below 1 MiB.
 pub const PEER_REPLY_BYTES_MAX: u32 = 1024 * 1024;
 
-/// Most commands in one [`PeerRequest::ForwardBatch`]; a larger batch is not sent by
+/// Most commands in one [`GroupRequest::ForwardBatch`]; a larger batch is not sent by
 /// the dialer and is refused by the acceptor.
 pub const FORWARD_BATCH_COMMANDS_MAX: usize = 4096;
 
@@ -235,6 +243,19 @@ pub struct WireSnapshotMeta {
 pub enum PeerRequest {
     /// First stream of a connection: who is dialing, and the proof.
     Hello(PeerHello),
+    /// A request for one Raft group: every group of both nodes shares the connection.
+    /// Answered with [`PeerReply::NoGroup`] when the acceptor hosts no replica of it.
+    Group {
+        /// The group.
+        group: GroupId,
+        /// What is asked of it.
+        request: GroupRequest,
+    },
+}
+
+/// What one Raft group is asked.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum GroupRequest {
     /// [`AppendEntriesRequest`].
     AppendEntries {
         /// The leader's vote.
@@ -266,10 +287,10 @@ pub enum PeerRequest {
         /// True for the last chunk.
         done: bool,
     },
-    /// A follower forwards a client's write to the leader.
+    /// A node forwards a client's write to the group's leader.
     Forward(Command),
-    /// A follower forwards several client writes to the leader, to be proposed in this
-    /// order (at most [`FORWARD_BATCH_COMMANDS_MAX`]).
+    /// A node forwards several client writes to the group's leader, to be proposed in
+    /// this order (at most [`FORWARD_BATCH_COMMANDS_MAX`]).
     ForwardBatch(Vec<Command>),
 }
 
@@ -332,10 +353,16 @@ pub enum PeerReply {
     },
     /// The forwarded command was committed and applied; the state machine's answer.
     Forwarded(Response),
-    /// The answer to [`PeerRequest::ForwardBatch`]: one element per command, in order;
+    /// The answer to [`GroupRequest::ForwardBatch`]: one element per command, in order;
     /// `Some` with the state machine's answer when committed and applied, `None` when
     /// not (retry it elsewhere).
     ForwardedBatch(Vec<Option<Response>>),
+    /// The acceptor hosts no replica of the group asked for (it moved away, or was
+    /// never here): ask another replica.
+    NoGroup {
+        /// The group.
+        group: GroupId,
+    },
     /// The acceptor is not the leader; the leader it knows of (id and address).
     NotLeader {
         /// The current leader, when known.
@@ -360,6 +387,7 @@ impl PeerReply {
             PeerReply::SnapshotMismatch { .. } => "SnapshotMismatch",
             PeerReply::Forwarded(_) => "Forwarded",
             PeerReply::ForwardedBatch(_) => "ForwardedBatch",
+            PeerReply::NoGroup { .. } => "NoGroup",
             PeerReply::NotLeader { .. } => "NotLeader",
             PeerReply::Refused(_) => "Refused",
             PeerReply::Fatal(_) => "Fatal",
@@ -411,11 +439,28 @@ impl PeerRequest {
     pub fn kind(&self) -> &'static str {
         match self {
             PeerRequest::Hello(_) => "Hello",
-            PeerRequest::AppendEntries { .. } => "AppendEntries",
-            PeerRequest::Vote { .. } => "Vote",
-            PeerRequest::InstallSnapshot { .. } => "InstallSnapshot",
-            PeerRequest::Forward(_) => "Forward",
-            PeerRequest::ForwardBatch(_) => "ForwardBatch",
+            PeerRequest::Group { request, .. } => request.kind(),
+        }
+    }
+}
+
+impl GroupRequest {
+    /// A short name of the variant, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GroupRequest::AppendEntries { .. } => "AppendEntries",
+            GroupRequest::Vote { .. } => "Vote",
+            GroupRequest::InstallSnapshot { .. } => "InstallSnapshot",
+            GroupRequest::Forward(_) => "Forward",
+            GroupRequest::ForwardBatch(_) => "ForwardBatch",
+        }
+    }
+
+    /// This request, addressed to `group`.
+    pub fn to(self, group: GroupId) -> PeerRequest {
+        PeerRequest::Group {
+            group,
+            request: self,
         }
     }
 }
@@ -456,9 +501,9 @@ fn log_id(id: Option<WireLogId>) -> Option<LogId> {
     id.map(LogId::from)
 }
 
-impl From<AppendEntriesRequest<TypeConfig>> for PeerRequest {
+impl From<AppendEntriesRequest<TypeConfig>> for GroupRequest {
     fn from(rpc: AppendEntriesRequest<TypeConfig>) -> Self {
-        PeerRequest::AppendEntries {
+        GroupRequest::AppendEntries {
             vote: WireVote::from(&rpc.vote),
             prev_log_id: wire_log_id(rpc.prev_log_id),
             entries: rpc.entries.into_iter().map(wire_entry).collect(),
@@ -467,9 +512,9 @@ impl From<AppendEntriesRequest<TypeConfig>> for PeerRequest {
     }
 }
 
-impl From<VoteRequest<NodeId>> for PeerRequest {
+impl From<VoteRequest<NodeId>> for GroupRequest {
     fn from(rpc: VoteRequest<NodeId>) -> Self {
-        PeerRequest::Vote {
+        GroupRequest::Vote {
             vote: WireVote::from(&rpc.vote),
             last_log_id: wire_log_id(rpc.last_log_id),
         }
@@ -496,9 +541,9 @@ impl From<WireSnapshotMeta> for SnapshotMeta<NodeId, openraft::BasicNode> {
     }
 }
 
-impl From<InstallSnapshotRequest<TypeConfig>> for PeerRequest {
+impl From<InstallSnapshotRequest<TypeConfig>> for GroupRequest {
     fn from(rpc: InstallSnapshotRequest<TypeConfig>) -> Self {
-        PeerRequest::InstallSnapshot {
+        GroupRequest::InstallSnapshot {
             vote: WireVote::from(&rpc.vote),
             meta: WireSnapshotMeta::from(&rpc.meta),
             offset: rpc.offset,
@@ -509,7 +554,7 @@ impl From<InstallSnapshotRequest<TypeConfig>> for PeerRequest {
 }
 
 /// Builds openraft's AppendEntries request from the fields of
-/// [`PeerRequest::AppendEntries`].
+/// [`GroupRequest::AppendEntries`].
 pub fn append_entries_request(
     vote: WireVote,
     prev_log_id: Option<WireLogId>,
@@ -524,7 +569,7 @@ pub fn append_entries_request(
     }
 }
 
-/// Builds openraft's Vote request from the fields of [`PeerRequest::Vote`].
+/// Builds openraft's Vote request from the fields of [`GroupRequest::Vote`].
 pub fn vote_request(vote: WireVote, last_log_id: Option<WireLogId>) -> VoteRequest<NodeId> {
     VoteRequest {
         vote: vote.into(),
@@ -533,7 +578,7 @@ pub fn vote_request(vote: WireVote, last_log_id: Option<WireLogId>) -> VoteReque
 }
 
 /// Builds openraft's InstallSnapshot request from the fields of
-/// [`PeerRequest::InstallSnapshot`].
+/// [`GroupRequest::InstallSnapshot`].
 pub fn install_snapshot_request(
     vote: WireVote,
     meta: WireSnapshotMeta,
@@ -896,6 +941,14 @@ mod tests {
         decode_body(&frame[4..], what, stream).unwrap()
     }
 
+    /// Round-trips `request` addressed to group 7 and checks the address survives.
+    fn group_round_trip(request: GroupRequest) -> GroupRequest {
+        match round_trip(&request.to(7), "request") {
+            PeerRequest::Group { group: 7, request } => request,
+            other => panic!("wrong variant or group: {other:?}"),
+        }
+    }
+
     fn publish_entry(index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
@@ -942,8 +995,8 @@ mod tests {
             leader_commit: Some(LogId::new(CommittedLeaderId::new(3, 1), 5)),
         };
         let expected = rpc.clone();
-        let back = round_trip(&PeerRequest::from(rpc), "request");
-        let PeerRequest::AppendEntries {
+        let back = group_round_trip(GroupRequest::from(rpc));
+        let GroupRequest::AppendEntries {
             vote,
             prev_log_id,
             entries,
@@ -965,8 +1018,8 @@ mod tests {
             Vote::new(4, 2),
             Some(LogId::new(CommittedLeaderId::new(3, 1), 9)),
         );
-        let back = round_trip(&PeerRequest::from(vote.clone()), "request");
-        let PeerRequest::Vote {
+        let back = group_round_trip(GroupRequest::from(vote.clone()));
+        let GroupRequest::Vote {
             vote: v,
             last_log_id,
         } = back
@@ -986,8 +1039,8 @@ mod tests {
             data: vec![7; 1000],
             done: true,
         };
-        let back = round_trip(&PeerRequest::from(snap.clone()), "request");
-        let PeerRequest::InstallSnapshot {
+        let back = group_round_trip(GroupRequest::from(snap.clone()));
+        let GroupRequest::InstallSnapshot {
             vote,
             meta,
             offset,
@@ -1007,8 +1060,8 @@ mod tests {
             proof: hello_proof(b"s", 3, &[1; 32]),
         });
         assert_eq!(round_trip(&hello, "hello"), hello);
-        let forward = PeerRequest::Forward(Command::Trim { now_ms: 5 });
-        assert_eq!(round_trip(&forward, "request"), forward);
+        let forward = GroupRequest::Forward(Command::Trim { now_ms: 5 });
+        assert_eq!(group_round_trip(forward.clone()), forward);
 
         let cases: [fn() -> AppendEntriesResponse<NodeId>; 5] = [
             || AppendEntriesResponse::Success,
@@ -1060,6 +1113,7 @@ mod tests {
                 leader: Some((2, "10.0.0.2:7440".into())),
             },
             PeerReply::NotLeader { leader: None },
+            PeerReply::NoGroup { group: 12 },
             PeerReply::Refused("wrong cluster secret".into()),
             PeerReply::Fatal(WireFatal::Storage("disk".into())),
             PeerReply::Error("x".into()),
@@ -1080,12 +1134,13 @@ mod tests {
                 },
             })
             .collect();
-        let request = PeerRequest::ForwardBatch(commands.clone());
+        let request = GroupRequest::ForwardBatch(commands.clone());
         assert_eq!(request.kind(), "ForwardBatch");
-        assert_eq!(round_trip(&request, "request"), request);
+        assert_eq!(request.clone().to(7).kind(), "ForwardBatch");
+        assert_eq!(group_round_trip(request.clone()), request);
         assert_eq!(
-            round_trip(&PeerRequest::ForwardBatch(Vec::new()), "request"),
-            PeerRequest::ForwardBatch(Vec::new())
+            group_round_trip(GroupRequest::ForwardBatch(Vec::new())),
+            GroupRequest::ForwardBatch(Vec::new())
         );
 
         let results = vec![
@@ -1146,7 +1201,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, FrameError::Oversized { len, .. } if len == u64::from(u32::MAX)));
-        let big = PeerRequest::InstallSnapshot {
+        let big = GroupRequest::InstallSnapshot {
             vote: WireVote::from(&Vote::new(1, 1)),
             meta: WireSnapshotMeta::from(&SnapshotMeta {
                 last_log_id: None,
@@ -1156,7 +1211,8 @@ mod tests {
             offset: 0,
             data: vec![0; 2048],
             done: false,
-        };
+        }
+        .to(1);
         assert!(matches!(
             encode_frame(&big, "hello", HELLO_FRAME_BYTES_MAX),
             Err(FrameError::TooLarge { .. })

@@ -54,14 +54,14 @@ mod test_cluster;
 mod tests;
 
 pub use client::{
-    ForwardBatchReply, ForwardReply, PeerClient, PeerError, PeerNetwork, PeerNetworkConfig,
-    BACKOFF_MAX, BACKOFF_MIN, PEER_CONNECTIONS_MAX,
+    ForwardBatchReply, ForwardReply, GroupNetwork, PeerClient, PeerError, PeerNetwork,
+    PeerNetworkConfig, BACKOFF_MAX, BACKOFF_MIN, PEER_CONNECTIONS_MAX,
 };
 pub use frame::{
-    FrameError, PeerHello, PeerReply, PeerRequest, FORWARD_BATCH_COMMANDS_MAX,
+    FrameError, GroupRequest, PeerHello, PeerReply, PeerRequest, FORWARD_BATCH_COMMANDS_MAX,
     HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
 };
 pub use server::{
-    serve_peer, ClientWriteRaftError, PeerHandler, PeerServerContext, HELLO_TIMEOUT,
+    serve_peer, ClientWriteRaftError, GroupResolver, PeerHandler, PeerServerContext, HELLO_TIMEOUT,
     REQUEST_READ_TIMEOUT,
 };

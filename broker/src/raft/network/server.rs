@@ -20,10 +20,10 @@ use tracing::{debug, info, warn};
 
 use super::frame::{
     self, connection_exporter, encode_frame, read_frame, verify_hello_proof, write_frame,
-    FrameError, PeerReply, PeerRequest, WireFatal, CLOSE_AUTH_FAILED, CLOSE_PROTOCOL,
+    FrameError, GroupRequest, PeerReply, PeerRequest, WireFatal, CLOSE_AUTH_FAILED, CLOSE_PROTOCOL,
     FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_FRAME_BYTES_MAX, STREAM_MALFORMED,
 };
-use crate::raft::{NodeId, Raft, Response, TypeConfig};
+use crate::raft::{GroupId, NodeId, Raft, Response, TypeConfig};
 use crate::store::Command;
 
 /// The first stream of a connection (the hello) must arrive and be read within this.
@@ -165,10 +165,68 @@ fn not_leader(raft: &Raft) -> Option<ForwardToLeader<NodeId, BasicNode>> {
     })
 }
 
+/// Finds the handler of a group this node hosts.
+pub trait GroupResolver: Send + Sync + 'static {
+    /// What serves one group's RPCs.
+    type Handler: PeerHandler;
+
+    /// The handler of `group`, or `None` when this node hosts no replica of it.
+    fn group(&self, group: GroupId) -> Option<Self::Handler>;
+}
+
+/// One shared handler for every group (tests, and handlers that dispatch by group
+/// themselves).
+impl<H: PeerHandler> GroupResolver for Arc<H> {
+    type Handler = Arc<H>;
+
+    fn group(&self, _group: GroupId) -> Option<Arc<H>> {
+        Some(self.clone())
+    }
+}
+
+impl<H: PeerHandler> PeerHandler for Arc<H> {
+    fn append_entries(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> impl Future<Output = Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> + Send {
+        H::append_entries(self, rpc)
+    }
+
+    fn vote(
+        &self,
+        rpc: VoteRequest<NodeId>,
+    ) -> impl Future<Output = Result<VoteResponse<NodeId>, RaftError<NodeId>>> + Send {
+        H::vote(self, rpc)
+    }
+
+    fn install_snapshot(
+        &self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    ) -> impl Future<
+        Output = Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    > + Send {
+        H::install_snapshot(self, rpc)
+    }
+
+    fn client_write(
+        &self,
+        command: Command,
+    ) -> impl Future<Output = Result<Response, ClientWriteRaftError>> + Send {
+        H::client_write(self, command)
+    }
+
+    fn client_write_batch(
+        &self,
+        commands: Vec<Command>,
+    ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send {
+        H::client_write_batch(self, commands)
+    }
+}
+
 /// What [`serve_peer`] needs.
-pub struct PeerServerContext<H = Raft> {
-    /// This node's Raft (every request goes to it).
-    pub raft: H,
+pub struct PeerServerContext<R> {
+    /// The groups this node hosts (each request goes to its group's Raft).
+    pub groups: R,
     /// The cluster secret the dialer's hello must prove.
     pub secret: Vec<u8>,
     /// Concurrent RPC streams one peer connection may have open; also the bound on
@@ -184,7 +242,7 @@ pub struct PeerServerContext<H = Raft> {
 /// stream in its own task. A wrong secret or a request before the hello is answered
 /// with [`PeerReply::Refused`] and the connection is closed; a malformed frame resets
 /// only its stream.
-pub async fn serve_peer<H: PeerHandler>(conn: quinn::Connection, ctx: Arc<PeerServerContext<H>>) {
+pub async fn serve_peer<R: GroupResolver>(conn: quinn::Connection, ctx: Arc<PeerServerContext<R>>) {
     conn.set_max_concurrent_bi_streams(ctx.streams_max.max(1).into());
     let remote = conn.remote_address();
     let Some(peer) = accept_hello(&conn, &ctx).await else {
@@ -207,9 +265,9 @@ pub async fn serve_peer<H: PeerHandler>(conn: quinn::Connection, ctx: Arc<PeerSe
 }
 
 /// Reads and checks the hello; the peer's node id when it verifies.
-async fn accept_hello<H: PeerHandler>(
+async fn accept_hello<R: GroupResolver>(
     conn: &quinn::Connection,
-    ctx: &PeerServerContext<H>,
+    ctx: &PeerServerContext<R>,
 ) -> Option<NodeId> {
     let remote = conn.remote_address();
     let first = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -280,11 +338,11 @@ async fn accept_hello<H: PeerHandler>(
 }
 
 /// Reads one request from the stream, hands it to Raft and writes the reply.
-async fn serve_stream<H: PeerHandler>(
+async fn serve_stream<R: GroupResolver>(
     peer: NodeId,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    ctx: &PeerServerContext<H>,
+    ctx: &PeerServerContext<R>,
 ) {
     let stream = recv.id();
     let request = match tokio::time::timeout(
@@ -313,16 +371,21 @@ async fn serve_stream<H: PeerHandler>(
         }
     };
     let kind = request.kind();
-    let reply = dispatch(&ctx.raft, request).await;
+    let reply = match request {
+        PeerRequest::Hello(_) => PeerReply::refused("this connection has already said hello"),
+        PeerRequest::Group { group, request } => match ctx.groups.group(group) {
+            Some(handler) => dispatch(&handler, request).await,
+            None => PeerReply::NoGroup { group },
+        },
+    };
     debug!(peer, %stream, request = kind, reply = reply.kind(), "served peer RPC");
     send_reply(&mut send, &reply).await;
 }
 
 /// Maps one request to its openraft call and the result to a reply.
-pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: PeerRequest) -> PeerReply {
+pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: GroupRequest) -> PeerReply {
     match request {
-        PeerRequest::Hello(_) => PeerReply::refused("this connection has already said hello"),
-        PeerRequest::AppendEntries {
+        GroupRequest::AppendEntries {
             vote,
             prev_log_id,
             entries,
@@ -334,13 +397,13 @@ pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: PeerRequest) -> 
                 Err(e) => raft_error(e),
             }
         }
-        PeerRequest::Vote { vote, last_log_id } => {
+        GroupRequest::Vote { vote, last_log_id } => {
             match raft.vote(frame::vote_request(vote, last_log_id)).await {
                 Ok(resp) => resp.into(),
                 Err(e) => raft_error(e),
             }
         }
-        PeerRequest::InstallSnapshot {
+        GroupRequest::InstallSnapshot {
             vote,
             meta,
             offset,
@@ -354,18 +417,18 @@ pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: PeerRequest) -> 
                 Err(RaftError::Fatal(f)) => PeerReply::Fatal(WireFatal::from(&f)),
             }
         }
-        PeerRequest::Forward(command) => match raft.client_write(command).await {
+        GroupRequest::Forward(command) => match raft.client_write(command).await {
             Ok(response) => PeerReply::Forwarded(response),
             Err(e) => client_write_error(e),
         },
-        PeerRequest::ForwardBatch(commands) if commands.len() > FORWARD_BATCH_COMMANDS_MAX => {
+        GroupRequest::ForwardBatch(commands) if commands.len() > FORWARD_BATCH_COMMANDS_MAX => {
             PeerReply::error(format!(
                 "a forwarded batch of {} commands is over the maximum of \
                  {FORWARD_BATCH_COMMANDS_MAX}; nothing was proposed",
                 commands.len()
             ))
         }
-        PeerRequest::ForwardBatch(commands) => {
+        GroupRequest::ForwardBatch(commands) => {
             let count = commands.len();
             match raft.client_write_batch(commands).await {
                 Ok(results) if results.len() == count => PeerReply::forwarded_batch(results),

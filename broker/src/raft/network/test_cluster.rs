@@ -325,7 +325,7 @@ async fn start_node(id: NodeId, files: &(tempfile::TempDir, Vec<u8>)) -> Node {
     let raft = Raft::new(
         id,
         Arc::new(config.validate().unwrap()),
-        network.clone(),
+        network.for_group(1),
         log.clone(),
         sm.clone(),
     )
@@ -333,10 +333,10 @@ async fn start_node(id: NodeId, files: &(tempfile::TempDir, Vec<u8>)) -> Node {
     .unwrap();
     let snapshot_chunks = Arc::new(AtomicUsize::new(0));
     let ctx = Arc::new(PeerServerContext {
-        raft: Counting {
+        groups: Arc::new(Counting {
             raft: raft.clone(),
             snapshot_chunks: snapshot_chunks.clone(),
-        },
+        }),
         secret: SECRET.to_vec(),
         streams_max: 16,
     });
@@ -423,7 +423,7 @@ async fn a_raft_cluster_elects_replicates_forwards_and_snapshots_over_quic() {
     // A follower forwards a write to the leader over the transport.
     let reply = follower
         .network
-        .forward(leader.id, &leader.addr, publish(2))
+        .forward(1, leader.id, &leader.addr, publish(2))
         .await
         .unwrap();
     assert_eq!(
@@ -440,7 +440,7 @@ async fn a_raft_cluster_elects_replicates_forwards_and_snapshots_over_quic() {
         .unwrap();
     let reply = other
         .network
-        .forward(follower.id, &follower.addr, publish(3))
+        .forward(1, follower.id, &follower.addr, publish(3))
         .await
         .unwrap();
     assert_eq!(
@@ -508,6 +508,7 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
     let reply = other
         .network
         .forward_batch(
+            1,
             follower.id,
             &follower.addr,
             (1000..1010).map(publish).collect(),
@@ -524,7 +525,7 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
     let commands: Vec<Command> = numbers.iter().copied().map(publish).collect();
     let reply = follower
         .network
-        .forward_batch(leader.id, &leader.addr, commands.clone())
+        .forward_batch(1, leader.id, &leader.addr, commands.clone())
         .await
         .unwrap();
     let ForwardBatchReply::Done(results) = reply else {

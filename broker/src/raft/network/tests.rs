@@ -161,14 +161,14 @@ impl PeerHandler for Fake {
 struct Acceptor {
     _endpoint: quinn::Endpoint,
     addr: SocketAddr,
-    fake: Arc<PeerServerContext<Fake>>,
+    fake: Arc<PeerServerContext<Arc<Fake>>>,
     accepted: Arc<AtomicUsize>,
     conns: mpsc::UnboundedReceiver<quinn::Connection>,
 }
 
 impl Acceptor {
     fn calls(&self) -> usize {
-        self.fake.raft.calls.load(Ordering::SeqCst)
+        self.fake.groups.calls.load(Ordering::SeqCst)
     }
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
@@ -180,7 +180,7 @@ fn acceptor(pki: &Pki, fake: Fake) -> Acceptor {
         quinn::Endpoint::server(pki.server_config.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let ctx = Arc::new(PeerServerContext {
-        raft: fake,
+        groups: Arc::new(fake),
         secret: SECRET.to_vec(),
         streams_max: 8,
     });
@@ -220,7 +220,7 @@ fn network(pki: &Pki, secret: &[u8], connect_timeout: Duration) -> PeerNetwork {
 }
 
 async fn client_to(network: &PeerNetwork, target: NodeId, addr: SocketAddr) -> PeerClient {
-    let mut factory = network.clone();
+    let mut factory = network.for_group(1);
     factory
         .new_client(target, &BasicNode::new(addr.to_string()))
         .await
@@ -292,7 +292,7 @@ fn hello_bytes(conn: &quinn::Connection, secret: &[u8], node_id: NodeId) -> Vec<
 
 fn vote_bytes() -> Vec<u8> {
     encode_frame(
-        &PeerRequest::from(VoteRequest::new(Vote::new(3, 1), None)),
+        &GroupRequest::from(VoteRequest::new(Vote::new(3, 1), None)).to(1),
         "request",
         PEER_FRAME_BYTES_MAX,
     )
@@ -334,7 +334,7 @@ async fn rpcs_reach_the_handler_and_answers_come_back() {
         .await
         .unwrap();
     assert_eq!(resp, AppendEntriesResponse::Success);
-    assert_eq!(*node.fake.raft.entries.lock().unwrap(), entries);
+    assert_eq!(*node.fake.groups.entries.lock().unwrap(), entries);
 
     let resp = client
         .vote(
@@ -374,7 +374,7 @@ async fn rpcs_reach_the_handler_and_answers_come_back() {
     );
 
     let reply = net
-        .forward(2, &node.addr.to_string(), Command::Trim { now_ms: 1 })
+        .forward(1, 2, &node.addr.to_string(), Command::Trim { now_ms: 1 })
         .await
         .unwrap();
     assert_eq!(
@@ -416,7 +416,7 @@ async fn a_follower_answers_not_leader_and_fatal_errors_are_remote() {
     );
     let net = network(&pki, SECRET, Duration::from_secs(5));
     let reply = net
-        .forward(2, &node.addr.to_string(), Command::Trim { now_ms: 1 })
+        .forward(1, 2, &node.addr.to_string(), Command::Trim { now_ms: 1 })
         .await
         .unwrap();
     assert_eq!(
@@ -585,7 +585,10 @@ async fn an_unreachable_peer_is_reported_quickly() {
     );
 
     // An address that is not host:port fails at once.
-    let mut bad = net.clone().new_client(3, &BasicNode::new("nowhere")).await;
+    let mut bad = net
+        .for_group(1)
+        .new_client(3, &BasicNode::new("nowhere"))
+        .await;
     let err = bad
         .vote(VoteRequest::new(Vote::new(3, 1), None), option())
         .await
@@ -656,7 +659,10 @@ async fn a_batch_is_answered_in_order() {
 
     // Reverse order, so an answer sorted by anything but position would show.
     let commands: Vec<Command> = trims(0..100).into_iter().rev().collect();
-    let reply = net.forward_batch(2, &addr, commands.clone()).await.unwrap();
+    let reply = net
+        .forward_batch(1, 2, &addr, commands.clone())
+        .await
+        .unwrap();
     let ForwardBatchReply::Done(results) = reply else {
         panic!("expected Done, got {reply:?}");
     };
@@ -665,10 +671,10 @@ async fn a_batch_is_answered_in_order() {
         assert_eq!(*result, fake_batch_result(command), "{command:?}");
     }
     assert!(results.iter().any(Option::is_none));
-    assert_eq!(*node.fake.raft.batched.lock().unwrap(), commands);
+    assert_eq!(*node.fake.groups.batched.lock().unwrap(), commands);
 
     // An empty batch is a valid, empty answer.
-    let reply = net.forward_batch(2, &addr, Vec::new()).await.unwrap();
+    let reply = net.forward_batch(1, 2, &addr, Vec::new()).await.unwrap();
     assert_eq!(reply, ForwardBatchReply::Done(Vec::new()));
     assert_eq!(node.calls(), 2);
     assert_eq!(node.accepted(), 1);
@@ -686,14 +692,14 @@ async fn a_follower_answers_a_batch_with_not_leader() {
     );
     let net = network(&pki, SECRET, Duration::from_secs(5));
     let reply = net
-        .forward_batch(2, &node.addr.to_string(), trims(0..10))
+        .forward_batch(1, 2, &node.addr.to_string(), trims(0..10))
         .await
         .unwrap();
     assert_eq!(
         reply,
         ForwardBatchReply::NotLeader(Some((2, "10.0.0.2:7440".into())))
     );
-    assert!(node.fake.raft.batched.lock().unwrap().is_empty());
+    assert!(node.fake.groups.batched.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -706,7 +712,7 @@ async fn an_oversized_batch_is_not_sent_and_not_served() {
     // Too many commands: refused before encoding.
     let count = FORWARD_BATCH_COMMANDS_MAX + 1;
     let err = net
-        .forward_batch(2, &addr, trims(0..count as u64))
+        .forward_batch(1, 2, &addr, trims(0..count as u64))
         .await
         .unwrap_err();
     assert!(
@@ -723,7 +729,7 @@ async fn an_oversized_batch_is_not_sent_and_not_served() {
         timestamp_ms: 0,
     };
     let err = net
-        .forward_batch(2, &addr, vec![big(1), big(2), big(3)])
+        .forward_batch(1, 2, &addr, vec![big(1), big(2), big(3)])
         .await
         .unwrap_err();
     assert!(
@@ -741,7 +747,7 @@ async fn an_oversized_batch_is_not_sent_and_not_served() {
         .unwrap();
     assert_eq!(reply, PeerReply::HelloOk);
     let bytes = encode_frame(
-        &PeerRequest::ForwardBatch(trims(0..count as u64)),
+        &GroupRequest::ForwardBatch(trims(0..count as u64)).to(1),
         "request",
         PEER_FRAME_BYTES_MAX,
     )
@@ -794,7 +800,7 @@ async fn a_batch_reply_of_the_wrong_length_is_an_error() {
     .await;
     let net = network(&pki, SECRET, Duration::from_secs(5));
     let err = net
-        .forward_batch(2, &addr.to_string(), trims(0..4))
+        .forward_batch(1, 2, &addr.to_string(), trims(0..4))
         .await
         .unwrap_err();
     assert!(
@@ -810,7 +816,7 @@ async fn a_batch_reply_of_the_wrong_length_is_an_error() {
     );
     // The single forward is not answered by a batch reply either.
     let err = net
-        .forward(2, &addr.to_string(), Command::Trim { now_ms: 1 })
+        .forward(1, 2, &addr.to_string(), Command::Trim { now_ms: 1 })
         .await
         .unwrap_err();
     assert!(matches!(err, PeerError::UnexpectedReply { .. }), "{err:?}");
@@ -853,7 +859,7 @@ async fn a_slow_batch_times_out_within_the_rpc_budget() {
     });
     let start = Instant::now();
     let err = net
-        .forward_batch(2, &addr.to_string(), trims(0..10))
+        .forward_batch(1, 2, &addr.to_string(), trims(0..10))
         .await
         .unwrap_err();
     assert!(

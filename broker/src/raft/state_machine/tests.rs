@@ -31,6 +31,7 @@ fn entry(index: u64, command: Command) -> Entry {
 fn open(dir: &std::path::Path, log: Arc<MemLog>) -> StateMachine {
     StateMachine::open(
         StateMachineConfig {
+            group: 1,
             dir: dir.to_owned(),
             limits: StoreLimits::default(),
         },
@@ -169,6 +170,7 @@ async fn a_damaged_snapshot_file_is_refused_at_open() {
     std::fs::write(&path, bytes).unwrap();
     let err = StateMachine::open(
         StateMachineConfig {
+            group: 1,
             dir: dir.path().to_owned(),
             limits: StoreLimits::default(),
         },

@@ -44,6 +44,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDirGuard> for Builder 
         let store = wal.group(1);
         let sm = StateMachine::open(
             StateMachineConfig {
+                group: 1,
                 dir: dir.path().join("snapshot"),
                 limits: crate::store::StoreLimits::default(),
             },

@@ -1,0 +1,101 @@
+//! The Raft groups this node hosts.
+//!
+//! Owns: the set of running groups (each an openraft instance with its state machine,
+//! its view of the node's shared log and its write pipeline), looking one up by id
+//! without a lock (readers load a snapshot of the set; adding or removing a group swaps
+//! it), and serving peers' RPCs to the right group.
+//! Must not: decide which groups should run here (the cluster map does) or touch
+//! sessions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::pipeline::Pipeline;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::GroupResolver;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{GroupId, NodeId, Raft};
+
+/// One Raft group on this node.
+pub struct Group {
+    /// The group's id.
+    pub id: GroupId,
+    /// Its openraft instance.
+    pub raft: Raft,
+    /// This replica's state machine.
+    pub sm: StateMachine,
+    /// Its log in the node's shared log.
+    pub log: LogStore,
+    /// Its write pipeline.
+    pub pipeline: Pipeline,
+}
+
+impl Group {
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// True while this replica leads the group.
+    pub fn is_leader(&self, me: NodeId) -> bool {
+        self.leader() == Some(me)
+    }
+}
+
+/// The groups this node hosts. Cheap to clone; clones share the set.
+#[derive(Clone, Default)]
+pub struct GroupSet {
+    groups: Arc<ArcSwap<BTreeMap<GroupId, Arc<Group>>>>,
+}
+
+impl GroupSet {
+    /// A set of these groups.
+    pub fn new(groups: impl IntoIterator<Item = Group>) -> Self {
+        let map = groups.into_iter().map(|g| (g.id, Arc::new(g))).collect();
+        GroupSet {
+            groups: Arc::new(ArcSwap::from_pointee(map)),
+        }
+    }
+
+    /// The group `id`, if this node hosts it.
+    pub fn get(&self, id: GroupId) -> Option<Arc<Group>> {
+        self.groups.load().get(&id).cloned()
+    }
+
+    /// Every hosted group, by id.
+    pub fn all(&self) -> Arc<BTreeMap<GroupId, Arc<Group>>> {
+        self.groups.load_full()
+    }
+
+    /// Adds (or replaces) a group.
+    pub fn insert(&self, group: Group) {
+        let group = Arc::new(group);
+        self.groups.rcu(|current| {
+            let mut next = BTreeMap::clone(current);
+            next.insert(group.id, group.clone());
+            next
+        });
+    }
+
+    /// Removes a group; returns it.
+    pub fn remove(&self, id: GroupId) -> Option<Arc<Group>> {
+        let mut removed = None;
+        self.groups.rcu(|current| {
+            let mut next = BTreeMap::clone(current);
+            removed = next.remove(&id);
+            next
+        });
+        removed
+    }
+}
+
+/// Peers' RPCs go to the hosted group's Raft; a group not hosted here is `NoGroup`.
+impl GroupResolver for GroupSet {
+    type Handler = Raft;
+
+    fn group(&self, group: GroupId) -> Option<Raft> {
+        self.get(group).map(|g| g.raft.clone())
+    }
+}
