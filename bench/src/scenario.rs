@@ -86,6 +86,10 @@ pub struct FanoutArgs {
 pub struct PublishArgs {
     #[command(flatten)]
     pub load: LoadArgs,
+    /// Conversations published to: publisher i publishes to conversation
+    /// `conv + i mod C`, so with many, the load spreads over many groups.
+    #[arg(long, default_value_t = 1)]
+    pub conversations: u64,
 }
 
 impl LoadArgs {
@@ -282,7 +286,7 @@ async fn join_all<T>(handles: Vec<JoinHandle<T>>) -> (Vec<T>, Vec<String>) {
 fn start_publishers(
     publishers: Vec<Publisher>,
     load: &LoadArgs,
-    conv: u64,
+    convs: &[u64],
     clock: Clock,
     progress: &Arc<Counters>,
     stop: &watch::Receiver<bool>,
@@ -296,7 +300,7 @@ fn start_publishers(
         .enumerate()
         .map(|(i, (publisher, messages))| {
             let plan = PublishPlan {
-                conv,
+                conv: convs[i % convs.len().max(1)],
                 messages,
                 rate: load
                     .rate
@@ -400,7 +404,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<(Value, Teardown)> {
     let mut progress = Progress::new("fanout", "deliveries", expected, load.quiet);
     let cpu_start = cpu::snapshot();
     let (start, start_ns, publisher_tasks) =
-        start_publishers(publishers, load, conv, clock, &acks, &stop_rx);
+        start_publishers(publishers, load, &[conv], clock, &acks, &stop_rx);
     let deadline = start + load.timeout();
     let mut publisher_tasks = Some(publisher_tasks);
     let mut publish_results: Vec<(Publisher, PublishResult)> = Vec::new();
@@ -534,16 +538,23 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<(Value, Teardown)> {
     let clock = Clock::start();
     let target = Target::prepare(&load.target, 1).await?;
     let conv = load.conv();
+    if args.conversations == 0 {
+        bail!("--conversations must be at least 1");
+    }
+    let convs: Vec<u64> = (0..args.conversations).map(|i| conv + i).collect();
     let setup_started = Instant::now();
     let publishers = connect_publishers(&target, load.publishers, load.connect_parallelism).await?;
-    create_group(&publishers[0], conv, 1, load.conv.is_some()).await?;
+    for conv in &convs {
+        create_group(&publishers[0], *conv, 1, load.conv.is_some()).await?;
+    }
     let setup_sec = setup_started.elapsed().as_secs_f64();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let acks = Arc::new(Counters::new(load.publishers));
     let mut progress = Progress::new("publish", "acks", load.messages, load.quiet);
     let cpu_start = cpu::snapshot();
-    let (start, start_ns, tasks) = start_publishers(publishers, load, conv, clock, &acks, &stop_rx);
+    let (start, start_ns, tasks) =
+        start_publishers(publishers, load, &convs, clock, &acks, &stop_rx);
     let deadline = start + load.timeout();
     let mut timed_out = false;
     let mut tick = tokio::time::interval(TICK);
@@ -586,6 +597,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<(Value, Teardown)> {
         "rate": load.rate,
         "window": load.window,
         "conv": conv,
+        "conversations": args.conversations,
         "published": pubs.acked,
         "publish_errors": pubs.errors,
         "publish_duplicates": pubs.duplicates,

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod cluster_map;
 pub mod config;
 pub mod engine;
+pub mod fanout;
 pub mod metrics;
 pub mod raft;
 pub mod routing;

@@ -48,8 +48,10 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Active subscriptions over all sessions.
     pub subscriptions: Gauge,
-    /// Messages appended (not counting duplicates).
+    /// Messages appended (not counting duplicates), in the groups this node leads.
     pub publishes: Counter,
+    /// Copies of messages pushed to other nodes (one per watching node and message).
+    pub fanout_node_copies: Counter,
     /// Publishes answered from the dedup table.
     pub publish_duplicates: Counter,
     /// Requests refused, by refusal code.
@@ -105,6 +107,7 @@ impl Metrics {
             sessions: Gauge::default(),
             subscriptions: Gauge::default(),
             publishes: Counter::default(),
+            fanout_node_copies: Counter::default(),
             publish_duplicates: Counter::default(),
             refusals: Family::default(),
             deliveries: Counter::default(),
@@ -156,6 +159,11 @@ impl Metrics {
             m.subscriptions.clone(),
         );
         r.register("herald_publishes", "Messages appended", m.publishes.clone());
+        r.register(
+            "herald_fanout_node_copies",
+            "Copies of messages pushed to other nodes' watch streams (one per watching node and message)",
+            m.fanout_node_copies.clone(),
+        );
         r.register(
             "herald_publish_duplicates",
             "Publishes answered from the dedup table",

@@ -615,7 +615,8 @@ impl Cluster {
                 // A restarted node may name a stale leader (itself, from its persisted
                 // vote) at first: wait until it follows the leader the live nodes agree on.
                 if let (Ok(g), Some(leader)) = (self.group(k).await, self.leader().await) {
-                    if g["leader"].as_u64() == Some(u64::from(leader)) {
+                    // A node without a replica of the first group has no view of it.
+                    if g["state"].is_null() || g["leader"].as_u64() == Some(u64::from(leader)) {
                         return Ok(());
                     }
                 }
@@ -639,13 +640,18 @@ impl Cluster {
         let until = Instant::now() + DEADLINE;
         loop {
             let mut leaders = BTreeMap::new();
+            let mut answered = 0;
             for k in self.ids() {
                 if let Ok(g) = self.group(k).await {
-                    leaders.insert(k, g["leader"].as_u64());
+                    answered += 1;
+                    // Only the first group's replicas have a view of it.
+                    if !g["state"].is_null() {
+                        leaders.insert(k, g["leader"].as_u64());
+                    }
                 }
             }
             let first = leaders.values().next().copied().flatten();
-            if leaders.len() == usize::from(self.len()) && leaders.values().all(|l| *l == first) {
+            if answered == usize::from(self.len()) && leaders.values().all(|l| *l == first) {
                 if let Some(l) = first {
                     let l = l as u16;
                     if self.leader().await == Some(l) {

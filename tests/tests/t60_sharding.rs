@@ -61,3 +61,88 @@ async fn twelve_groups_on_three_nodes_each_carry_their_conversations() -> anyhow
     .await;
     cluster.finish(result)
 }
+
+/// A session on a node that holds no replica of its conversation's group receives
+/// everything in order, with no gap and no duplicate, through a leader change of that
+/// group: the leader pushes to the node, and the node re-finds the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_a_node_without_a_replica_follows_a_leader_change() -> anyhow::Result<()> {
+    let cluster = Cluster::start_sharded(5, 5, &[]).await?;
+    let result = async {
+        let groups = cluster.groups().await?;
+        cluster.wait_every_group_led(groups.len()).await?;
+        // A group and a node outside its replicas.
+        let (group, outsider) = groups
+            .iter()
+            .find_map(|g| {
+                cluster
+                    .ids()
+                    .into_iter()
+                    .find(|k| !g.replicas.contains(k))
+                    .map(|k| (g.clone(), k))
+            })
+            .context("every node hosts every group")?;
+        let conv = conversations_in(&groups, &[group.id], 7000)[0];
+        println!(
+            "conversation {conv} in group {} (replicas {:?}); subscriber on node {outsider}",
+            group.id, group.replicas
+        );
+        let mut checker = Checker::start(&cluster, conv, &[outsider], Keys::Caller).await?;
+        checker.wait_more_acks(40).await?;
+        anyhow::ensure!(
+            checker.subscribers[0].last_seq() > 0,
+            "nothing reached the session on node {outsider}"
+        );
+
+        let old = cluster.group_leaders().await[&group.id];
+        anyhow::ensure!(old != outsider, "the outsider leads group {}", group.id);
+        cluster.kill9(old);
+        let until = std::time::Instant::now() + herald_tests::DEADLINE;
+        let new = loop {
+            if let Some(l) = cluster.group_leaders().await.get(&group.id) {
+                if *l != old {
+                    break *l;
+                }
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < until,
+                "group {} elected no new leader",
+                group.id
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        };
+        println!("group {} leader {old} killed; node {new} leads", group.id);
+        // The session resumes: a message acked after the election reaches it.
+        checker.wait_more_acks(1).await?;
+        let target = checker.publisher.acked().last().map_or(0, |a| a.seq);
+        let killed_at = std::time::Instant::now();
+        checker.subscribers[0]
+            .wait_seq(target, herald_tests::DEADLINE)
+            .await?;
+        println!(
+            "the session on node {outsider} had seq {target} {:?} after the election was seen",
+            killed_at.elapsed()
+        );
+        checker.wait_more_acks(40).await?;
+
+        let live: Vec<u16> = cluster.ids().into_iter().filter(|k| *k != old).collect();
+        let summary = checker.check(&cluster, &live).await?;
+        println!("{summary:?}");
+        let notes = checker.subscribers[0].notes();
+        anyhow::ensure!(
+            !notes.iter().any(|n| n.contains("reconnect")),
+            "the session left node {outsider}: {notes:?}"
+        );
+        // The new leader pushed copies to the outsider.
+        let (_, metrics) = cluster.admin_get(new, "/metrics").await?;
+        let copies = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("herald_fanout_node_copies_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        anyhow::ensure!(copies > 0.0, "node {new} pushed no copies to other nodes");
+        Ok(())
+    }
+    .await;
+    cluster.finish(result)
+}

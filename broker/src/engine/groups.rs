@@ -14,9 +14,20 @@ use arc_swap::ArcSwap;
 
 use super::pipeline::Pipeline;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::GroupResolver;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use crate::raft::network::frame::HISTORY_REPLY_BYTES_MAX;
+use crate::raft::network::{
+    ClientWriteRaftError, GroupResolver, PeerHandler, PeerReply, ReadRequest, WireHistory,
+};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{GroupId, NodeId, Raft};
+use crate::raft::{Response, TypeConfig};
+use crate::store::Command;
 
 /// One Raft group on this node.
 pub struct Group {
@@ -41,6 +52,106 @@ impl Group {
     /// True while this replica leads the group.
     pub fn is_leader(&self, me: NodeId) -> bool {
         self.leader() == Some(me)
+    }
+
+    /// The leader this replica knows of, with its address (for `NotLeader` hints).
+    pub fn leader_addr(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
+    }
+
+    /// The seq the next message of `conv` gets on this replica (1 when it does not
+    /// exist here yet).
+    pub fn next_seq(&self, conv: u64) -> u64 {
+        self.sm
+            .with_store(|s| s.next_seq(conv).unwrap_or(1))
+            .unwrap_or(1)
+    }
+
+    fn not_leader(&self) -> Option<PeerReply> {
+        (!self.sm.is_leader()).then(|| PeerReply::NotLeader {
+            leader: self.leader_addr(),
+        })
+    }
+}
+
+/// What a peer may ask of a group this node hosts: Raft's RPCs go to its Raft; reads
+/// and watches are served by its leader only.
+impl PeerHandler for Group {
+    async fn append_entries(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        self.raft.append_entries(rpc).await
+    }
+
+    async fn vote(
+        &self,
+        rpc: VoteRequest<NodeId>,
+    ) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
+        self.raft.vote(rpc).await
+    }
+
+    async fn install_snapshot(
+        &self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        self.raft.install_snapshot(rpc).await
+    }
+
+    async fn client_write(&self, command: Command) -> Result<Response, ClientWriteRaftError> {
+        PeerHandler::client_write(&self.raft, command).await
+    }
+
+    async fn client_write_batch(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
+        self.raft.client_write_batch(commands).await
+    }
+
+    async fn read(&self, request: ReadRequest) -> PeerReply {
+        if let Some(not_leader) = self.not_leader() {
+            return not_leader;
+        }
+        match request {
+            ReadRequest::Authorize {
+                principal,
+                action,
+                conv,
+            } => PeerReply::Authorized(
+                self.sm
+                    .with_store(|s| s.authorize(&principal, action, conv))
+                    .and_then(|r| r.map_err(|e| e.refusal())),
+            ),
+            ReadRequest::History { conv, from, limit } => {
+                PeerReply::History(self.sm.read(conv, from.max(1), limit as usize).map(|h| {
+                    let mut bytes = 0;
+                    let messages = h
+                        .messages
+                        .iter()
+                        .take_while(|m| {
+                            bytes += m.delivery.frame.len();
+                            bytes <= HISTORY_REPLY_BYTES_MAX
+                        })
+                        .map(|m| m.message.clone())
+                        .collect();
+                    WireHistory {
+                        messages,
+                        first_seq: h.first_seq,
+                        next_seq: h.next_seq,
+                    }
+                }))
+            }
+        }
+    }
+
+    async fn watch(&self, convs: Vec<u64>, send: quinn::SendStream, recv: quinn::RecvStream) {
+        // The peer's id is not needed to serve it; 0 marks "a peer" in logs.
+        crate::fanout::watchers::serve_watch(self, 0, convs, send, recv).await;
     }
 }
 
@@ -91,11 +202,11 @@ impl GroupSet {
     }
 }
 
-/// Peers' RPCs go to the hosted group's Raft; a group not hosted here is `NoGroup`.
+/// Peers' RPCs go to the hosted group; a group not hosted here is `NoGroup`.
 impl GroupResolver for GroupSet {
-    type Handler = Raft;
+    type Handler = Arc<Group>;
 
-    fn group(&self, group: GroupId) -> Option<Raft> {
-        self.get(group).map(|g| g.raft.clone())
+    fn group(&self, group: GroupId) -> Option<Arc<Group>> {
+        self.get(group)
     }
 }

@@ -24,25 +24,52 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_client::wire::{ConvKind, IdempotencyKey, Principal, Refusal, RefusalCode};
 mod groups;
+mod leaders;
 mod pipeline;
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
 use crate::cluster_map::ClusterMap;
+use crate::fanout::interest::Interest;
+use crate::fanout::Hub;
 use crate::metrics::Metrics;
+use crate::raft::network::{PeerNetwork, PeerReply, ReadRequest};
 use crate::raft::{GroupId, NodeId, Outcome};
 use crate::routing::Router;
-use crate::store::{Action, Command, History};
+use crate::store::{Action, Command, History, StoredMessage};
 pub use groups::{Group, GroupSet};
+pub use leaders::Leaders;
 pub use pipeline::Pipeline;
 
 /// The groups, the cluster map and the metrics of one node.
 pub struct Engine {
     groups: GroupSet,
     map: Arc<ClusterMap>,
-    router: Arc<Router>,
+    hub: Arc<Hub>,
+    peers: PeerNetwork,
+    leaders: Arc<Leaders>,
+    interest: Interest,
+    /// Pipelines of groups with no replica here (writes forwarded to their leaders);
+    /// at most one per group of the map.
+    remote_pipelines: Mutex<HashMap<GroupId, Pipeline>>,
     node_id: NodeId,
     metrics: Arc<Metrics>,
     payload_bytes_max: u32,
+    frame_bytes_max: u32,
     write_timeout: Duration,
+}
+
+/// What the engine needs to know of the node.
+pub struct EngineConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// `limits.payload_bytes_max`.
+    pub payload_bytes_max: u32,
+    /// `limits.frame_bytes_max` (frames rebuilt from remote history must fit).
+    pub frame_bytes_max: u32,
+    /// `raft.write_timeout`.
+    pub write_timeout: Duration,
 }
 
 /// Which way [`Engine::change_members`] changes the member set.
@@ -67,28 +94,44 @@ impl Engine {
     /// An engine over the started groups of this node. A write that finds no leader
     /// for `write_timeout` is refused with `Unavailable`.
     pub fn new(
+        config: EngineConfig,
         groups: GroupSet,
         map: Arc<ClusterMap>,
-        router: Arc<Router>,
-        node_id: NodeId,
-        payload_bytes_max: u32,
-        write_timeout: Duration,
+        hub: Arc<Hub>,
+        peers: PeerNetwork,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let leaders = Arc::new(Leaders::new(
+            config.node_id,
+            map.clone(),
+            groups.clone(),
+            peers.clone(),
+        ));
+        let interest = Interest::new(groups.clone(), leaders.clone(), peers.clone(), hub.clone());
         Engine {
             groups,
             map,
-            router,
-            node_id,
+            hub,
+            peers,
+            leaders,
+            interest,
+            remote_pipelines: Mutex::new(HashMap::new()),
+            node_id: config.node_id,
             metrics,
-            payload_bytes_max,
-            write_timeout,
+            payload_bytes_max: config.payload_bytes_max,
+            frame_bytes_max: config.frame_bytes_max,
+            write_timeout: config.write_timeout,
         }
     }
 
     /// The local routing table.
     pub fn router(&self) -> &Router {
-        &self.router
+        self.hub.router()
+    }
+
+    /// Where this node's deliveries arrive.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
     /// The groups this node hosts.
@@ -109,20 +152,6 @@ impl Engine {
     /// The group that owns `conv`.
     pub fn group_of(&self, conv: u64) -> GroupId {
         self.map.group_of(conv)
-    }
-
-    /// The local replica of `conv`'s group.
-    fn local(&self, conv: u64) -> Result<Arc<Group>, Refusal> {
-        let group = self.group_of(conv);
-        self.groups.get(group).ok_or_else(|| {
-            Refusal::new(
-                RefusalCode::Unavailable,
-                format!(
-                    "conversation {conv} belongs to group {group}, which has no replica on node {}; connect to one of its nodes",
-                    self.node_id
-                ),
-            )
-        })
     }
 
     /// Queues a conversation create (idempotent); the answer says whether this call
@@ -209,9 +238,8 @@ impl Engine {
         command: Command,
         map: impl FnOnce(Outcome) -> Result<T, Refusal> + Send + 'static,
     ) -> Result<Submitted<T>, Refusal> {
-        let group = self.local(conv).map_err(|r| self.refuse(r))?;
-        let answer = group
-            .pipeline
+        let answer = self
+            .pipeline(self.group_of(conv))
             .submit(command, Instant::now() + self.write_timeout)
             .await;
         Ok(Submitted {
@@ -219,6 +247,27 @@ impl Engine {
             map: Box::new(map),
             metrics: self.metrics.clone(),
         })
+    }
+
+    /// The write pipeline of `group`: its replica's here, else one that forwards to its
+    /// leader.
+    fn pipeline(&self, group: GroupId) -> Pipeline {
+        if let Some(local) = self.groups.get(group) {
+            return local.pipeline.clone();
+        }
+        self.remote_pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(group)
+            .or_insert_with(|| {
+                Pipeline::start_remote(
+                    group,
+                    self.leaders.clone(),
+                    self.peers.clone(),
+                    self.node_id,
+                )
+            })
+            .clone()
     }
 
     /// Proposes the retention trim in every group this node leads (housekeeping calls
@@ -260,8 +309,10 @@ impl Engine {
             .is_some_and(|g| g.is_leader(self.node_id))
     }
 
-    /// Checks that `principal` may do `action` in `conv`, on this replica's state.
-    pub fn authorize(
+    /// Checks that `principal` may do `action` in `conv`: on this node's replica of
+    /// its group if there is one (which may trail the leader by the entries in flight),
+    /// else at the group's leader.
+    pub async fn authorize(
         &self,
         principal: &Principal,
         action: Action,
@@ -272,28 +323,94 @@ impl Engine {
             return crate::store::ConversationStore::authorize_role(principal, conv)
                 .map_err(|e| self.refuse(e.refusal()));
         }
-        let group = self.local(conv).map_err(|r| self.refuse(r))?;
-        group
-            .sm
-            .with_store(|s| s.authorize(principal, action, conv))?
-            .map_err(|e| self.refuse(e.refusal()))
+        let result = match self.groups.get(self.group_of(conv)) {
+            Some(group) => group
+                .sm
+                .with_store(|s| s.authorize(principal, action, conv))?
+                .map_err(|e| e.refusal()),
+            None => {
+                let request = ReadRequest::Authorize {
+                    principal: principal.clone(),
+                    action,
+                    conv,
+                };
+                match self.leaders.read(self.group_of(conv), request).await? {
+                    PeerReply::Authorized(result) => result,
+                    other => Err(unexpected_reply(&other)),
+                }
+            }
+        };
+        result.map_err(|r| self.refuse(r))
     }
 
-    /// Reads history (the caller has authorized the read).
-    pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<History, Refusal> {
-        self.local(conv)?.sm.read(conv, from, limit)
+    /// Up to `limit` messages of `conv` from `from` (the caller authorized the read).
+    /// With `until`, messages up to `until` must be there: a replica here serves the
+    /// read if it leads or already holds them; otherwise (and with no `until`: the
+    /// newest) the group's leader does.
+    pub async fn read(
+        &self,
+        conv: u64,
+        from: u64,
+        until: Option<u64>,
+        limit: usize,
+    ) -> Result<History, Refusal> {
+        let group = self.group_of(conv);
+        if let Some(local) = self.groups.get(group) {
+            let covered = match until {
+                Some(until) => local.next_seq(conv) > until,
+                None => false,
+            };
+            if local.sm.is_leader() || covered {
+                return local.sm.read(conv, from, limit);
+            }
+        }
+        let request = ReadRequest::History {
+            conv,
+            from,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        };
+        match self.leaders.read(group, request).await? {
+            PeerReply::History(Ok(page)) => {
+                let mut messages = Vec::with_capacity(page.messages.len());
+                for message in page.messages {
+                    let stored =
+                        StoredMessage::new(message, self.frame_bytes_max).map_err(|e| {
+                            Refusal::new(
+                                RefusalCode::Internal,
+                                format!("cannot re-encode a message read from the leader: {e}"),
+                            )
+                        })?;
+                    messages.push(Arc::new(stored));
+                }
+                Ok(History {
+                    messages,
+                    first_seq: page.first_seq,
+                    next_seq: page.next_seq,
+                })
+            }
+            PeerReply::History(Err(refusal)) => Err(refusal),
+            other => Err(unexpected_reply(&other)),
+        }
     }
 
-    /// The seq the next message of `conv` will get, on this replica.
-    pub fn next_seq(&self, conv: u64) -> Result<u64, Refusal> {
-        self.local(conv)?
-            .sm
-            .with_store(|s| s.next_seq(conv))?
-            .map_err(|e| e.refusal())
+    /// Makes every new message of `conv` reach this node's router (a session of this
+    /// node subscribes to it; call after it is in the router). Returns the seq the next
+    /// message gets as the group's leader registered it: everything below is in history.
+    pub async fn watch(&self, conv: u64) -> Result<u64, Refusal> {
+        self.interest.ensure(self.group_of(conv), conv).await
+    }
+
+    /// A session of this node stopped subscribing to `conv` (call after it left the
+    /// router): the node stops watching it once no session does.
+    pub fn unwatch(&self, conv: u64) {
+        if self.router().subscriber_count(conv) == 0 {
+            self.interest.release(self.group_of(conv), conv);
+        }
     }
 
     fn authorize_role(&self, principal: &Principal, conv: u64) -> Result<(), Refusal> {
-        self.authorize(principal, Action::Manage, conv)
+        crate::store::ConversationStore::authorize_role(principal, conv)
+            .map_err(|e| self.refuse(e.refusal()))
     }
 
     fn refuse(&self, refusal: Refusal) -> Refusal {
@@ -318,6 +435,16 @@ impl<T> Submitted<T> {
         }
         result
     }
+}
+
+fn unexpected_reply(reply: &PeerReply) -> Refusal {
+    Refusal::new(
+        RefusalCode::Internal,
+        format!(
+            "the leader answered a read with {}; this is a bug",
+            reply.kind()
+        ),
+    )
 }
 
 fn unexpected(outcome: Outcome) -> Refusal {

@@ -33,6 +33,7 @@ use herald_client::wire::{Refusal, RefusalCode};
 use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::Leaders;
 use crate::raft::network::{ForwardBatchReply, PeerError, PeerNetwork};
 use crate::raft::{GroupId, NodeId, Raft, Response};
 use crate::store::Command;
@@ -66,10 +67,30 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the pipeline task of `group` on this node.
+    /// Starts the pipeline task of `group` on this node, which hosts a replica of it.
     pub fn start(group: GroupId, raft: Raft, peers: PeerNetwork, node_id: NodeId) -> Self {
+        Self::start_with(group, LeaderSource::Local(raft), peers, node_id)
+    }
+
+    /// Starts the pipeline task of `group` on a node without a replica of it: writes
+    /// are forwarded to the leader `leaders` points at.
+    pub fn start_remote(
+        group: GroupId,
+        leaders: Arc<Leaders>,
+        peers: PeerNetwork,
+        node_id: NodeId,
+    ) -> Self {
+        Self::start_with(group, LeaderSource::Remote(leaders), peers, node_id)
+    }
+
+    fn start_with(
+        group: GroupId,
+        source: LeaderSource,
+        peers: PeerNetwork,
+        node_id: NodeId,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
-        tokio::spawn(run(rx, group, raft, peers, node_id));
+        tokio::spawn(run(rx, group, source, peers, node_id));
         Pipeline { queue }
     }
 
@@ -110,10 +131,57 @@ fn stopped() -> Refusal {
     )
 }
 
+/// Where a pipeline learns who leads its group.
+enum LeaderSource {
+    /// This node's replica (its Raft metrics).
+    Local(Raft),
+    /// Hints and the cluster map (no replica here).
+    Remote(Arc<Leaders>),
+}
+
+impl LeaderSource {
+    /// The leader to send to and its address.
+    fn leader(&self, group: GroupId) -> (Option<NodeId>, Option<String>) {
+        match self {
+            LeaderSource::Local(raft) => leader(raft),
+            LeaderSource::Remote(leaders) => {
+                let best = leaders.best(group);
+                (best, best.and_then(|n| leaders.addr(n)))
+            }
+        }
+    }
+
+    /// `tried` could not be reached.
+    fn unreachable(&self, node: NodeId) {
+        if let LeaderSource::Remote(leaders) = self {
+            leaders.unreachable(node);
+        }
+    }
+
+    /// A forward to `tried` was answered `NotLeader(hint)` or failed.
+    fn redirect(&self, group: GroupId, tried: NodeId, hint: Option<NodeId>) {
+        if let LeaderSource::Remote(leaders) = self {
+            match hint.filter(|h| *h != tried) {
+                Some(hint) => leaders.note(group, Some(hint)),
+                None => leaders.failed(group, tried),
+            }
+        }
+    }
+
+    /// Resolves once the leader is no longer `leader`, as far as this source can tell.
+    async fn leadership_leaves(&self, leader: NodeId) {
+        match self {
+            LeaderSource::Local(raft) => leadership_leaves(raft, leader).await,
+            // No replica to watch: the RPC's own timeout bounds the wait.
+            LeaderSource::Remote(_) => std::future::pending().await,
+        }
+    }
+}
+
 async fn run(
     mut rx: mpsc::Receiver<Pending>,
     group: GroupId,
-    raft: Raft,
+    source: LeaderSource,
     peers: PeerNetwork,
     node_id: NodeId,
 ) {
@@ -149,8 +217,12 @@ async fn run(
             }
         }
         expire(&mut waiting);
-        let (leader, addr) = leader(&raft);
-        if leader == Some(node_id) {
+        let (leader, addr) = source.leader(group);
+        let local_raft = match &source {
+            LeaderSource::Local(raft) if leader == Some(node_id) => Some(raft),
+            _ => None,
+        };
+        if let Some(raft) = local_raft {
             // Wait for a slot before taking the batch, so it grows meanwhile.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
@@ -197,15 +269,22 @@ async fn run(
                 tokio::select! {
                     reply = peers.forward_batch(group, id, &addr, commands) => match reply {
                         Ok(ForwardBatchReply::Done(results)) => (results, None),
-                        Ok(ForwardBatchReply::NotLeader(_)) => (
-                            Vec::new(),
-                            Some(format!("node {id} is no longer the leader")),
-                        ),
+                        Ok(ForwardBatchReply::NotLeader(hint)) => {
+                            source.redirect(group, id, hint.map(|(h, _)| h));
+                            (
+                                Vec::new(),
+                                Some(format!("node {id} is not the leader of group {group}")),
+                            )
+                        }
                         Err(e) => {
                             if matches!(e, PeerError::Timeout { .. }) {
                                 // Maybe a connection to a process that is gone: redial.
                                 peers.disconnect(id);
                             }
+                            if e.is_unreachable() || matches!(e, PeerError::Timeout { .. }) {
+                                source.unreachable(id);
+                            }
+                            source.redirect(group, id, None);
                             (
                                 Vec::new(),
                                 Some(format!(
@@ -215,7 +294,7 @@ async fn run(
                             )
                         }
                     },
-                    () = leadership_leaves(&raft, id) => (
+                    () = source.leadership_leaves(id) => (
                         Vec::new(),
                         Some(format!(
                             "leader {id} was lost while the batch was in flight (after {:?})",

@@ -33,7 +33,10 @@
 
 use std::io::{Cursor, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
 
 use herald_client::wire::{Message, Refusal, RefusalCode};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -44,8 +47,10 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use super::codec::{self, WireLogId, WireStoredMembership};
 use super::{Entry, GroupId, LogId, NodeId, Outcome, Response, StorageError, TypeConfig};
+use crate::fanout::watchers::{PushBatch, Watcher, WatcherTable};
+use crate::fanout::Hub;
 use crate::metrics::{GroupLabel, Metrics};
-use crate::routing::Router;
+use crate::raft::network::watch::WatchEvent;
 use crate::store::{
     Applied, Command, ConversationStore, History, Location, MessageRef, StoreImage, StoreLimits,
     StoredMessage,
@@ -81,7 +86,11 @@ pub struct StateMachine {
 
 struct Shared {
     state: Mutex<State>,
-    router: Arc<Router>,
+    hub: Arc<Hub>,
+    /// True while this replica leads its group: only then does apply fan out.
+    leader: AtomicBool,
+    /// Follows `leader` (watch streams end when it turns false).
+    leader_tx: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     log: Arc<dyn EntrySource>,
     dir: PathBuf,
@@ -98,6 +107,8 @@ struct State {
     snapshot_messages: Arc<Vec<Message>>,
     /// The latest snapshot built or installed: what a lagging follower is sent.
     current: Option<CurrentSnapshot>,
+    /// Nodes watching this group's conversations (while this replica leads).
+    watchers: WatcherTable,
 }
 
 #[derive(Clone)]
@@ -131,7 +142,7 @@ impl StateMachine {
     /// invariant checked), else starts empty.
     pub fn open(
         config: StateMachineConfig,
-        router: Arc<Router>,
+        hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         log: Arc<dyn EntrySource>,
     ) -> Result<Self, SnapshotError> {
@@ -145,6 +156,7 @@ impl StateMachine {
             membership: StoredMembership::default(),
             snapshot_messages: Arc::new(Vec::new()),
             current: None,
+            watchers: WatcherTable::default(),
         };
         let path = config.dir.join("current.snap");
         if path.exists() {
@@ -170,7 +182,9 @@ impl StateMachine {
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                router,
+                hub,
+                leader: AtomicBool::new(false),
+                leader_tx: watch::channel(false).0,
                 metrics,
                 log,
                 dir: config.dir,
@@ -180,9 +194,78 @@ impl StateMachine {
         })
     }
 
-    /// The local routing table every applied message is fanned out to.
-    pub fn router(&self) -> &Arc<Router> {
-        &self.shared.router
+    /// True while this replica leads its group (then apply fans out).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::Acquire)
+    }
+
+    /// Follows [`StateMachine::is_leader`].
+    pub fn leader_watch(&self) -> watch::Receiver<bool> {
+        self.shared.leader_tx.subscribe()
+    }
+
+    /// This replica became (or stopped being) the group's leader. On becoming leader,
+    /// every conversation of the group with sessions on this node is marked with its
+    /// head, so they catch up on whatever the previous leader committed but did not
+    /// push; on stepping down, every watch of the group ends.
+    pub fn set_leader(&self, leader: bool) {
+        let Ok(mut state) = self.shared.state.lock() else {
+            return;
+        };
+        let was = self.shared.leader.swap(leader, Ordering::AcqRel);
+        if was == leader {
+            return;
+        }
+        self.shared.leader_tx.send_replace(leader);
+        if !leader {
+            state.watchers.clear();
+            return;
+        }
+        let hub = &self.shared.hub;
+        for conv in hub.router().conversation_ids() {
+            if let Ok(next) = state.store.next_seq(conv) {
+                hub.mark(conv, next.saturating_sub(1));
+            }
+        }
+    }
+
+    /// Registers `watcher` for `convs`; returns each one's next seq (1 for one that does
+    /// not exist yet): every later message of them is pushed to it.
+    pub fn watch(&self, watcher: &Arc<Watcher>, convs: &[u64]) -> Vec<(u64, u64)> {
+        let Ok(mut state) = self.shared.state.lock() else {
+            return Vec::new();
+        };
+        convs
+            .iter()
+            .map(|conv| {
+                state.watchers.add(watcher, *conv);
+                (*conv, state.store.next_seq(*conv).unwrap_or(1))
+            })
+            .collect()
+    }
+
+    /// Adds `conv` to `watcher`'s watch and queues its head for it.
+    pub fn watch_add(&self, watcher: &Arc<Watcher>, conv: u64) {
+        let Ok(mut state) = self.shared.state.lock() else {
+            return;
+        };
+        state.watchers.add(watcher, conv);
+        let next_seq = state.store.next_seq(conv).unwrap_or(1);
+        watcher.push(WatchEvent::Head { conv, next_seq }, 32);
+    }
+
+    /// Removes `conv` from a watch.
+    pub fn watch_remove(&self, watcher: u64, conv: u64) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.watchers.remove(watcher, conv);
+        }
+    }
+
+    /// Ends a watch.
+    pub fn unwatch(&self, watcher: u64) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.watchers.remove_watcher(watcher);
+        }
     }
 
     /// Runs `f` on the store under the state lock (authorization, next seq, counts).
@@ -311,59 +394,82 @@ impl StateMachine {
                 state.membership = StoredMembership::new(Some(entry.log_id), membership);
                 vec![Ok(Outcome::Changed)]
             }
-            EntryPayload::Normal(commands) => commands
-                .into_iter()
-                .enumerate()
-                .map(|(slot, command)| {
-                    // A batch holds at most a few thousand commands (the pipeline's bound).
-                    let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-                    self.apply_command(state, command, entry.log_id.index, slot)
-                })
-                .collect(),
+            EntryPayload::Normal(commands) => {
+                // Only the leader fans out: one batch per watching node for the entry.
+                let mut push = self.is_leader().then(PushBatch::default);
+                let responses = commands
+                    .into_iter()
+                    .enumerate()
+                    .map(|(slot, command)| {
+                        // A batch holds at most a few thousand commands (the pipeline's bound).
+                        let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+                        self.apply_command(state, command, entry.log_id.index, slot, push.as_mut())
+                    })
+                    .collect();
+                if let Some(push) = push {
+                    self.shared.metrics.fanout_node_copies.inc_by(push.copies);
+                    push.flush();
+                }
+                self.update_gauges(state);
+                responses
+            }
         }
     }
 
-    /// Applies one command; fans a new message out to local sessions.
+    /// Applies one command. On the leader (`push` is `Some`), a new message goes to
+    /// this node's sessions and to every node watching its conversation, and removed
+    /// members' subscriptions end everywhere.
     fn apply_command(
         &self,
         state: &mut State,
         command: Command,
         index: u64,
         slot: u32,
+        push: Option<&mut PushBatch>,
     ) -> Response {
-        {
-            {
-                let applied = state
-                    .store
-                    .apply(command, index, slot)
-                    .map_err(|e| e.refusal())?;
-                Ok(match applied {
-                    Applied::Created { created } => Outcome::Created { created },
-                    Applied::MembersChanged | Applied::Trimmed => {
-                        self.update_gauges(state);
-                        Outcome::Changed
+        let removal = match (&command, &push) {
+            (Command::RemoveMembers { conv, members }, Some(_)) => Some((*conv, members.clone())),
+            _ => None,
+        };
+        let applied = state
+            .store
+            .apply(command, index, slot)
+            .map_err(|e| e.refusal())?;
+        Ok(match applied {
+            Applied::Created { created } => Outcome::Created { created },
+            Applied::MembersChanged | Applied::Trimmed => {
+                if let Some((conv, users)) = removal {
+                    self.shared.hub.revoke(conv, &users);
+                    for watcher in state.watchers.of(conv) {
+                        let bytes = 16 + 8 * users.len();
+                        watcher.push(
+                            WatchEvent::Removed {
+                                conv,
+                                users: users.clone(),
+                            },
+                            bytes,
+                        );
                     }
-                    Applied::Published {
-                        seq,
-                        duplicate,
-                        stored,
-                    } => {
-                        if let Some(stored) = stored {
-                            // A session's lag is counted when its outbox first overflows.
-                            let stats = self.shared.router.fan_out(&stored.delivery);
-                            let metrics = &self.shared.metrics;
-                            metrics.sessions_lagged.inc_by(stats.overflowed);
-                            metrics.publishes.inc();
-                            metrics
-                                .history_messages
-                                .get_or_create(&GroupLabel::of(self.shared.group))
-                                .set(state.store.message_count() as i64);
-                        }
-                        Outcome::Published { seq, duplicate }
-                    }
-                })
+                }
+                self.update_gauges(state);
+                Outcome::Changed
             }
-        }
+            Applied::Published {
+                seq,
+                duplicate,
+                stored,
+            } => {
+                if let (Some(stored), Some(push)) = (stored, push) {
+                    // A session's lag is counted when its outbox first overflows.
+                    let stats = self.shared.hub.deliver(&stored.delivery);
+                    push.add(state.watchers.of(stored.delivery.conv), &stored.delivery);
+                    let metrics = &self.shared.metrics;
+                    metrics.sessions_lagged.inc_by(stats.overflowed);
+                    metrics.publishes.inc();
+                }
+                Outcome::Published { seq, duplicate }
+            }
+        })
     }
 
     fn update_gauges(&self, state: &State) {
@@ -501,6 +607,7 @@ fn load_image(
             membership,
             snapshot_messages: Arc::new(image.messages),
             current: None,
+            watchers: WatcherTable::default(),
         },
         meta,
     ))
@@ -582,6 +689,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             data: Arc::new(data),
         });
         let mut state = self.lock()?;
+        // Watches belong to this replica, not to the snapshot.
+        loaded.watchers = std::mem::take(&mut state.watchers);
         *state = loaded;
         self.update_gauges(&state);
         tracing::info!(

@@ -49,6 +49,10 @@ pub use table::{FanoutStats, Router, RouterConfig, SUBSCRIBER_CHUNK_LEN};
 /// A message pre-encoded ONCE as a complete wire frame (4-byte length header + rkyv body of
 /// `herald_client::wire::Frame::Deliver`). The same bytes are written to every subscribed
 /// session.
+///
+/// A delivery with an empty frame is a *mark* ([`Delivery::marker`]): no message, only
+/// "everything of `conv` up to `seq` exists"; a session writer behind it catches up from
+/// history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// The conversation it belongs to (the routing key).
@@ -63,5 +67,19 @@ impl Delivery {
     /// A delivery of `frame` (already encoded) for message `seq` of `conv`.
     pub fn new(conv: u64, seq: u64, frame: bytes::Bytes) -> Self {
         Self { conv, seq, frame }
+    }
+
+    /// A mark: every message of `conv` up to `upto` exists.
+    pub fn marker(conv: u64, upto: u64) -> Self {
+        Self {
+            conv,
+            seq: upto,
+            frame: bytes::Bytes::new(),
+        }
+    }
+
+    /// True for a mark (no message bytes).
+    pub fn is_marker(&self) -> bool {
+        self.frame.is_empty()
     }
 }

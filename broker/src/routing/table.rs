@@ -204,6 +204,14 @@ impl Router {
         self.conversations.len()
     }
 
+    /// The conversations with at least one local subscriber (a moment's view).
+    pub fn conversation_ids(&self) -> Vec<u64> {
+        self.conversations
+            .iter()
+            .map(|entry| *entry.key())
+            .collect()
+    }
+
     fn threads_for(&self, subscribers: usize) -> usize {
         if subscribers < self.config.parallel_fanout_min_subscribers.max(1) {
             return 1;

@@ -20,12 +20,12 @@ use super::NodeError;
 use crate::cluster_map::ClusterMap;
 use crate::config::Config;
 use crate::engine::{Group, GroupSet, Pipeline};
+use crate::fanout::Hub;
 use crate::metrics::Metrics;
 use crate::raft::log_store::{LogStoreConfig, Wal};
 use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
 use crate::raft::state_machine::{StateMachine, StateMachineConfig};
 use crate::raft::{GroupId, NodeId, Raft};
-use crate::routing::Router;
 use crate::store::StoreLimits;
 
 /// Concurrent RPC streams a peer connection may open (appends, votes, snapshot chunks
@@ -116,7 +116,7 @@ pub async fn start(
     config: &Config,
     endpoint: &quinn::Endpoint,
     quic_addr: SocketAddr,
-    router: Arc<Router>,
+    hub: Arc<Hub>,
     metrics: Arc<Metrics>,
 ) -> Result<Replication, NodeError> {
     let node_id = config.cluster.node_id;
@@ -201,7 +201,7 @@ pub async fn start(
                 dir: raft_dir.join(format!("groups/{group}/snapshot")),
                 limits: store_limits(&config.limits),
             },
-            router.clone(),
+            hub.clone(),
             metrics.clone(),
             Arc::new(log.reader()),
         )

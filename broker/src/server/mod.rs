@@ -183,22 +183,20 @@ impl RunningNode {
                 source,
             })?;
         let metrics = Arc::new(Metrics::new());
-        let router = Arc::new(crate::routing::Router::new());
-        let replication = cluster::start(
-            &config,
-            &endpoint,
-            quic_addr,
-            router.clone(),
-            metrics.clone(),
-        )
-        .await?;
+        let hub = crate::fanout::Hub::new(Arc::new(crate::routing::Router::new()));
+        let replication =
+            cluster::start(&config, &endpoint, quic_addr, hub.clone(), metrics.clone()).await?;
         let engine = Engine::new(
+            crate::engine::EngineConfig {
+                node_id: config.cluster.node_id,
+                payload_bytes_max: config.limits.payload_bytes_max,
+                frame_bytes_max: config.limits.frame_bytes_max,
+                write_timeout: config.raft.write_timeout,
+            },
             replication.groups.clone(),
             replication.map.clone(),
-            router,
-            config.cluster.node_id,
-            config.limits.payload_bytes_max,
-            config.raft.write_timeout,
+            hub.clone(),
+            replication.peers.clone(),
             metrics.clone(),
         );
         let context = Arc::new(NodeContext {
@@ -213,6 +211,13 @@ impl RunningNode {
             session_ids: AtomicU64::new(1),
             _data_dir_lock: data_dir_lock,
         });
+        // Removed members' sessions end on this node, whoever removed them where.
+        let weak = Arc::downgrade(&context);
+        hub.set_revoker(Box::new(move |conv, users| {
+            if let Some(ctx) = weak.upgrade() {
+                ctx.sessions.revoke(conv, users);
+            }
+        }));
         let tasks = vec![
             tokio::spawn(admin::serve(admin_listener, context.clone())),
             tokio::spawn(accept_loop(endpoint.clone(), context.clone())),

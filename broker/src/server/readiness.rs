@@ -1,9 +1,10 @@
-//! Readiness (`/readyz`) and the per-group Raft gauges.
+//! Readiness (`/readyz`), leadership, and the per-group Raft gauges.
 //!
 //! Owns: one watcher task per hosted group that wakes on every change of the group's
 //! openraft metrics, exports them (term, leader, last log and applied index, leader
-//! changes) and decides whether the group is ready here; the node is ready exactly
-//! while every group it hosts is.
+//! changes), tells the group's state machine whether this replica leads (only the
+//! leader fans out), and decides whether the group is ready here; the node is ready
+//! exactly while every group it hosts is.
 //! Must not: change Raft state; it only observes.
 //!
 //! A group is ready on this node when the node knows its leader, has applied its log to
@@ -48,7 +49,7 @@ async fn watch_group(ctx: &NodeContext, group: &Group, states: &Mutex<BTreeMap<G
     let mut metrics = group.raft.metrics();
     let mut leader_seen = None;
     loop {
-        let ready = {
+        let (ready, leads) = {
             let m = metrics.borrow_and_update();
             export(&ctx.metrics, group.id, &m, &mut leader_seen);
             let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
@@ -58,10 +59,14 @@ async fn watch_group(ctx: &NodeContext, group: &Group, states: &Mutex<BTreeMap<G
                 || voters <= 1
                 || m.millis_since_quorum_ack
                     .is_some_and(|ms| ms <= READY_QUORUM_ACK_MS_MAX);
-            m.current_leader.is_some()
+            let ready = m.current_leader.is_some()
                 && leader_confirmed
-                && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX
+                && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX;
+            (ready, m.state == openraft::ServerState::Leader)
         };
+        // Only the leader fans out; its state machine learns it here (and marks its
+        // sessions' conversations when it takes over).
+        group.sm.set_leader(leads);
         let node_ready = {
             let mut states = states.lock().unwrap_or_else(PoisonError::into_inner);
             states.insert(group.id, ready);

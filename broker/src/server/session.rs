@@ -103,7 +103,7 @@ impl Registry {
     }
 
     /// Ends `users`' subscriptions to `conv` on this node.
-    fn revoke(&self, conv: u64, users: &[u64]) {
+    pub(crate) fn revoke(&self, conv: u64, users: &[u64]) {
         for user in users {
             let Some(sessions) = self.by_user.get(user) else {
                 continue;
@@ -323,7 +323,7 @@ async fn read_requests(
         tokio::spawn(async move {
             while let Some((id, started, write)) = pending_rx.recv().await {
                 let is_publish = matches!(write, Write::Publish(_));
-                let control_msg = finish_write(&ctx, id, write).await;
+                let control_msg = finish_write(id, write).await;
                 log_refusal(&principal, &control_msg);
                 if control.send(control_msg).await.is_err() {
                     return;
@@ -364,7 +364,7 @@ async fn read_requests(
                 return None;
             }
         } else {
-            let control_msg = execute_read(ctx, principal, id, body);
+            let control_msg = execute_read(ctx, principal, id, body).await;
             log_refusal(principal, &control_msg);
             if control.send(control_msg).await.is_err() {
                 return None;
@@ -405,7 +405,7 @@ fn reply(id: u64, r: Result<Reply, Refusal>) -> Control {
 enum Write {
     Create(Result<Submitted<bool>, Refusal>),
     Members(Result<Submitted<()>, Refusal>),
-    Remove(Result<Submitted<()>, Refusal>, u64, Vec<u64>),
+    Remove(Result<Submitted<()>, Refusal>),
     Publish(Result<Submitted<PublishOutcome>, Refusal>),
     ReadRequest,
 }
@@ -426,10 +426,8 @@ async fn submit_write(ctx: &NodeContext, principal: &Principal, body: Request) -
         ),
         Request::RemoveMembers { conv, members } => Write::Remove(
             engine
-                .change_members(principal, conv, members.clone(), MemberChange::Remove)
+                .change_members(principal, conv, members, MemberChange::Remove)
                 .await,
-            conv,
-            members,
         ),
         Request::Publish { conv, key, payload } => {
             Write::Publish(engine.publish(principal, conv, key, payload).await)
@@ -439,20 +437,16 @@ async fn submit_write(ctx: &NodeContext, principal: &Principal, body: Request) -
 }
 
 /// Waits for a queued write's commit and builds its reply.
-async fn finish_write(ctx: &NodeContext, id: u64, write: Write) -> Control {
+async fn finish_write(id: u64, write: Write) -> Control {
     async fn wait<T>(submitted: Result<Submitted<T>, Refusal>) -> Result<T, Refusal> {
         submitted?.wait().await
     }
     match write {
         Write::Create(s) => reply(id, wait(s).await.map(|created| Reply::Created { created })),
         Write::Members(s) => reply(id, wait(s).await.map(|()| Reply::Done)),
-        Write::Remove(s, conv, members) => {
-            let result = wait(s).await;
-            if result.is_ok() {
-                ctx.sessions.revoke(conv, &members);
-            }
-            reply(id, result.map(|()| Reply::Done))
-        }
+        // The group's leader ends the removed members' subscriptions on every node
+        // when it applies the removal.
+        Write::Remove(s) => reply(id, wait(s).await.map(|()| Reply::Done)),
         Write::Publish(s) => reply(
             id,
             wait(s).await.map(|o| Reply::Published {
@@ -471,41 +465,42 @@ async fn finish_write(ctx: &NodeContext, id: u64, write: Write) -> Control {
 }
 
 /// Runs one read request on this replica; subscriptions go to the writer.
-fn execute_read(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> Control {
+async fn execute_read(ctx: &NodeContext, principal: &Principal, id: u64, body: Request) -> Control {
     let engine = &ctx.engine;
     let reply = |r: Result<Reply, Refusal>| reply(id, r);
     match body {
-        Request::History { conv, from, limit } => reply(
-            engine
-                .authorize(principal, Action::ReadHistory, conv)
-                .and_then(|()| {
-                    let limit = limit.min(ctx.config.limits.history_page_len_max) as usize;
-                    engine.read(conv, from.max(1), limit)
-                })
-                .map(|h| {
-                    // A page must fit one frame: stop before the encoded messages would
-                    // exceed half the frame maximum (rkyv's envelope is small; half leaves
-                    // ample room). The client asks again from the last seq it got.
-                    let budget = ctx.config.limits.frame_bytes_max as usize / 2;
-                    let mut used = 0;
-                    let messages = h
-                        .messages
-                        .iter()
-                        .take_while(|m| {
-                            used += m.delivery.frame.len();
-                            used <= budget
-                        })
-                        .map(|m| m.message.clone())
-                        .collect();
-                    Reply::History(HistoryPage {
-                        messages,
-                        first_seq: h.first_seq,
-                        next_seq: h.next_seq,
+        Request::History { conv, from, limit } => {
+            let page = async {
+                engine
+                    .authorize(principal, Action::ReadHistory, conv)
+                    .await?;
+                let limit = limit.min(ctx.config.limits.history_page_len_max) as usize;
+                engine.read(conv, from.max(1), None, limit).await
+            };
+            reply(page.await.map(|h| {
+                // A page must fit one frame: stop before the encoded messages would
+                // exceed half the frame maximum (rkyv's envelope is small; half leaves
+                // ample room). The client asks again from the last seq it got.
+                let budget = ctx.config.limits.frame_bytes_max as usize / 2;
+                let mut used = 0;
+                let messages = h
+                    .messages
+                    .iter()
+                    .take_while(|m| {
+                        used += m.delivery.frame.len();
+                        used <= budget
                     })
-                }),
-        ),
+                    .map(|m| m.message.clone())
+                    .collect();
+                Reply::History(HistoryPage {
+                    messages,
+                    first_seq: h.first_seq,
+                    next_seq: h.next_seq,
+                })
+            }))
+        }
         Request::Subscribe { conv, from } => {
-            match engine.authorize(principal, Action::Subscribe, conv) {
+            match engine.authorize(principal, Action::Subscribe, conv).await {
                 Ok(()) => Control::Subscribe { id, conv, from },
                 Err(r) => reply(Err(r)),
             }
@@ -552,6 +547,7 @@ impl SessionWriter {
         let stop = self.pump().await;
         for conv in self.cursors.keys() {
             self.ctx.engine.router().unsubscribe(*conv, self.session_id);
+            self.ctx.engine.unwatch(*conv);
         }
         self.ctx
             .metrics
@@ -644,6 +640,7 @@ impl SessionWriter {
             Control::Unsubscribe { id, conv } => {
                 if self.cursors.remove(&conv).is_some() {
                     self.ctx.engine.router().unsubscribe(conv, self.session_id);
+                    self.ctx.engine.unwatch(conv);
                     self.ctx.metrics.subscriptions.dec();
                 }
                 self.queue(&Frame::Reply {
@@ -658,10 +655,12 @@ impl SessionWriter {
                         .ctx
                         .engine
                         .authorize(&self.principal, Action::Subscribe, conv)
+                        .await
                         .is_err()
                 {
                     self.cursors.remove(&conv);
                     self.ctx.engine.router().unsubscribe(conv, self.session_id);
+                    self.ctx.engine.unwatch(conv);
                     self.ctx.metrics.subscriptions.dec();
                     self.queue(&Frame::Event(Event::Unsubscribed { conv, reason }))?;
                 }
@@ -696,27 +695,39 @@ impl SessionWriter {
             .ctx
             .engine
             .authorize(&self.principal, Action::Subscribe, conv)
+            .await
         {
             return self.queue(&Frame::Reply {
                 id,
                 body: Reply::Refused(refusal),
             });
         }
-        let next_seq = match self.ctx.engine.next_seq(conv) {
+        // Into the router first, then the head: every message from the head on reaches
+        // the outbox, everything before it is in history.
+        let new = self.ctx.engine.router().subscribe(conv, &self.outbox);
+        let next_seq = match self.ctx.engine.watch(conv).await {
             Ok(n) => n,
             Err(r) => {
+                if new && !self.cursors.contains_key(&conv) {
+                    self.ctx.engine.router().unsubscribe(conv, self.session_id);
+                    self.ctx.engine.unwatch(conv);
+                }
                 return self.queue(&Frame::Reply {
                     id,
                     body: Reply::Refused(r),
-                })
+                });
             }
         };
         let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
         if start > next_seq && self.ctx.engine.is_leader_of(conv) {
             // The client claims messages the leader never had (e.g. state lost with a
-            // restart): say so instead of silently skipping seqs below its cursor. A
-            // follower may simply be behind the node the client saw them on: there the
+            // restart): say so instead of silently skipping seqs below its cursor. On
+            // another node the head may trail the node the client saw them on: there the
             // subscription waits at the cursor (live deliveries up to it are skipped).
+            if new && !self.cursors.contains_key(&conv) {
+                self.ctx.engine.router().unsubscribe(conv, self.session_id);
+                self.ctx.engine.unwatch(conv);
+            }
             self.ctx.metrics.refused(RefusalCode::InvalidRequest);
             let refusal = Refusal::new(
                 RefusalCode::InvalidRequest,
@@ -729,7 +740,7 @@ impl SessionWriter {
                 body: Reply::Refused(refusal),
             });
         }
-        if self.ctx.engine.router().subscribe(conv, &self.outbox) {
+        if new {
             self.ctx.metrics.subscriptions.inc();
         }
         self.cursors.insert(conv, start - 1);
@@ -737,11 +748,8 @@ impl SessionWriter {
             id,
             body: Reply::Subscribed { conv, next_seq },
         })?;
-        // Always catch up after registering: a message published between reading
-        // next_seq and registering reached no outbox of ours and must come from history
-        // now, not only when a later message reveals the gap. At the head this reads
-        // an empty page.
-        self.catch_up(conv, None).await
+        // Catch up to the head now: messages below it never reach the outbox.
+        self.catch_up(conv, Some(next_seq - 1)).await
     }
 
     /// Sends one live delivery if it is next for its conversation; true if sent.
@@ -749,6 +757,14 @@ impl SessionWriter {
         let Some(cursor) = self.cursors.get_mut(&delivery.conv) else {
             return Ok(false); // unsubscribed since it was queued
         };
+        if delivery.is_marker() {
+            // Everything up to `seq` exists (a leader change, a reopened watch): catch
+            // up from history if this session is behind it.
+            if delivery.seq > *cursor {
+                self.catch_up(delivery.conv, Some(delivery.seq)).await?;
+            }
+            return Ok(false);
+        }
         if delivery.seq == *cursor + 1 {
             // The common case: one map lookup, no history read.
             *cursor = delivery.seq;
@@ -780,7 +796,7 @@ impl SessionWriter {
                 return Ok(());
             }
             let want = until.map_or(page_len, |u| ((u - cursor) as usize).min(page_len));
-            let history = match self.ctx.engine.read(conv, cursor + 1, want) {
+            let history = match self.ctx.engine.read(conv, cursor + 1, until, want).await {
                 Ok(h) => h,
                 Err(_) => return Ok(()), // conversation gone: nothing to replay
             };

@@ -223,7 +223,9 @@ impl StoredMessage {
 }
 
 /// What a principal wants to do in a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum Action {
     /// Create the conversation or change its members.
     Manage,

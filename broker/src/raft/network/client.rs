@@ -28,10 +28,10 @@ use openraft::{
 use tracing::debug;
 
 use super::frame::{
-    self, connection_exporter, encode_frame, hello_proof, read_frame, write_frame, FrameError,
-    GroupRequest, PeerHello, PeerReply, PeerRequest, WireFatal, CLOSE_DONE,
-    FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX,
-    PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX, STREAM_CANCELLED,
+    self, connection_exporter, encode_frame, hello_proof, read_frame, write_frame,
+    write_frame_open, FrameError, GroupRequest, PeerHello, PeerReply, PeerRequest, ReadRequest,
+    WireFatal, CLOSE_DONE, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX,
+    PEER_BATCH_REPLY_BYTES_MAX, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX, STREAM_CANCELLED,
 };
 use crate::raft::{GroupId, NodeId, Response, TypeConfig};
 use crate::store::Command;
@@ -274,6 +274,21 @@ pub enum ForwardReply {
     NotLeader(Option<(NodeId, String)>),
 }
 
+/// The answer to [`PeerNetwork::open_watch`].
+pub enum WatchOpen {
+    /// The watch is open on this stream; `heads` are the conversations' next seqs.
+    Opened {
+        /// `(conv, next_seq)` per watched conversation.
+        heads: Vec<(u64, u64)>,
+        /// Where [`super::watch::WatchControl`]s go.
+        send: quinn::SendStream,
+        /// Where [`super::watch::WatchEvent`]s arrive.
+        recv: quinn::RecvStream,
+    },
+    /// The node does not lead the group; the leader it knows of.
+    NotLeader(Option<(NodeId, String)>),
+}
+
 /// What the leader said about a forwarded batch ([`PeerNetwork::forward_batch`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardBatchReply {
@@ -431,6 +446,90 @@ impl PeerNetwork {
             }),
             PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
             other => Err(unexpected(target, "ForwardBatch", &other)),
+        }
+    }
+
+    /// Reads from `group` at `target` (its leader, as far as the caller knows): the
+    /// reply is [`PeerReply::Authorized`], [`PeerReply::History`], or
+    /// [`PeerReply::NotLeader`] / [`PeerReply::NoGroup`] when `target` cannot serve it.
+    pub async fn read(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        addr: &str,
+        request: ReadRequest,
+    ) -> Result<PeerReply, PeerError> {
+        let bytes = encode_frame(
+            &GroupRequest::Read(request).to(group),
+            "request",
+            PEER_FRAME_BYTES_MAX,
+        )
+        .map_err(|source| PeerError::Frame { target, source })?;
+        let ttl = self.inner.config.rpc_timeout;
+        self.call(
+            target,
+            addr,
+            "Read",
+            &bytes,
+            ttl,
+            PEER_BATCH_REPLY_BYTES_MAX,
+        )
+        .await
+    }
+
+    /// Opens a watch of `convs` in `group` at `target`. On success the stream stays
+    /// open: the caller reads [`super::watch::WatchEvent`]s from it and writes
+    /// [`super::watch::WatchControl`]s to it.
+    pub async fn open_watch(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        addr: &str,
+        convs: Vec<u64>,
+    ) -> Result<WatchOpen, PeerError> {
+        let request = GroupRequest::Watch { convs }.to(group);
+        let bytes = encode_frame(&request, "request", PEER_FRAME_BYTES_MAX)
+            .map_err(|source| PeerError::Frame { target, source })?;
+        let ttl = self.inner.config.rpc_timeout;
+        let start = Instant::now();
+        let conn = tokio::time::timeout(ttl, self.connection(target, addr))
+            .await
+            .map_err(|_| PeerError::StillConnecting {
+                target,
+                addr: addr.to_owned(),
+                waited: ttl,
+            })??;
+        let remaining = ttl.saturating_sub(start.elapsed());
+        let opened = tokio::time::timeout(remaining, async {
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|source| PeerError::Connection { target, source })?;
+            write_frame_open(&mut send, &bytes, "request")
+                .await
+                .map_err(|source| PeerError::Frame { target, source })?;
+            let reply = read_frame::<PeerReply>(&mut recv, "reply", PEER_BATCH_REPLY_BYTES_MAX)
+                .await
+                .map_err(|source| PeerError::Frame { target, source })?;
+            Ok::<_, PeerError>((send, recv, reply))
+        })
+        .await
+        .map_err(|_| PeerError::Timeout {
+            target,
+            rpc: "Watch",
+            after: ttl,
+        })??;
+        let (send, recv, reply) = opened;
+        match reply {
+            PeerReply::Watching { heads } => Ok(WatchOpen::Opened { heads, send, recv }),
+            PeerReply::NotLeader { leader } => Ok(WatchOpen::NotLeader(leader)),
+            PeerReply::NoGroup { .. } => Ok(WatchOpen::NotLeader(None)),
+            PeerReply::Fatal(f) => Err(PeerError::Remote {
+                target,
+                message: fatal_text(&f),
+            }),
+            PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
+            other => Err(unexpected(target, "Watch", &other)),
         }
     }
 

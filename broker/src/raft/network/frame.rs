@@ -84,7 +84,8 @@ use crate::raft::codec::{
     self, CodecError, WireEntry, WireLogId, WirePayload, WireStoredMembership, WireVote,
 };
 use crate::raft::{Entry, GroupId, LogId, NodeId, Response, TypeConfig, Vote};
-use crate::store::Command;
+use crate::store::{Action, Command};
+use herald_client::wire::{Message, Principal, Refusal};
 
 /// Length of a frame header (the body length, u32 little-endian).
 pub const FRAME_HEADER_LEN: usize = 4;
@@ -292,7 +293,59 @@ pub enum GroupRequest {
     /// A node forwards several client writes to the group's leader, to be proposed in
     /// this order (at most [`FORWARD_BATCH_COMMANDS_MAX`]).
     ForwardBatch(Vec<Command>),
+    /// A node with no replica of the group (or whose replica may lag) reads from the
+    /// group's leader. Answered with [`PeerReply::Authorized`] or [`PeerReply::History`].
+    Read(ReadRequest),
+    /// Opens a watch: the leader pushes new messages of `convs` (and later additions)
+    /// on this stream until either side ends it. Answered with [`PeerReply::Watching`],
+    /// then the stream carries [`super::watch`] frames both ways.
+    Watch {
+        /// The conversations to watch (at most [`WATCH_CONVS_MAX`]).
+        convs: Vec<u64>,
+    },
 }
+
+/// Most conversations one watch may name at once (in the opening request or in all).
+pub const WATCH_CONVS_MAX: usize = 1 << 20;
+
+/// A read of a conversation's state at the group's leader.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ReadRequest {
+    /// May `principal` do `action` in `conv`?
+    Authorize {
+        /// Who asks.
+        principal: Principal,
+        /// What for.
+        action: Action,
+        /// Where.
+        conv: u64,
+    },
+    /// Up to `limit` messages of `conv` from seq `from` (the page is also cut to
+    /// [`HISTORY_REPLY_BYTES_MAX`]).
+    History {
+        /// The conversation.
+        conv: u64,
+        /// The first seq wanted.
+        from: u64,
+        /// Most messages wanted (0: only `first_seq` and `next_seq`).
+        limit: u32,
+    },
+}
+
+/// A page of history read at the leader.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireHistory {
+    /// Messages in seq order, gapless.
+    pub messages: Vec<Message>,
+    /// The oldest retained seq.
+    pub first_seq: u64,
+    /// The seq the next message will get.
+    pub next_seq: u64,
+}
+
+/// Bound on the messages of one [`PeerReply::History`]: a page is cut before it
+/// passes this many payload bytes (the reader asks again from where it stopped).
+pub const HISTORY_REPLY_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// [`AppendEntriesResponse`].
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -374,6 +427,16 @@ pub enum PeerReply {
     Fatal(WireFatal),
     /// Raft returned another error (its text).
     Error(String),
+    /// The answer to [`ReadRequest::Authorize`].
+    Authorized(Result<(), Refusal>),
+    /// The answer to [`ReadRequest::History`].
+    History(Result<WireHistory, Refusal>),
+    /// The watch is open: the next seq of each watched conversation when it was
+    /// registered (every later message of it is pushed).
+    Watching {
+        /// `(conv, next_seq)` per watched conversation.
+        heads: Vec<(u64, u64)>,
+    },
 }
 
 impl PeerReply {
@@ -392,6 +455,9 @@ impl PeerReply {
             PeerReply::Refused(_) => "Refused",
             PeerReply::Fatal(_) => "Fatal",
             PeerReply::Error(_) => "Error",
+            PeerReply::Authorized(_) => "Authorized",
+            PeerReply::History(_) => "History",
+            PeerReply::Watching { .. } => "Watching",
         }
     }
 
@@ -428,7 +494,9 @@ impl PeerReply {
     /// The largest body this reply may have on the wire.
     pub fn bytes_max(&self) -> u32 {
         match self {
-            PeerReply::ForwardedBatch(_) => PEER_BATCH_REPLY_BYTES_MAX,
+            PeerReply::ForwardedBatch(_) | PeerReply::History(_) | PeerReply::Watching { .. } => {
+                PEER_BATCH_REPLY_BYTES_MAX
+            }
             _ => PEER_REPLY_BYTES_MAX,
         }
     }
@@ -453,6 +521,9 @@ impl GroupRequest {
             GroupRequest::InstallSnapshot { .. } => "InstallSnapshot",
             GroupRequest::Forward(_) => "Forward",
             GroupRequest::ForwardBatch(_) => "ForwardBatch",
+            GroupRequest::Read(ReadRequest::Authorize { .. }) => "Authorize",
+            GroupRequest::Read(ReadRequest::History { .. }) => "History",
+            GroupRequest::Watch { .. } => "Watch",
         }
     }
 
@@ -891,6 +962,22 @@ async fn read_exact(
     })
 }
 
+/// Writes one frame and keeps the stream open (watch streams carry many).
+pub async fn write_frame_open(
+    send: &mut quinn::SendStream,
+    frame: &[u8],
+    what: &'static str,
+) -> Result<(), FrameError> {
+    let stream = send.id();
+    send.write_all(frame)
+        .await
+        .map_err(|source| FrameError::Write {
+            what,
+            stream,
+            source,
+        })
+}
+
 /// Writes one encoded frame and finishes the stream.
 pub async fn write_frame(
     send: &mut quinn::SendStream,
@@ -914,7 +1001,7 @@ pub async fn write_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herald_client::wire::{IdempotencyKey, Principal, Refusal, RefusalCode};
+    use herald_client::wire::{IdempotencyKey, RefusalCode};
     use openraft::{BasicNode, CommittedLeaderId, Membership, StoredMembership};
     use std::collections::{BTreeMap, BTreeSet};
 

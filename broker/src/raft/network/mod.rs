@@ -47,6 +47,7 @@
 pub mod client;
 pub mod frame;
 pub mod server;
+pub mod watch;
 
 #[cfg(test)]
 mod test_cluster;
@@ -55,11 +56,12 @@ mod tests;
 
 pub use client::{
     ForwardBatchReply, ForwardReply, GroupNetwork, PeerClient, PeerError, PeerNetwork,
-    PeerNetworkConfig, BACKOFF_MAX, BACKOFF_MIN, PEER_CONNECTIONS_MAX,
+    PeerNetworkConfig, WatchOpen, BACKOFF_MAX, BACKOFF_MIN, PEER_CONNECTIONS_MAX,
 };
 pub use frame::{
-    FrameError, GroupRequest, PeerHello, PeerReply, PeerRequest, FORWARD_BATCH_COMMANDS_MAX,
-    HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
+    FrameError, GroupRequest, PeerHello, PeerReply, PeerRequest, ReadRequest, WireHistory,
+    FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX,
+    PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
 };
 pub use server::{
     serve_peer, ClientWriteRaftError, GroupResolver, PeerHandler, PeerServerContext, HELLO_TIMEOUT,

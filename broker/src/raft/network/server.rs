@@ -20,8 +20,9 @@ use tracing::{debug, info, warn};
 
 use super::frame::{
     self, connection_exporter, encode_frame, read_frame, verify_hello_proof, write_frame,
-    FrameError, GroupRequest, PeerReply, PeerRequest, WireFatal, CLOSE_AUTH_FAILED, CLOSE_PROTOCOL,
-    FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_FRAME_BYTES_MAX, STREAM_MALFORMED,
+    FrameError, GroupRequest, PeerReply, PeerRequest, ReadRequest, WireFatal, CLOSE_AUTH_FAILED,
+    CLOSE_PROTOCOL, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_FRAME_BYTES_MAX,
+    STREAM_MALFORMED, WATCH_CONVS_MAX,
 };
 use crate::raft::{GroupId, NodeId, Raft, Response, TypeConfig};
 use crate::store::Command;
@@ -83,6 +84,28 @@ pub trait PeerHandler: Send + Sync + 'static {
         &self,
         commands: Vec<Command>,
     ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send;
+
+    /// Answers a read (authorization, history) of the group's state; only the leader
+    /// serves reads. The default refuses: a handler without conversation state.
+    fn read(&self, request: ReadRequest) -> impl Future<Output = PeerReply> + Send {
+        let _ = request;
+        async { PeerReply::error("this node serves no reads") }
+    }
+
+    /// Serves a watch stream opened with `convs` until it ends (see [`super::watch`]).
+    /// The default answers that there is nothing to watch here.
+    fn watch(
+        &self,
+        convs: Vec<u64>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (convs, recv);
+        async move {
+            let mut send = send;
+            send_reply(&mut send, &PeerReply::error("this node serves no watches")).await;
+        }
+    }
 }
 
 impl PeerHandler for Raft {
@@ -220,6 +243,19 @@ impl<H: PeerHandler> PeerHandler for Arc<H> {
         commands: Vec<Command>,
     ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send {
         H::client_write_batch(self, commands)
+    }
+
+    fn read(&self, request: ReadRequest) -> impl Future<Output = PeerReply> + Send {
+        H::read(self, request)
+    }
+
+    fn watch(
+        &self,
+        convs: Vec<u64>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> impl Future<Output = ()> + Send {
+        H::watch(self, convs, send, recv)
     }
 }
 
@@ -374,7 +410,20 @@ async fn serve_stream<R: GroupResolver>(
     let reply = match request {
         PeerRequest::Hello(_) => PeerReply::refused("this connection has already said hello"),
         PeerRequest::Group { group, request } => match ctx.groups.group(group) {
-            Some(handler) => dispatch(&handler, request).await,
+            Some(handler) => match request {
+                // A watch keeps the stream: the handler answers on it and pushes until
+                // either side ends it.
+                GroupRequest::Watch { convs } if convs.len() <= WATCH_CONVS_MAX => {
+                    debug!(peer, %stream, group, convs = convs.len(), "watch opened");
+                    handler.watch(convs, send, recv).await;
+                    return;
+                }
+                GroupRequest::Watch { convs } => PeerReply::error(format!(
+                    "a watch of {} conversations is over the maximum of {WATCH_CONVS_MAX}",
+                    convs.len()
+                )),
+                request => dispatch(&handler, request).await,
+            },
             None => PeerReply::NoGroup { group },
         },
     };
@@ -428,6 +477,8 @@ pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: GroupRequest) ->
                 commands.len()
             ))
         }
+        GroupRequest::Read(request) => raft.read(request).await,
+        GroupRequest::Watch { .. } => PeerReply::error("a watch cannot be answered with one reply"),
         GroupRequest::ForwardBatch(commands) => {
             let count = commands.len();
             match raft.client_write_batch(commands).await {
@@ -462,7 +513,7 @@ fn raft_error(e: RaftError<NodeId>) -> PeerReply {
 }
 
 /// Writes `reply` and finishes the stream; failures only end this stream.
-async fn send_reply(send: &mut quinn::SendStream, reply: &PeerReply) {
+pub(crate) async fn send_reply(send: &mut quinn::SendStream, reply: &PeerReply) {
     let stream = send.id();
     let bytes = match encode_frame(reply, "reply", reply.bytes_max()) {
         Ok(bytes) => bytes,

@@ -35,7 +35,7 @@ fn open(dir: &std::path::Path, log: Arc<MemLog>) -> StateMachine {
             dir: dir.to_owned(),
             limits: StoreLimits::default(),
         },
-        Arc::new(Router::new()),
+        crate::fanout::Hub::new(Arc::new(crate::routing::Router::new())),
         Arc::new(Metrics::new()),
         log,
     )
@@ -174,7 +174,7 @@ async fn a_damaged_snapshot_file_is_refused_at_open() {
             dir: dir.path().to_owned(),
             limits: StoreLimits::default(),
         },
-        Arc::new(Router::new()),
+        crate::fanout::Hub::new(Arc::new(crate::routing::Router::new())),
         Arc::new(Metrics::new()),
         log,
     )

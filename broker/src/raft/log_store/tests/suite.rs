@@ -48,7 +48,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDirGuard> for Builder 
                 dir: dir.path().join("snapshot"),
                 limits: crate::store::StoreLimits::default(),
             },
-            Arc::new(crate::routing::Router::new()),
+            crate::fanout::Hub::new(Arc::new(crate::routing::Router::new())),
             Arc::new(crate::metrics::Metrics::new()),
             Arc::new(store.reader()),
         )
