@@ -146,3 +146,73 @@ async fn a_session_on_a_node_without_a_replica_follows_a_leader_change() -> anyh
     .await;
     cluster.finish(result)
 }
+
+/// Leaders start on each group's preferred node (spread evenly), move away when that
+/// node dies, and come back once it has returned and caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_are_balanced_and_return_after_a_node_comes_back() -> anyhow::Result<()> {
+    let cluster = Cluster::start_sharded(3, 12, &[]).await?;
+    let result = async {
+        let groups = cluster.groups().await?;
+        let preferred: BTreeMap<u64, u16> = groups.iter().map(|g| (g.id, g.replicas[0])).collect();
+        let per_node_max = 12usize.div_ceil(3) + 1;
+        let balanced = |leaders: &BTreeMap<u64, u16>| {
+            let mut leads = BTreeMap::<u16, usize>::new();
+            for l in leaders.values() {
+                *leads.entry(*l).or_default() += 1;
+            }
+            leads
+        };
+        let wait_preferred = |what: &'static str| {
+            let (cluster, preferred) = (&cluster, &preferred);
+            async move {
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(40);
+                loop {
+                    let leaders = cluster.group_leaders().await;
+                    if &leaders == preferred {
+                        return anyhow::Ok(leaders);
+                    }
+                    anyhow::ensure!(
+                        std::time::Instant::now() < until,
+                        "{what}: leaders {leaders:?}, preferred {preferred:?}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let leaders = wait_preferred("at start").await?;
+        let leads = balanced(&leaders);
+        anyhow::ensure!(leads.values().all(|n| *n == 4), "{leads:?}");
+
+        // Node 1 dies: its four groups go to the others, within the bound.
+        cluster.kill9(1);
+        let until = std::time::Instant::now() + herald_tests::DEADLINE;
+        let leaders = loop {
+            let leaders = cluster.group_leaders().await;
+            if leaders.len() == 12 && !leaders.values().any(|l| *l == 1) {
+                break leaders;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < until,
+                "no full leadership without node 1: {leaders:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let leads = balanced(&leaders);
+        println!("without node 1: {leads:?}");
+        anyhow::ensure!(
+            leads.values().all(|n| *n <= 12usize.div_ceil(2) + 1),
+            "{leads:?}"
+        );
+
+        // It returns: the leaders hand its groups back.
+        cluster.restart(1).await?;
+        let leaders = wait_preferred("after node 1 returned").await?;
+        let leads = balanced(&leaders);
+        println!("node 1 back: {leads:?}");
+        anyhow::ensure!(leads.values().all(|n| *n <= per_node_max), "{leads:?}");
+        Ok(())
+    }
+    .await;
+    cluster.finish(result)
+}

@@ -149,6 +149,13 @@ impl PeerHandler for Group {
         }
     }
 
+    async fn elect(&self) -> PeerReply {
+        match self.raft.trigger().elect().await {
+            Ok(()) => PeerReply::Done,
+            Err(fatal) => PeerReply::Fatal(crate::raft::network::frame::WireFatal::from(&fatal)),
+        }
+    }
+
     async fn watch(&self, convs: Vec<u64>, send: quinn::SendStream, recv: quinn::RecvStream) {
         // The peer's id is not needed to serve it; 0 marks "a peer" in logs.
         crate::fanout::watchers::serve_watch(self, 0, convs, send, recv).await;

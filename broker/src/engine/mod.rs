@@ -134,6 +134,11 @@ impl Engine {
         &self.hub
     }
 
+    /// Dials the other nodes.
+    pub fn peers(&self) -> &PeerNetwork {
+        &self.peers
+    }
+
     /// The groups this node hosts.
     pub fn groups(&self) -> &GroupSet {
         &self.groups

@@ -24,6 +24,7 @@
 //! | [`LOCAL_BATCHES_IN_FLIGHT`] | batches proposed on the leader, not yet committed | the next batch waits (and grows) |
 //! | [`BATCH_LEN_MAX`] | writes per batch | the rest wait for the next batch |
 //! | [`BATCH_BYTES_MAX`] | payload bytes per batch | the rest wait for the next batch |
+//! | a hold ([`Pipeline::hold`]) | until its deadline | local proposals resume |
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use herald_client::wire::{Refusal, RefusalCode};
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::Leaders;
 use crate::raft::network::{ForwardBatchReply, PeerError, PeerNetwork};
@@ -64,6 +65,9 @@ struct Pending {
 #[derive(Clone)]
 pub struct Pipeline {
     queue: mpsc::Sender<Pending>,
+    /// While set (and in the future), this node proposes nothing locally: writes wait
+    /// (leadership is being handed over; see `server::balance`).
+    hold: Arc<watch::Sender<Option<Instant>>>,
 }
 
 impl Pipeline {
@@ -90,8 +94,21 @@ impl Pipeline {
         node_id: NodeId,
     ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
-        tokio::spawn(run(rx, group, source, peers, node_id));
-        Pipeline { queue }
+        let hold = Arc::new(watch::channel(None).0);
+        tokio::spawn(run(rx, group, source, peers, node_id, hold.subscribe()));
+        Pipeline { queue, hold }
+    }
+
+    /// Proposes nothing locally until `until` (or [`Pipeline::release`]): writes queue
+    /// up and go to whichever node leads afterwards. Bounded by `until`, so a hold that
+    /// is never released ends by itself.
+    pub fn hold(&self, until: Instant) {
+        self.hold.send_replace(Some(until));
+    }
+
+    /// Ends a [`Pipeline::hold`].
+    pub fn release(&self) {
+        self.hold.send_replace(None);
     }
 
     /// Queues `command` (waiting while the queue is full) and returns where its
@@ -184,6 +201,7 @@ async fn run(
     source: LeaderSource,
     peers: PeerNetwork,
     node_id: NodeId,
+    mut hold: watch::Receiver<Option<Instant>>,
 ) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     // Batches proposed on this node (the leader) are awaited in tasks, at most
@@ -223,6 +241,16 @@ async fn run(
             _ => None,
         };
         if let Some(raft) = local_raft {
+            // A hold (leadership handover): wait until it ends, then look again at who
+            // leads.
+            let held = *hold.borrow_and_update();
+            if let Some(until) = held.filter(|u| *u > Instant::now()) {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until.into()) => {}
+                    _ = hold.changed() => {}
+                }
+                continue;
+            }
             // Wait for a slot before taking the batch, so it grows meanwhile.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;

@@ -6,6 +6,7 @@
 //! [`session`]) or change conversation state (see [`crate::engine`]).
 
 pub mod admin;
+mod balance;
 pub mod cluster;
 mod readiness;
 pub mod session;
@@ -223,6 +224,7 @@ impl RunningNode {
             tokio::spawn(accept_loop(endpoint.clone(), context.clone())),
             tokio::spawn(housekeeping(context.clone())),
             tokio::spawn(readiness::watch(context.clone())),
+            tokio::spawn(balance::run(context.clone())),
         ];
         if context.config.cluster.members.is_empty() {
             // A one-node cluster (`herald dev`) elects itself at once: answer only when

@@ -477,6 +477,30 @@ impl PeerNetwork {
         .await
     }
 
+    /// Asks `target`'s replica of `group` to start an election (leader balance).
+    pub async fn elect(&self, group: GroupId, target: NodeId, addr: &str) -> Result<(), PeerError> {
+        let bytes = encode_frame(
+            &GroupRequest::Elect.to(group),
+            "request",
+            PEER_FRAME_BYTES_MAX,
+        )
+        .map_err(|source| PeerError::Frame { target, source })?;
+        let ttl = self.inner.config.rpc_timeout;
+        match self
+            .call(target, addr, "Elect", &bytes, ttl, PEER_REPLY_BYTES_MAX)
+            .await?
+        {
+            PeerReply::Done => Ok(()),
+            PeerReply::NoGroup { group } => Err(PeerError::NoGroup { target, group }),
+            PeerReply::Fatal(f) => Err(PeerError::Remote {
+                target,
+                message: fatal_text(&f),
+            }),
+            PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
+            other => Err(unexpected(target, "Elect", &other)),
+        }
+    }
+
     /// Opens a watch of `convs` in `group` at `target`. On success the stream stays
     /// open: the caller reads [`super::watch::WatchEvent`]s from it and writes
     /// [`super::watch::WatchControl`]s to it.

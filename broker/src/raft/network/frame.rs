@@ -296,6 +296,10 @@ pub enum GroupRequest {
     /// A node with no replica of the group (or whose replica may lag) reads from the
     /// group's leader. Answered with [`PeerReply::Authorized`] or [`PeerReply::History`].
     Read(ReadRequest),
+    /// The group's leader asks this replica to take over: it starts an election at once
+    /// (leader balance). Answered with [`PeerReply::Done`]; whether it wins shows in the
+    /// group's metrics.
+    Elect,
     /// Opens a watch: the leader pushes new messages of `convs` (and later additions)
     /// on this stream until either side ends it. Answered with [`PeerReply::Watching`],
     /// then the stream carries [`super::watch`] frames both ways.
@@ -431,6 +435,8 @@ pub enum PeerReply {
     Authorized(Result<(), Refusal>),
     /// The answer to [`ReadRequest::History`].
     History(Result<WireHistory, Refusal>),
+    /// The request was carried out.
+    Done,
     /// The watch is open: the next seq of each watched conversation when it was
     /// registered (every later message of it is pushed).
     Watching {
@@ -458,6 +464,7 @@ impl PeerReply {
             PeerReply::Authorized(_) => "Authorized",
             PeerReply::History(_) => "History",
             PeerReply::Watching { .. } => "Watching",
+            PeerReply::Done => "Done",
         }
     }
 
@@ -524,6 +531,7 @@ impl GroupRequest {
             GroupRequest::Read(ReadRequest::Authorize { .. }) => "Authorize",
             GroupRequest::Read(ReadRequest::History { .. }) => "History",
             GroupRequest::Watch { .. } => "Watch",
+            GroupRequest::Elect => "Elect",
         }
     }
 

@@ -85,6 +85,12 @@ pub trait PeerHandler: Send + Sync + 'static {
         commands: Vec<Command>,
     ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send;
 
+    /// Starts an election on this replica (the leader hands leadership over). The
+    /// default refuses.
+    fn elect(&self) -> impl Future<Output = PeerReply> + Send {
+        async { PeerReply::error("this node does not take over leadership") }
+    }
+
     /// Answers a read (authorization, history) of the group's state; only the leader
     /// serves reads. The default refuses: a handler without conversation state.
     fn read(&self, request: ReadRequest) -> impl Future<Output = PeerReply> + Send {
@@ -247,6 +253,10 @@ impl<H: PeerHandler> PeerHandler for Arc<H> {
 
     fn read(&self, request: ReadRequest) -> impl Future<Output = PeerReply> + Send {
         H::read(self, request)
+    }
+
+    fn elect(&self) -> impl Future<Output = PeerReply> + Send {
+        H::elect(self)
     }
 
     fn watch(
@@ -478,6 +488,7 @@ pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: GroupRequest) ->
             ))
         }
         GroupRequest::Read(request) => raft.read(request).await,
+        GroupRequest::Elect => raft.elect().await,
         GroupRequest::Watch { .. } => PeerReply::error("a watch cannot be answered with one reply"),
         GroupRequest::ForwardBatch(commands) => {
             let count = commands.len();

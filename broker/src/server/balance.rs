@@ -1,0 +1,150 @@
+//! Leader balance: each group is led by its preferred leader — its first replica in the
+//! cluster map, which spreads leaderships evenly over the nodes — whenever that node is
+//! up and caught up. After a node fails, other replicas take over its groups; when it
+//! returns and catches up, the leaders hand those groups back.
+//!
+//! Owns: one task per node that, every [`BALANCE_INTERVAL`], looks at the groups this
+//! node leads but does not prefer to, and hands at most [`TRANSFERS_PER_ROUND_MAX`] of
+//! them over. openraft 0.9 has no leader transfer; a handover here is: hold the group's
+//! pipeline (no new local proposals), wait until the preferred replica has every entry,
+//! ask it to start an election (`GroupRequest::Elect`), and release the hold once
+//! leadership moved (or after [`HANDOVER_TIMEOUT`]). The old leader grants the vote (its
+//! own lease ran out long ago, and the candidate's log is as long as its own), so the
+//! candidate wins with two of three votes even while the other follower still hears
+//! heartbeats.
+//! Must not: hand over a group whose preferred replica lags (it would lose the
+//! election and bump the term for nothing), or more than one group per node and round
+//! (balance is never worth a burst of elections).
+//!
+//! Writes to a group wait during its handover: ~tens of ms (the replica is caught up
+//! before the election starts), at most [`HANDOVER_TIMEOUT`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::NodeContext;
+use crate::engine::Group;
+use crate::raft::{GroupId, NodeId};
+
+/// How often a node looks for groups to hand over.
+pub const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// A node leads a group at least this long before handing it over (its own lease has
+/// run out, and flapping leaderships are left to settle).
+pub const LEADING_FOR_MIN: Duration = Duration::from_secs(2);
+/// Handovers a node starts per round, at most.
+pub const TRANSFERS_PER_ROUND_MAX: usize = 1;
+/// Longest wait for a handover (catch-up plus election); then the hold ends anyway.
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the balancer of this node until the node stops.
+pub async fn run(ctx: Arc<NodeContext>) {
+    let me = ctx.config.cluster.node_id;
+    let mut leading_since: HashMap<GroupId, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(BALANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let groups = ctx.engine.groups().all();
+        leading_since.retain(|id, _| groups.get(id).is_some_and(|g| g.sm.is_leader()));
+        let mut transfers = 0;
+        for group in groups.values() {
+            if !group.sm.is_leader() {
+                continue;
+            }
+            let since = *leading_since.entry(group.id).or_insert_with(Instant::now);
+            let Some(preferred) = ctx
+                .engine
+                .map()
+                .group(group.id)
+                .and_then(|g| g.replicas.first().copied())
+            else {
+                continue;
+            };
+            if preferred == me || since.elapsed() < LEADING_FOR_MIN || !caught_up(group, preferred)
+            {
+                continue;
+            }
+            if transfers >= TRANSFERS_PER_ROUND_MAX {
+                break;
+            }
+            transfers += 1;
+            let started = Instant::now();
+            match hand_over(&ctx, group, preferred).await {
+                Ok(()) => tracing::info!(
+                    group = group.id,
+                    to = preferred,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "handed leadership back to the preferred leader"
+                ),
+                Err(problem) => tracing::info!(
+                    group = group.id,
+                    to = preferred,
+                    %problem,
+                    "leadership handover did not happen; retrying later"
+                ),
+            }
+        }
+    }
+}
+
+/// True when `node` (a voter of `group`) has every entry this leader has.
+fn caught_up(group: &Group, node: NodeId) -> bool {
+    let metrics = group.raft.metrics();
+    let m = metrics.borrow();
+    let last = m.last_log_index;
+    let voter = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| v == node);
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&node).copied().flatten())
+        .map(|l| l.index);
+    voter && last.is_some() && matched == last
+}
+
+/// Hands `group` over to `to` (see the module documentation).
+async fn hand_over(ctx: &NodeContext, group: &Group, to: NodeId) -> Result<(), String> {
+    let me = ctx.config.cluster.node_id;
+    let deadline = Instant::now() + HANDOVER_TIMEOUT;
+    group.pipeline.hold(deadline);
+    let result = async {
+        // Entries already proposed finish replicating; none are added meanwhile.
+        let mut metrics = group.raft.metrics();
+        while !caught_up(group, to) {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "node {to} did not catch up in {HANDOVER_TIMEOUT:?}"
+                ));
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), metrics.changed()).await;
+        }
+        let addr = ctx
+            .engine
+            .map()
+            .addr(to)
+            .ok_or_else(|| format!("node {to} has no address"))?
+            .to_owned();
+        ctx.engine
+            .peers()
+            .elect(group.id, to, &addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            if leader.is_some_and(|l| l != me) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no new leader within {HANDOVER_TIMEOUT:?}"));
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), metrics.changed()).await;
+        }
+    }
+    .await;
+    group.pipeline.release();
+    result
+}
