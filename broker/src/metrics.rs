@@ -52,6 +52,8 @@ pub struct Metrics {
     pub publishes: Counter,
     /// Copies of messages pushed to other nodes (one per watching node and message).
     pub fanout_node_copies: Counter,
+    /// Client writes this node forwarded to another node (the group's leader).
+    pub writes_forwarded: Counter,
     /// Publishes answered from the dedup table.
     pub publish_duplicates: Counter,
     /// Requests refused, by refusal code.
@@ -108,6 +110,7 @@ impl Metrics {
             subscriptions: Gauge::default(),
             publishes: Counter::default(),
             fanout_node_copies: Counter::default(),
+            writes_forwarded: Counter::default(),
             publish_duplicates: Counter::default(),
             refusals: Family::default(),
             deliveries: Counter::default(),
@@ -163,6 +166,11 @@ impl Metrics {
             "herald_fanout_node_copies",
             "Copies of messages pushed to other nodes' watch streams (one per watching node and message)",
             m.fanout_node_copies.clone(),
+        );
+        r.register(
+            "herald_writes_forwarded",
+            "Client writes forwarded to the leader of their group on another node (counted per attempt)",
+            m.writes_forwarded.clone(),
         );
         r.register(
             "herald_publish_duplicates",

@@ -116,6 +116,8 @@ pub struct ClientConfig {
     pub(crate) outbound_queue_len_max: usize,
     pub(crate) requests_in_flight_max: usize,
     pub(crate) quic: quinn::ClientConfig,
+    /// Connect to the first seed first (a route to a known leader), not a random one.
+    pub(crate) prefer_first: bool,
 }
 
 impl ClientConfig {
@@ -436,6 +438,7 @@ impl ClientConfigBuilder {
             outbound_queue_len_max: self.outbound_queue_len_max,
             requests_in_flight_max: self.requests_in_flight_max,
             quic,
+            prefer_first: false,
         })
     }
 }

@@ -185,7 +185,11 @@ impl Core {
         config: ClientConfig,
         events: Option<mpsc::Sender<EventItem>>,
     ) -> Result<Core, Error> {
-        let start = rand::random_range(0..config.addrs.len());
+        let start = if config.prefer_first {
+            0
+        } else {
+            rand::random_range(0..config.addrs.len())
+        };
         let established = connect_pass(&config, start).await?;
         let state = Arc::new(State {
             pending: Mutex::new(Pending::default()),
@@ -927,6 +931,7 @@ pub(crate) fn reply_kind(reply: &Reply) -> &'static str {
         Reply::Published { .. } => "Published",
         Reply::Subscribed { .. } => "Subscribed",
         Reply::History(_) => "History",
+        Reply::ClusterMap(_) => "ClusterMap",
         Reply::Refused(_) => "Refused",
     }
 }

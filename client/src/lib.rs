@@ -78,6 +78,7 @@ mod cursor;
 mod error;
 mod liveness;
 mod publisher;
+mod routing;
 mod session;
 mod watchdog;
 

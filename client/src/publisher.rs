@@ -8,8 +8,11 @@
 use std::sync::Arc;
 
 use crate::config::ClientConfig;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::connection::{unexpected_reply, Core, CursorOp};
 use crate::error::Error;
+use crate::routing::Routes;
 use crate::wire::{
     ConvKind, HistoryPage, IdempotencyKey, Principal, Reply, Request, SessionLimits,
 };
@@ -34,6 +37,8 @@ pub struct PublishAck {
 #[derive(Clone)]
 pub struct Publisher {
     core: Arc<Core>,
+    routes: Arc<Routes>,
+    refreshing: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -52,10 +57,62 @@ impl Publisher {
     /// broker that completes the handshake wins. Fails with the last address's error,
     /// or at once with [`Error::Refused`] if the broker refuses the token.
     pub async fn connect(config: ClientConfig) -> Result<Publisher, Error> {
-        let core = Core::connect(config, None).await?;
-        Ok(Publisher {
-            core: Arc::new(core),
-        })
+        let core = Arc::new(Core::connect(config.clone(), None).await?);
+        let publisher = Publisher {
+            core,
+            routes: Arc::new(Routes::new(config)),
+            refreshing: Arc::new(AtomicBool::new(false)),
+        };
+        // Fetched in the background: until it arrives (or if the broker cannot answer)
+        // writes go through this connection and the node forwards them.
+        publisher.refresh_in_background();
+        Ok(publisher)
+    }
+
+    /// The connection to send a write of `conv` on: its group leader's when the map
+    /// names one and it can be reached, else the seed connection.
+    /// Fetches the map again unless a fetch is already under way.
+    fn refresh_in_background(&self) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (core, routes, flag) = (
+            self.core.clone(),
+            self.routes.clone(),
+            self.refreshing.clone(),
+        );
+        tokio::spawn(async move {
+            refresh_map(&core, &routes).await;
+            flag.store(false, Ordering::Release);
+        });
+    }
+
+    async fn route(&self, conv: u64) -> Arc<Core> {
+        if self.routes.stale() {
+            self.refresh_in_background();
+        }
+        match self.routes.leader_of(conv) {
+            Some((_, leader)) => self
+                .routes
+                .core_for(leader)
+                .await
+                .unwrap_or_else(|| self.core.clone()),
+            None => self.core.clone(),
+        }
+    }
+
+    async fn routed_publish(
+        &self,
+        conv: u64,
+        key: IdempotencyKey,
+        payload: Vec<u8>,
+    ) -> Result<PublishAck, Error> {
+        let core = self.route(conv).await;
+        let (ack, leader) = publish(&core, conv, key, payload).await?;
+        if let Some(leader) = leader {
+            self.routes.note_leader(conv, leader);
+        }
+        Ok(ack)
     }
 
     /// Creates a conversation; `Ok(false)` when it already exists with the same kind
@@ -126,7 +183,8 @@ impl Publisher {
         conv: u64,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PublishAck, Error> {
-        publish(&self.core, conv, self.core.next_key(), payload.into()).await
+        self.routed_publish(conv, self.core.next_key(), payload.into())
+            .await
     }
 
     /// Publishes with a caller-chosen key (e.g. a payment id): publishing the same
@@ -138,7 +196,7 @@ impl Publisher {
         key: IdempotencyKey,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PublishAck, Error> {
-        publish(&self.core, conv, key, payload.into()).await
+        self.routed_publish(conv, key, payload.into()).await
     }
 
     /// Reads up to `limit` stored messages from seq `from` (1 = oldest retained).
@@ -166,6 +224,7 @@ impl Publisher {
     /// request timeout), then returns. Later calls on any clone get
     /// [`Error::Closed`].
     pub async fn close(self) {
+        self.routes.close().await;
         self.core.close().await;
     }
 }
@@ -177,18 +236,37 @@ pub(crate) fn expect_done(request: &str, reply: Reply) -> Result<(), Error> {
     }
 }
 
+/// Fetches the cluster map on `core` into `routes` (failures leave the old one).
+async fn refresh_map(core: &Core, routes: &Routes) {
+    match core
+        .request(Request::ClusterMap, CursorOp::None, || {
+            "fetching the cluster map".to_owned()
+        })
+        .await
+    {
+        Ok(Reply::ClusterMap(view)) => routes.install(view),
+        Ok(other) => tracing::debug!("the broker answered the map request with {other:?}"),
+        Err(e) => tracing::debug!("cannot fetch the cluster map: {e}"),
+    }
+}
+
+/// Publishes on `core`; returns the ack and the leader hint of the reply.
 pub(crate) async fn publish(
     core: &Core,
     conv: u64,
     key: IdempotencyKey,
     payload: Vec<u8>,
-) -> Result<PublishAck, Error> {
+) -> Result<(PublishAck, Option<u64>), Error> {
     core.check_payload(payload.len())?;
     let key_copy = key.clone();
     let what = move || format!("publish to conversation {conv} with key {key_copy:?}");
     let body = Request::Publish { conv, key, payload };
     match core.request(body, CursorOp::None, what).await? {
-        Reply::Published { seq, duplicate } => Ok(PublishAck { seq, duplicate }),
+        Reply::Published {
+            seq,
+            duplicate,
+            leader,
+        } => Ok((PublishAck { seq, duplicate }, leader)),
         other => Err(unexpected_reply("Publish", &other)),
     }
 }

@@ -248,7 +248,9 @@ impl SessionHandle {
     /// Publishes `payload` with an automatic idempotency key; `Ok` only once the
     /// broker acknowledged it. See [`Publisher::publish`](crate::Publisher::publish).
     pub async fn send(&self, conv: u64, payload: impl Into<Vec<u8>>) -> Result<PublishAck, Error> {
-        publish(&self.core, conv, self.core.next_key(), payload.into()).await
+        publish(&self.core, conv, self.core.next_key(), payload.into())
+            .await
+            .map(|(ack, _)| ack)
     }
 
     /// Publishes with a caller-chosen idempotency key.
@@ -258,7 +260,9 @@ impl SessionHandle {
         key: IdempotencyKey,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PublishAck, Error> {
-        publish(&self.core, conv, key, payload.into()).await
+        publish(&self.core, conv, key, payload.into())
+            .await
+            .map(|(ack, _)| ack)
     }
 
     /// Reads up to `limit` stored messages from seq `from`.

@@ -59,10 +59,21 @@ impl Peer {
         }
     }
 
+    /// The next request, answering any cluster-map request on the way as a broker
+    /// without sharding would (refused: the publisher then stays unrouted).
     async fn request(&mut self) -> (u64, Request) {
-        match tokio::time::timeout(DEADLINE, self.reader.next()).await {
-            Ok(Ok(Some(Frame::Request { id, body }))) => (id, body),
-            other => panic!("expected a request, got {other:?}"),
+        loop {
+            match tokio::time::timeout(DEADLINE, self.reader.next()).await {
+                Ok(Ok(Some(Frame::Request {
+                    id,
+                    body: Request::ClusterMap,
+                }))) => {
+                    let refusal = Refusal::new(RefusalCode::InvalidRequest, "no cluster map here");
+                    self.reply(id, Reply::Refused(refusal)).await;
+                }
+                Ok(Ok(Some(Frame::Request { id, body }))) => return (id, body),
+                other => panic!("expected a request, got {other:?}"),
+            }
         }
     }
 
@@ -220,6 +231,7 @@ async fn a_publish_in_flight_is_retried_with_the_same_key_after_a_drop() {
                 Reply::Published {
                     seq: 1,
                     duplicate: true,
+                    leader: None,
                 },
             )
             .await;
@@ -611,6 +623,7 @@ async fn a_node_that_goes_silent_with_a_publish_in_flight_is_left_within_the_liv
                 Reply::Published {
                     seq: 1,
                     duplicate: false,
+                    leader: None,
                 },
             )
             .await;
@@ -657,6 +670,7 @@ async fn a_node_slow_to_reply_but_alive_is_not_left() {
             Reply::Published {
                 seq: 1,
                 duplicate: false,
+                leader: None,
             },
         )
         .await;
@@ -698,6 +712,7 @@ async fn a_node_that_goes_silent_while_writes_are_stuck_on_flow_control_is_left(
                     Reply::Published {
                         seq,
                         duplicate: false,
+                        leader: None,
                     },
                 )
                 .await;

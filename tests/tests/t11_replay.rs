@@ -113,7 +113,9 @@ async fn idempotent_retry_returns_the_original_seq_and_appends_nothing() -> anyh
         first,
         Reply::Published {
             seq: 1,
-            duplicate: false
+            duplicate: false,
+            // One node leads every group: no hint.
+            leader: None,
         }
     );
     // A retry on another connection (as after a reconnect) is still deduplicated.
@@ -123,7 +125,9 @@ async fn idempotent_retry_returns_the_original_seq_and_appends_nothing() -> anyh
         retry,
         Reply::Published {
             seq: 1,
-            duplicate: true
+            duplicate: true,
+            // One node leads every group: no hint.
+            leader: None,
         }
     );
     let other = again.call(2, publish("pay-2")).await?;
@@ -131,7 +135,9 @@ async fn idempotent_retry_returns_the_original_seq_and_appends_nothing() -> anyh
         other,
         Reply::Published {
             seq: 2,
-            duplicate: false
+            duplicate: false,
+            // One node leads every group: no hint.
+            leader: None,
         }
     );
     let Reply::History(page) = again

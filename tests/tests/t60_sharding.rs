@@ -216,3 +216,65 @@ async fn leaders_are_balanced_and_return_after_a_node_comes_back() -> anyhow::Re
     .await;
     cluster.finish(result)
 }
+
+/// A publisher that knows the cluster map sends each conversation's writes straight to
+/// its group's leader: once it has the map, no node forwards anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_go_straight_to_the_group_leader() -> anyhow::Result<()> {
+    let cluster = Cluster::start_sharded(3, 12, &[]).await?;
+    let result = async {
+        let groups = cluster.groups().await?;
+        let leaders = cluster.wait_every_group_led(12).await?;
+        // Conversations in groups led by every node.
+        let wanted: Vec<u64> = groups.iter().take(6).map(|g| g.id).collect();
+        let convs = conversations_in(&groups, &wanted, 20_000);
+        let led_by: std::collections::BTreeSet<u16> = wanted.iter().map(|g| leaders[g]).collect();
+        anyhow::ensure!(led_by.len() == 3, "the groups are led by {led_by:?}");
+        // One seed only: routes to the other leaders come from the map.
+        let token = cluster.service_token("router")?;
+        let publisher =
+            herald_client::Publisher::connect(cluster.client_config(&token, &[1])?).await?;
+        for conv in &convs {
+            publisher
+                .create_conversation(*conv, herald_client::ConvKind::Group, &[1])
+                .await?;
+        }
+        let forwarded = || async {
+            let mut total = 0.0;
+            for k in cluster.ids() {
+                let (_, text) = cluster.admin_get(k, "/metrics").await?;
+                total += text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("herald_writes_forwarded_total "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+            anyhow::Ok(total)
+        };
+        // Warm up: the map arrives, routes open.
+        for conv in &convs {
+            publisher.publish(*conv, "warm-up").await?;
+        }
+        let before = forwarded().await?;
+        for round in 0..20 {
+            for conv in &convs {
+                let ack = publisher.publish(*conv, format!("m{round}")).await?;
+                anyhow::ensure!(!ack.duplicate, "{ack:?}");
+            }
+        }
+        let after = forwarded().await?;
+        println!(
+            "writes forwarded: {before} during warm-up, {} after",
+            after - before
+        );
+        anyhow::ensure!(
+            after == before,
+            "{} of 120 routed publishes were forwarded between nodes",
+            after - before
+        );
+        publisher.close().await;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result)
+}

@@ -71,6 +71,19 @@ impl Leaders {
         self.candidates(group).into_iter().next()
     }
 
+    /// The leader of `group` as far as this node actually knows (its own replica's
+    /// view, else the last hint); no guessing.
+    pub fn known(&self, group: GroupId) -> Option<NodeId> {
+        if let Some(leader) = self.groups.get(group).and_then(|g| g.leader()) {
+            return Some(leader);
+        }
+        self.hints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .copied()
+    }
+
     /// Nodes to ask for `group`'s leader, best first.
     pub fn candidates(&self, group: GroupId) -> Vec<NodeId> {
         let mut out = Vec::new();

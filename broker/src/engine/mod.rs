@@ -22,7 +22,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herald_client::wire::{ConvKind, IdempotencyKey, Principal, Refusal, RefusalCode};
+use herald_client::wire::{
+    ClusterMapView, ConvKind, GroupView, IdempotencyKey, NodeView, Principal, Refusal, RefusalCode,
+};
 mod groups;
 mod leaders;
 mod pipeline;
@@ -270,6 +272,7 @@ impl Engine {
                     self.leaders.clone(),
                     self.peers.clone(),
                     self.node_id,
+                    self.metrics.clone(),
                 )
             })
             .clone()
@@ -395,6 +398,40 @@ impl Engine {
             }
             PeerReply::History(Err(refusal)) => Err(refusal),
             other => Err(unexpected_reply(&other)),
+        }
+    }
+
+    /// The leader of `conv`'s group as far as this node knows, when it is another node
+    /// (a hint for the client that sent a write here).
+    pub fn leader_hint(&self, conv: u64) -> Option<NodeId> {
+        self.leaders
+            .known(self.group_of(conv))
+            .filter(|l| *l != self.node_id)
+    }
+
+    /// The cluster map for clients: nodes, each group's slots and known leader.
+    pub fn cluster_view(&self) -> ClusterMapView {
+        ClusterMapView {
+            nodes: self
+                .map
+                .nodes()
+                .iter()
+                .map(|(id, node)| NodeView {
+                    id: *id,
+                    addr: node.addr.clone(),
+                })
+                .collect(),
+            groups: self
+                .map
+                .groups()
+                .iter()
+                .map(|(id, group)| GroupView {
+                    id: *id,
+                    slot_start: group.slots.start,
+                    slot_end: group.slots.end,
+                    leader: self.leaders.known(*id),
+                })
+                .collect(),
         }
     }
 

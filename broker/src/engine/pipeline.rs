@@ -35,6 +35,7 @@ use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::Leaders;
+use crate::metrics::Metrics;
 use crate::raft::network::{ForwardBatchReply, PeerError, PeerNetwork};
 use crate::raft::{GroupId, NodeId, Raft, Response};
 use crate::store::Command;
@@ -72,8 +73,14 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts the pipeline task of `group` on this node, which hosts a replica of it.
-    pub fn start(group: GroupId, raft: Raft, peers: PeerNetwork, node_id: NodeId) -> Self {
-        Self::start_with(group, LeaderSource::Local(raft), peers, node_id)
+    pub fn start(
+        group: GroupId,
+        raft: Raft,
+        peers: PeerNetwork,
+        node_id: NodeId,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::start_with(group, LeaderSource::Local(raft), peers, node_id, metrics)
     }
 
     /// Starts the pipeline task of `group` on a node without a replica of it: writes
@@ -83,8 +90,15 @@ impl Pipeline {
         leaders: Arc<Leaders>,
         peers: PeerNetwork,
         node_id: NodeId,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Self::start_with(group, LeaderSource::Remote(leaders), peers, node_id)
+        Self::start_with(
+            group,
+            LeaderSource::Remote(leaders),
+            peers,
+            node_id,
+            metrics,
+        )
     }
 
     fn start_with(
@@ -92,10 +106,19 @@ impl Pipeline {
         source: LeaderSource,
         peers: PeerNetwork,
         node_id: NodeId,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
         let hold = Arc::new(watch::channel(None).0);
-        tokio::spawn(run(rx, group, source, peers, node_id, hold.subscribe()));
+        tokio::spawn(run(
+            rx,
+            group,
+            source,
+            peers,
+            node_id,
+            hold.subscribe(),
+            metrics,
+        ));
         Pipeline { queue, hold }
     }
 
@@ -202,6 +225,7 @@ async fn run(
     peers: PeerNetwork,
     node_id: NodeId,
     mut hold: watch::Receiver<Option<Instant>>,
+    metrics: Arc<Metrics>,
 ) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     // Batches proposed on this node (the leader) are awaited in tasks, at most
@@ -288,6 +312,7 @@ async fn run(
             continue;
         }
         let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
+        metrics.writes_forwarded.inc_by(commands.len() as u64);
         let (results, problem) = match (leader, addr) {
             (Some(id), Some(addr)) => {
                 // Give up on this leader as soon as this node sees leadership move (a

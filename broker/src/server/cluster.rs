@@ -222,7 +222,7 @@ pub async fn start(
         initialize_once(&raft, group, node_id, &replicas, &map).await?;
         groups.push(Group {
             id: group,
-            pipeline: Pipeline::start(group, raft.clone(), peers.clone(), node_id),
+            pipeline: Pipeline::start(group, raft.clone(), peers.clone(), node_id, metrics.clone()),
             raft,
             sm,
             log,

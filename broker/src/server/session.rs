@@ -322,8 +322,8 @@ async fn read_requests(
         let control = control.clone();
         tokio::spawn(async move {
             while let Some((id, started, write)) = pending_rx.recv().await {
-                let is_publish = matches!(write, Write::Publish(_));
-                let control_msg = finish_write(id, write).await;
+                let is_publish = matches!(write, Write::Publish(..));
+                let control_msg = finish_write(&ctx.engine, id, write).await;
                 log_refusal(&principal, &control_msg);
                 if control.send(control_msg).await.is_err() {
                     return;
@@ -406,7 +406,7 @@ enum Write {
     Create(Result<Submitted<bool>, Refusal>),
     Members(Result<Submitted<()>, Refusal>),
     Remove(Result<Submitted<()>, Refusal>),
-    Publish(Result<Submitted<PublishOutcome>, Refusal>),
+    Publish(Result<Submitted<PublishOutcome>, Refusal>, u64),
     ReadRequest,
 }
 
@@ -430,14 +430,14 @@ async fn submit_write(ctx: &NodeContext, principal: &Principal, body: Request) -
                 .await,
         ),
         Request::Publish { conv, key, payload } => {
-            Write::Publish(engine.publish(principal, conv, key, payload).await)
+            Write::Publish(engine.publish(principal, conv, key, payload).await, conv)
         }
         _ => Write::ReadRequest,
     }
 }
 
 /// Waits for a queued write's commit and builds its reply.
-async fn finish_write(id: u64, write: Write) -> Control {
+async fn finish_write(engine: &crate::engine::Engine, id: u64, write: Write) -> Control {
     async fn wait<T>(submitted: Result<Submitted<T>, Refusal>) -> Result<T, Refusal> {
         submitted?.wait().await
     }
@@ -447,13 +447,17 @@ async fn finish_write(id: u64, write: Write) -> Control {
         // The group's leader ends the removed members' subscriptions on every node
         // when it applies the removal.
         Write::Remove(s) => reply(id, wait(s).await.map(|()| Reply::Done)),
-        Write::Publish(s) => reply(
-            id,
-            wait(s).await.map(|o| Reply::Published {
-                seq: o.seq,
-                duplicate: o.duplicate,
-            }),
-        ),
+        Write::Publish(s, conv) => {
+            let result = wait(s).await;
+            reply(
+                id,
+                result.map(|o| Reply::Published {
+                    seq: o.seq,
+                    duplicate: o.duplicate,
+                    leader: engine.leader_hint(conv),
+                }),
+            )
+        }
         Write::ReadRequest => reply(
             id,
             Err(Refusal::new(
@@ -506,6 +510,7 @@ async fn execute_read(ctx: &NodeContext, principal: &Principal, id: u64, body: R
             }
         }
         Request::Unsubscribe { conv } => Control::Unsubscribe { id, conv },
+        Request::ClusterMap => reply(Ok(Reply::ClusterMap(engine.cluster_view()))),
         Request::CreateConversation { .. }
         | Request::AddMembers { .. }
         | Request::RemoveMembers { .. }

@@ -207,6 +207,10 @@ pub enum Request {
         /// Most messages wanted; the broker may return fewer.
         limit: u32,
     },
+    /// Where conversations live: the cluster's nodes, each group's slots and leader
+    /// (answered with [`Reply::ClusterMap`]). A client that knows it sends a
+    /// conversation's writes straight to its group's leader.
+    ClusterMap,
 }
 
 /// The broker's answer to a [`Request`].
@@ -225,6 +229,9 @@ pub enum Reply {
         seq: u64,
         /// True when this was a retry of an earlier publish.
         duplicate: bool,
+        /// The node leading the conversation's group, when it is not the node that
+        /// answered (the write was forwarded): send the next ones there.
+        leader: Option<u64>,
     },
     /// The subscription is active; deliveries follow as [`Frame::Deliver`].
     Subscribed {
@@ -235,8 +242,43 @@ pub enum Reply {
     },
     /// A page of history.
     History(HistoryPage),
+    /// The answer to [`Request::ClusterMap`].
+    ClusterMap(ClusterMapView),
     /// The request was refused; nothing changed.
     Refused(Refusal),
+}
+
+/// The cluster map as a client sees it: enough to find a conversation's leader.
+/// A conversation's group is the one whose slot range holds
+/// [`slot_of`](super::slot_of)`(conv)`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMapView {
+    /// Every node: id and the QUIC address it serves clients on.
+    pub nodes: Vec<NodeView>,
+    /// Every data group.
+    pub groups: Vec<GroupView>,
+}
+
+/// A node of [`ClusterMapView`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Its id.
+    pub id: u64,
+    /// `HOST:PORT` of its QUIC endpoint.
+    pub addr: String,
+}
+
+/// A data group of [`ClusterMapView`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// Its id.
+    pub id: u32,
+    /// First slot it owns.
+    pub slot_start: u32,
+    /// One past its last slot.
+    pub slot_end: u32,
+    /// Its leader, as far as the answering node knows.
+    pub leader: Option<u64>,
 }
 
 /// A page of stored messages.

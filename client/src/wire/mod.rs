@@ -355,6 +355,7 @@ mod tests {
                 from: 1,
                 limit: 10,
             },
+            Request::ClusterMap,
         ];
         let replies = vec![
             Reply::Done,
@@ -362,7 +363,20 @@ mod tests {
             Reply::Published {
                 seq: 3,
                 duplicate: false,
+                leader: Some(2),
             },
+            Reply::ClusterMap(ClusterMapView {
+                nodes: vec![NodeView {
+                    id: 2,
+                    addr: "10.0.0.2:7400".into(),
+                }],
+                groups: vec![GroupView {
+                    id: 1,
+                    slot_start: 0,
+                    slot_end: 4096,
+                    leader: None,
+                }],
+            }),
             Reply::Subscribed {
                 conv: 7,
                 next_seq: 4,
