@@ -77,6 +77,10 @@ pub struct FanoutArgs {
     /// Subscriber sessions, each on its own QUIC connection, as users 1..=N.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: u64,
+    /// Seeds of the subscribers, HOST:PORT[,…] (default: --addr): e.g. keep them off
+    /// the node that leads the conversation, to measure node-to-node fan-out.
+    #[arg(long, value_delimiter = ',')]
+    pub subscriber_addr: Vec<String>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -353,10 +357,15 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<(Value, Teardown)> {
     let mut ready: Vec<(u64, Session, u64)> = Vec::with_capacity(n as usize);
     {
         let target = &target;
+        let subscriber_addr = &args.subscriber_addr;
         let mut connecting = stream::iter(1..=n)
             .map(|user| async move {
-                let config =
-                    target.client_config(&Principal::User(user), "herald-bench-subscriber")?;
+                let principal = Principal::User(user);
+                let config = if subscriber_addr.is_empty() {
+                    target.client_config(&principal, "herald-bench-subscriber")?
+                } else {
+                    target.client_config_at(subscriber_addr, &principal, "herald-bench-subscriber")?
+                };
                 let session = Session::connect(config)
                     .await
                     .with_context(|| format!("the session of user {user} cannot connect"))?;

@@ -182,10 +182,20 @@ impl Target {
 
     /// A client configuration for `principal`, with a freshly minted token.
     pub fn client_config(&self, principal: &Principal, name: &str) -> anyhow::Result<ClientConfig> {
+        self.client_config_at(&self.addrs, principal, name)
+    }
+
+    /// The same with other seeds (e.g. subscribers kept on some nodes).
+    pub fn client_config_at(
+        &self,
+        addrs: &[String],
+        principal: &Principal,
+        name: &str,
+    ) -> anyhow::Result<ClientConfig> {
         let token = herald_broker::auth::mint_hs256(&self.secret, principal, TOKEN_TTL)
             .with_context(|| format!("cannot mint a token for {principal}"))?;
         let config = ClientConfig::builder()
-            .addrs(self.addrs.iter().cloned())
+            .addrs(addrs.iter().cloned())
             .ca_pem(self.ca_pem.clone())
             .token(token)
             .client_name(name)
