@@ -364,7 +364,11 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<(Value, Teardown)> {
                 let config = if subscriber_addr.is_empty() {
                     target.client_config(&principal, "herald-bench-subscriber")?
                 } else {
-                    target.client_config_at(subscriber_addr, &principal, "herald-bench-subscriber")?
+                    target.client_config_at(
+                        subscriber_addr,
+                        &principal,
+                        "herald-bench-subscriber",
+                    )?
                 };
                 let session = Session::connect(config)
                     .await

@@ -12,22 +12,13 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use super::handler::GroupHandler;
 use super::pipeline::Pipeline;
+use crate::meta::state_machine::MetaStateMachine;
 use crate::raft::log_store::LogStore;
-use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
-
-use crate::raft::network::frame::HISTORY_REPLY_BYTES_MAX;
-use crate::raft::network::{
-    ClientWriteRaftError, GroupResolver, PeerHandler, PeerReply, ReadRequest, WireHistory,
-};
+use crate::raft::network::{GroupResolver, PeerReply};
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{GroupId, NodeId, Raft};
-use crate::raft::{Response, TypeConfig};
-use crate::store::Command;
+use crate::raft::{GroupId, NodeId, Raft, META_GROUP};
 
 /// One Raft group on this node.
 pub struct Group {
@@ -71,94 +62,29 @@ impl Group {
             .unwrap_or(1)
     }
 
-    fn not_leader(&self) -> Option<PeerReply> {
+    pub(super) fn not_leader(&self) -> Option<PeerReply> {
         (!self.sm.is_leader()).then(|| PeerReply::NotLeader {
             leader: self.leader_addr(),
         })
     }
 }
 
-/// What a peer may ask of a group this node hosts: Raft's RPCs go to its Raft; reads
-/// and watches are served by its leader only.
-impl PeerHandler for Group {
-    async fn append_entries(
-        &self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-    ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        self.raft.append_entries(rpc).await
-    }
+/// The metadata group on this node (every node runs it: a voter or a learner).
+pub struct MetaGroup {
+    /// Its openraft instance.
+    pub raft: Raft,
+    /// The cluster map.
+    pub sm: MetaStateMachine,
+    /// Its log in the node's shared log.
+    pub log: LogStore,
+    /// Its write pipeline (map changes go to the metadata leader through it).
+    pub pipeline: Pipeline,
+}
 
-    async fn vote(
-        &self,
-        rpc: VoteRequest<NodeId>,
-    ) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
-        self.raft.vote(rpc).await
-    }
-
-    async fn install_snapshot(
-        &self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        self.raft.install_snapshot(rpc).await
-    }
-
-    async fn client_write(&self, command: Command) -> Result<Response, ClientWriteRaftError> {
-        PeerHandler::client_write(&self.raft, command).await
-    }
-
-    async fn client_write_batch(
-        &self,
-        commands: Vec<Command>,
-    ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
-        self.raft.client_write_batch(commands).await
-    }
-
-    async fn read(&self, request: ReadRequest) -> PeerReply {
-        if let Some(not_leader) = self.not_leader() {
-            return not_leader;
-        }
-        match request {
-            ReadRequest::Authorize {
-                principal,
-                action,
-                conv,
-            } => PeerReply::Authorized(
-                self.sm
-                    .with_store(|s| s.authorize(&principal, action, conv))
-                    .and_then(|r| r.map_err(|e| e.refusal())),
-            ),
-            ReadRequest::History { conv, from, limit } => {
-                PeerReply::History(self.sm.read(conv, from.max(1), limit as usize).map(|h| {
-                    let mut bytes = 0;
-                    let messages = h
-                        .messages
-                        .iter()
-                        .take_while(|m| {
-                            bytes += m.delivery.frame.len();
-                            bytes <= HISTORY_REPLY_BYTES_MAX
-                        })
-                        .map(|m| m.message.clone())
-                        .collect();
-                    WireHistory {
-                        messages,
-                        first_seq: h.first_seq,
-                        next_seq: h.next_seq,
-                    }
-                }))
-            }
-        }
-    }
-
-    async fn elect(&self) -> PeerReply {
-        match self.raft.trigger().elect().await {
-            Ok(()) => PeerReply::Done,
-            Err(fatal) => PeerReply::Fatal(crate::raft::network::frame::WireFatal::from(&fatal)),
-        }
-    }
-
-    async fn watch(&self, convs: Vec<u64>, send: quinn::SendStream, recv: quinn::RecvStream) {
-        // The peer's id is not needed to serve it; 0 marks "a peer" in logs.
-        crate::fanout::watchers::serve_watch(self, 0, convs, send, recv).await;
+impl MetaGroup {
+    /// True while this node leads the metadata group.
+    pub fn is_leader(&self, me: NodeId) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(me)
     }
 }
 
@@ -166,6 +92,7 @@ impl PeerHandler for Group {
 #[derive(Clone, Default)]
 pub struct GroupSet {
     groups: Arc<ArcSwap<BTreeMap<GroupId, Arc<Group>>>>,
+    meta: Arc<std::sync::OnceLock<Arc<MetaGroup>>>,
 }
 
 impl GroupSet {
@@ -174,7 +101,18 @@ impl GroupSet {
         let map = groups.into_iter().map(|g| (g.id, Arc::new(g))).collect();
         GroupSet {
             groups: Arc::new(ArcSwap::from_pointee(map)),
+            meta: Arc::default(),
         }
+    }
+
+    /// Sets the metadata group (once, when the node starts).
+    pub fn set_meta(&self, meta: MetaGroup) {
+        let _ = self.meta.set(Arc::new(meta));
+    }
+
+    /// The metadata group, once started.
+    pub fn meta(&self) -> Option<Arc<MetaGroup>> {
+        self.meta.get().cloned()
     }
 
     /// The group `id`, if this node hosts it.
@@ -209,11 +147,15 @@ impl GroupSet {
     }
 }
 
-/// Peers' RPCs go to the hosted group; a group not hosted here is `NoGroup`.
+/// Peers' RPCs go to the hosted group (or the metadata group); a group not hosted here
+/// is `NoGroup`.
 impl GroupResolver for GroupSet {
-    type Handler = Arc<Group>;
+    type Handler = GroupHandler;
 
-    fn group(&self, group: GroupId) -> Option<Arc<Group>> {
-        self.get(group)
+    fn group(&self, group: GroupId) -> Option<GroupHandler> {
+        if group == META_GROUP {
+            return self.meta().map(GroupHandler::Meta);
+        }
+        self.get(group).map(GroupHandler::Data)
     }
 }

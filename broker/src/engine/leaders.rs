@@ -13,13 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use herald_client::wire::{Refusal, RefusalCode};
 
 use super::GroupSet;
-use crate::cluster_map::ClusterMap;
+use crate::cluster_map::SharedMap;
 use crate::raft::network::{PeerError, PeerNetwork, PeerReply, ReadRequest};
 use crate::raft::{GroupId, NodeId};
 
@@ -36,7 +36,7 @@ const SUSPECTS_MAX: usize = 1024;
 /// Leader guesses for every group (see the module documentation).
 pub struct Leaders {
     node_id: NodeId,
-    map: Arc<ClusterMap>,
+    map: SharedMap,
     groups: GroupSet,
     peers: PeerNetwork,
     hints: Mutex<HashMap<GroupId, NodeId>>,
@@ -48,12 +48,7 @@ pub struct Leaders {
 
 impl Leaders {
     /// Leader guesses over `map`, using this node's own replicas (`groups`) first.
-    pub fn new(
-        node_id: NodeId,
-        map: Arc<ClusterMap>,
-        groups: GroupSet,
-        peers: PeerNetwork,
-    ) -> Self {
+    pub fn new(node_id: NodeId, map: SharedMap, groups: GroupSet, peers: PeerNetwork) -> Self {
         Leaders {
             node_id,
             map,
@@ -99,7 +94,7 @@ impl Leaders {
             .get(&group)
             .copied();
         out.extend(hint);
-        if let Some(entry) = self.map.group(group) {
+        if let Some(entry) = self.map.load().group(group) {
             let n = entry.replicas.len().max(1);
             let start = self.turn.load(Ordering::Relaxed) % n;
             for k in 0..entry.replicas.len() {
@@ -168,12 +163,28 @@ impl Leaders {
 
     /// A node's QUIC address from the map.
     pub fn addr(&self, node: NodeId) -> Option<String> {
-        self.map.addr(node).map(str::to_owned)
+        self.map.load().addr(node).map(str::to_owned)
     }
 
     /// Sends `request` to `group`'s leader, following `NotLeader` hints and trying the
     /// replicas in turn; returns the leader's answer (`Authorized` or `History`).
     pub async fn read(&self, group: GroupId, request: ReadRequest) -> Result<PeerReply, Refusal> {
+        let peers = self.peers.clone();
+        self.call(group, move |target, addr| {
+            let (peers, request) = (peers.clone(), request.clone());
+            async move { peers.read(group, target, &addr, request).await }
+        })
+        .await
+    }
+
+    /// Calls `group`'s leader with `rpc(target, addr)`, following `NotLeader` hints and
+    /// trying the replicas in turn, at most [`READ_ATTEMPTS_MAX`] nodes; returns the
+    /// first answer that is neither `NotLeader` nor `NoGroup`.
+    pub async fn call<F, Fut>(&self, group: GroupId, rpc: F) -> Result<PeerReply, Refusal>
+    where
+        F: Fn(NodeId, String) -> Fut,
+        Fut: std::future::Future<Output = Result<PeerReply, PeerError>>,
+    {
         let mut tried: Vec<NodeId> = Vec::new();
         let mut next: Option<NodeId> = None;
         let mut last_problem = String::from("no replica of the group is known");
@@ -197,7 +208,7 @@ impl Leaders {
                 self.failed(group, target);
                 continue;
             };
-            match self.peers.read(group, target, &addr, request.clone()).await {
+            match rpc(target, addr).await {
                 Ok(PeerReply::NotLeader { leader }) => {
                     let hinted = leader.map(|(id, _)| id).filter(|id| *id != target);
                     self.note(group, hinted);

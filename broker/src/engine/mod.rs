@@ -26,13 +26,14 @@ use herald_client::wire::{
     ClusterMapView, ConvKind, GroupView, IdempotencyKey, NodeView, Principal, Refusal, RefusalCode,
 };
 mod groups;
+mod handler;
 mod leaders;
 mod pipeline;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use crate::cluster_map::ClusterMap;
+use crate::cluster_map::{ClusterMap, SharedMap};
 use crate::fanout::interest::Interest;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
@@ -40,14 +41,15 @@ use crate::raft::network::{PeerNetwork, PeerReply, ReadRequest};
 use crate::raft::{GroupId, NodeId, Outcome};
 use crate::routing::Router;
 use crate::store::{Action, Command, History, StoredMessage};
-pub use groups::{Group, GroupSet};
+pub use groups::{Group, GroupSet, MetaGroup};
+pub use handler::{GroupHandler, CATCH_UP_TIMEOUT};
 pub use leaders::Leaders;
 pub use pipeline::Pipeline;
 
 /// The groups, the cluster map and the metrics of one node.
 pub struct Engine {
     groups: GroupSet,
-    map: Arc<ClusterMap>,
+    map: SharedMap,
     hub: Arc<Hub>,
     peers: PeerNetwork,
     leaders: Arc<Leaders>,
@@ -98,7 +100,7 @@ impl Engine {
     pub fn new(
         config: EngineConfig,
         groups: GroupSet,
-        map: Arc<ClusterMap>,
+        map: SharedMap,
         hub: Arc<Hub>,
         peers: PeerNetwork,
         metrics: Arc<Metrics>,
@@ -146,9 +148,19 @@ impl Engine {
         &self.groups
     }
 
-    /// The cluster map.
-    pub fn map(&self) -> &ClusterMap {
-        &self.map
+    /// The cluster map as this node knows it now.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.map.load_full()
+    }
+
+    /// Replaces the node's map (the reconciler, on every change of the metadata group).
+    pub fn set_map(&self, map: Arc<ClusterMap>) {
+        self.map.store(map);
+    }
+
+    /// Leader guesses for every group.
+    pub fn leaders(&self) -> &Arc<Leaders> {
+        &self.leaders
     }
 
     /// This node's id.
@@ -158,7 +170,7 @@ impl Engine {
 
     /// The group that owns `conv`.
     pub fn group_of(&self, conv: u64) -> GroupId {
-        self.map.group_of(conv)
+        self.map.load().group_of(conv)
     }
 
     /// Queues a conversation create (idempotent); the answer says whether this call
@@ -411,9 +423,9 @@ impl Engine {
 
     /// The cluster map for clients: nodes, each group's slots and known leader.
     pub fn cluster_view(&self) -> ClusterMapView {
+        let map = self.map();
         ClusterMapView {
-            nodes: self
-                .map
+            nodes: map
                 .nodes()
                 .iter()
                 .map(|(id, node)| NodeView {
@@ -421,8 +433,7 @@ impl Engine {
                     addr: node.addr.clone(),
                 })
                 .collect(),
-            groups: self
-                .map
+            groups: map
                 .groups()
                 .iter()
                 .map(|(id, group)| GroupView {

@@ -549,27 +549,33 @@ impl StateMachine {
         })
     }
 
-    /// Writes `DIR/current.snap` durably: temp file, fsync, rename, fsync the directory.
+    /// Writes `DIR/current.snap` durably (see [`persist_snapshot`]).
     fn persist(&self, data: &[u8]) -> Result<(), StorageError> {
-        let io =
-            |e: std::io::Error| -> StorageError { StorageIOError::write_snapshot(None, &e).into() };
-        let tmp = self.shared.dir.join("current.snap.tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&crc32fast::hash(data).to_le_bytes())
-            .map_err(io)?;
-        file.write_all(data).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, self.shared.dir.join("current.snap")).map_err(io)?;
-        std::fs::File::open(&self.shared.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(())
+        persist_snapshot(&self.shared.dir, data)
     }
 }
 
+/// Writes `dir/current.snap` durably: CRC + `data` to a temp file, fsync, rename,
+/// fsync the directory. Shared with the metadata group's snapshots.
+pub(crate) fn persist_snapshot(dir: &std::path::Path, data: &[u8]) -> Result<(), StorageError> {
+    let io =
+        |e: std::io::Error| -> StorageError { StorageIOError::write_snapshot(None, &e).into() };
+    let tmp = dir.join("current.snap.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(&crc32fast::hash(data).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(data).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, dir.join("current.snap")).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
+
 /// The body of a snapshot file whose CRC matches, or `None`.
-fn checked_body(bytes: &[u8]) -> Option<&[u8]> {
+pub(crate) fn checked_body(bytes: &[u8]) -> Option<&[u8]> {
     let (crc, body) = bytes.split_first_chunk::<4>()?;
     (u32::from_le_bytes(*crc) == crc32fast::hash(body)).then_some(body)
 }

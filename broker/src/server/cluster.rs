@@ -1,31 +1,37 @@
-//! Bringing a node's Raft groups up: the shared log, a state machine per group, the
-//! peer network, one openraft instance per group the cluster map places here, and the
-//! one-time initialization of a new cluster's groups.
+//! Bringing a node's Raft groups up: the shared log, the peer network, the metadata
+//! group (group 0, whose state is the cluster map), and — as the map places them here —
+//! the data groups, each with its state machine and openraft instance.
 //!
-//! Owns: the mapping from [`Config`] to openraft's config and to the cluster map, where
-//! the Raft data lives under the data directory (`raft/wal` for every group's log,
-//! `raft/groups/<id>/snapshot`), and the rule that decides who initializes a group: its
-//! first replica, on its first boot only (the group's log and vote are empty), so no two
-//! nodes race to form two groups.
+//! Owns: the mapping from [`Config`] to openraft's config and to the initial cluster
+//! map, where the Raft data lives under the data directory (`raft/wal` for every
+//! group's log, `raft/meta/snapshot`, `raft/groups/<id>/snapshot`), and the rules that
+//! decide who initializes: the metadata group by its lowest-id initial member on its
+//! first boot; a data group by its first replica, only while the group still has the
+//! replicas it was created with (generation 0) and its log is empty. A replica added
+//! later always joins through the group's leader. So no two nodes race to form two
+//! groups.
 //! Must not: serve clients, or touch conversation state beyond opening it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::BasicNode;
 
 use super::NodeError;
-use crate::cluster_map::ClusterMap;
+use crate::cluster_map::{ClusterMap, SharedMap};
 use crate::config::Config;
-use crate::engine::{Group, GroupSet, Pipeline};
+use crate::engine::{Group, GroupSet, MetaGroup, Pipeline};
 use crate::fanout::Hub;
+use crate::meta::state_machine::MetaStateMachine;
+use crate::meta::META_VOTERS_MAX;
 use crate::metrics::Metrics;
 use crate::raft::log_store::{LogStoreConfig, Wal};
 use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
 use crate::raft::state_machine::{StateMachine, StateMachineConfig};
-use crate::raft::{GroupId, NodeId, Raft};
+use crate::raft::{GroupId, NodeId, Raft, META_GROUP};
 use crate::store::StoreLimits;
 
 /// Concurrent RPC streams a peer connection may open (appends, votes, snapshot chunks
@@ -35,22 +41,42 @@ const PEER_STREAMS_MAX: u32 = 1024;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time to establish a peer connection before the peer counts as unreachable.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The metadata group snapshots after this many entries (its log is then purged).
+const META_SNAPSHOT_LOGS: u64 = 1000;
 
 /// Set to `1` (tests only) to open the log store in power-loss simulation mode.
 pub const POWER_LOSS_ENV: &str = "HERALD_TEST_POWER_LOSS";
 
-/// The started Raft groups of this node and what the rest of the node needs from them.
+/// The started Raft side of this node and what the rest of the node needs from it.
 pub struct Replication {
-    /// The groups this node hosts.
+    /// The groups this node hosts (data groups join as the map places them).
     pub groups: GroupSet,
-    /// The cluster map they were started from.
-    pub map: Arc<ClusterMap>,
+    /// The node's view of the cluster map (follows the metadata group).
+    pub map: SharedMap,
     /// Dials peers (also used to forward writes to leaders).
     pub peers: PeerNetwork,
     /// What serving an incoming peer connection needs.
     pub peer_server: Arc<PeerServerContext<GroupSet>>,
     /// The node's shared log (for stats).
     pub wal: Wal,
+    /// Starts and stops data groups (the reconciler uses it).
+    pub factory: GroupFactory,
+    /// The map a new cluster starts with (from the config).
+    pub initial: ClusterMap,
+    /// Voters the metadata group should have.
+    pub meta_voters: usize,
+}
+
+/// What starting a data group needs.
+pub struct GroupFactory {
+    node_id: NodeId,
+    wal: Wal,
+    raft_dir: PathBuf,
+    raft_config: Arc<openraft::Config>,
+    peers: PeerNetwork,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    limits: StoreLimits,
 }
 
 /// Transport settings of node-to-node connections: a dead peer's connection must end
@@ -110,8 +136,9 @@ pub fn initial_members(
         .collect())
 }
 
-/// Opens storage, starts one openraft instance per group this node hosts, and
-/// initializes each group of a brand-new cluster on its first replica.
+/// Opens storage and the peer network, starts the metadata group (initializing it on
+/// the first boot of the lowest-id initial member), and returns what the node needs to
+/// start its data groups as the map places them.
 pub async fn start(
     config: &Config,
     endpoint: &quinn::Endpoint,
@@ -137,7 +164,7 @@ pub async fn start(
     .map_err(|e| NodeError::Storage(e.to_string()))?;
 
     let members = initial_members(config, quic_addr)?;
-    let map = ClusterMap::initial(
+    let initial = ClusterMap::initial(
         &members
             .iter()
             .map(|(id, node)| (*id, node.addr.clone()))
@@ -146,7 +173,6 @@ pub async fn start(
         config.cluster.replication_factor,
     )
     .map_err(|e| NodeError::Config(crate::config::ConfigError::Invalid(vec![e.to_string()])))?;
-    let map = Arc::new(map);
 
     let secret_file = if config.cluster.secret_file.as_os_str().is_empty() {
         &config.auth.token_secret_file
@@ -182,79 +208,175 @@ pub async fn start(
         rpc_timeout: config.raft.write_timeout.min(FORWARD_TIMEOUT),
     });
 
-    let raft_config = Arc::new(raft_config(&config.raft)?);
-    let hosted = map.hosted_by(node_id);
-    for stale in wal.groups() {
-        if !hosted.contains(&stale) {
-            tracing::warn!(
-                group = stale,
-                "the log holds a group the cluster map does not place on this node; ignoring it"
-            );
-        }
+    let raft_config = Arc::new(raft_config(&config.raft, None)?);
+    let meta_config = Arc::new(raft_config_for_meta(&config.raft)?);
+
+    // The metadata group: every node runs it; the initial members (up to
+    // META_VOTERS_MAX) are its voters, everybody else joins as a learner.
+    let meta_log = wal.group(META_GROUP);
+    let meta_sm = MetaStateMachine::open(raft_dir.join("meta/snapshot"))
+        .map_err(|e| NodeError::Storage(format!("metadata group: {e}")))?;
+    let meta_raft = Raft::new(
+        node_id,
+        meta_config,
+        peers.for_group(META_GROUP),
+        meta_log.clone(),
+        meta_sm.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Storage(format!("cannot start the metadata group: {e}")))?;
+    let voters: BTreeMap<NodeId, BasicNode> = members
+        .iter()
+        .take(META_VOTERS_MAX)
+        .map(|(id, n)| (*id, n.clone()))
+        .collect();
+    let meta_voters = voters.len();
+    if voters.keys().next() == Some(&node_id) {
+        initialize_if_new(&meta_raft, META_GROUP, voters).await?;
     }
-    let mut groups = Vec::with_capacity(hosted.len());
-    for group in hosted {
-        let log = wal.group(group);
-        let sm = StateMachine::open(
-            StateMachineConfig {
-                group,
-                dir: raft_dir.join(format!("groups/{group}/snapshot")),
-                limits: store_limits(&config.limits),
-            },
-            hub.clone(),
-            metrics.clone(),
-            Arc::new(log.reader()),
-        )
-        .map_err(|e| NodeError::Storage(format!("group {group}: {e}")))?;
-        let raft = Raft::new(
+    let groups = GroupSet::new(Vec::new());
+    groups.set_meta(MetaGroup {
+        pipeline: Pipeline::start(
+            META_GROUP,
+            meta_raft.clone(),
+            peers.clone(),
             node_id,
-            raft_config.clone(),
-            peers.for_group(group),
-            log.clone(),
-            sm.clone(),
-        )
-        .await
-        .map_err(|e| NodeError::Storage(format!("cannot start raft for group {group}: {e}")))?;
-        let replicas = map
-            .group(group)
-            .map(|g| g.replicas.clone())
-            .unwrap_or_default();
-        initialize_once(&raft, group, node_id, &replicas, &map).await?;
-        groups.push(Group {
-            id: group,
-            pipeline: Pipeline::start(group, raft.clone(), peers.clone(), node_id, metrics.clone()),
-            raft,
-            sm,
-            log,
-        });
-    }
-    let groups = GroupSet::new(groups);
+            metrics.clone(),
+        ),
+        raft: meta_raft,
+        sm: meta_sm.clone(),
+        log: meta_log,
+    });
+    let map: SharedMap = Arc::new(arc_swap::ArcSwap::new(meta_sm.map()));
     let peer_server = Arc::new(PeerServerContext {
         groups: groups.clone(),
         secret,
         streams_max: PEER_STREAMS_MAX,
     });
+    let factory = GroupFactory {
+        node_id,
+        wal: wal.clone(),
+        raft_dir,
+        raft_config,
+        peers: peers.clone(),
+        hub,
+        metrics,
+        limits: store_limits(&config.limits),
+    };
     Ok(Replication {
         groups,
         map,
         peers,
         peer_server,
         wal,
+        factory,
+        initial,
+        meta_voters,
     })
 }
 
-/// openraft's settings from Herald's.
-fn raft_config(r: &crate::config::RaftConfig) -> Result<openraft::Config, NodeError> {
+impl GroupFactory {
+    /// Starts data group `group` as `map` places it: opens its log and state machine,
+    /// starts its openraft instance, and initializes it if this node is its first
+    /// replica, the group still has its original replicas, and its log is empty.
+    pub async fn start(&self, group: GroupId, map: &ClusterMap) -> Result<Group, NodeError> {
+        let log = self.wal.group(group);
+        let sm = StateMachine::open(
+            StateMachineConfig {
+                group,
+                dir: self.group_dir(group).join("snapshot"),
+                limits: self.limits,
+            },
+            self.hub.clone(),
+            self.metrics.clone(),
+            Arc::new(log.reader()),
+        )
+        .map_err(|e| NodeError::Storage(format!("group {group}: {e}")))?;
+        let raft = Raft::new(
+            self.node_id,
+            self.raft_config.clone(),
+            self.peers.for_group(group),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Storage(format!("cannot start raft for group {group}: {e}")))?;
+        if let Some(entry) = map.group(group) {
+            if entry.generation == 0 && entry.replicas.first() == Some(&self.node_id) {
+                let members: BTreeMap<NodeId, BasicNode> = entry
+                    .replicas
+                    .iter()
+                    .filter_map(|id| {
+                        map.addr(*id).map(|addr| {
+                            (
+                                *id,
+                                BasicNode {
+                                    addr: addr.to_owned(),
+                                },
+                            )
+                        })
+                    })
+                    .collect();
+                initialize_if_new(&raft, group, members).await?;
+            }
+        }
+        Ok(Group {
+            id: group,
+            pipeline: Pipeline::start(
+                group,
+                raft.clone(),
+                self.peers.clone(),
+                self.node_id,
+                self.metrics.clone(),
+            ),
+            raft,
+            sm,
+            log,
+        })
+    }
+
+    /// Stops a data group this node no longer hosts and forgets its data: its log
+    /// leaves the shared log, its snapshot directory is removed.
+    pub async fn stop(&self, group: Arc<Group>) {
+        let id = group.id;
+        let _ = group.raft.shutdown().await;
+        group.sm.set_leader(false);
+        if let Err(e) = self.wal.drop_group(id).await {
+            tracing::warn!(group = id, error = %e, "cannot drop the group's log");
+        }
+        let dir = self.group_dir(id);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(group = id, error = %e, dir = %dir.display(), "cannot remove the group's directory");
+            }
+        }
+    }
+
+    fn group_dir(&self, group: GroupId) -> PathBuf {
+        self.raft_dir.join(format!("groups/{group}"))
+    }
+}
+
+/// openraft's settings from Herald's (a data group's unless `keep` says how many
+/// entries to keep after a snapshot).
+fn raft_config(
+    r: &crate::config::RaftConfig,
+    keep: Option<(u64, u64)>,
+) -> Result<openraft::Config, NodeError> {
+    let (snapshot_logs, keep_logs) = match keep {
+        Some((snapshot_logs, keep_logs)) => (snapshot_logs, keep_logs),
+        // Never purge on openraft's own schedule: the log holds history, so the engine
+        // purges only below the oldest message still read from it.
+        None => (r.snapshot_logs_since_last, u64::MAX),
+    };
     openraft::Config {
         cluster_name: "herald".into(),
         heartbeat_interval: r.heartbeat_interval.as_millis() as u64,
         election_timeout_min: r.election_timeout_min.as_millis() as u64,
         election_timeout_max: r.election_timeout_max.as_millis() as u64,
         max_payload_entries: r.append_entries_max,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
-        // Never purge on openraft's own schedule: the log holds history, so the engine
-        // purges only below the oldest message still read from it.
-        max_in_snapshot_log_to_keep: u64::MAX,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
+        max_in_snapshot_log_to_keep: keep_logs,
         install_snapshot_timeout: 30_000,
         ..Default::default()
     }
@@ -262,19 +384,19 @@ fn raft_config(r: &crate::config::RaftConfig) -> Result<openraft::Config, NodeEr
     .map_err(|e| NodeError::Storage(format!("raft settings are not usable: {e}")))
 }
 
-/// Initializes a group of a brand-new cluster: only its first replica does, and only
-/// while the group has never been initialized here (empty log and vote), so no two
-/// nodes race to form two groups.
-async fn initialize_once(
+/// The metadata group's settings: its log holds no history, so openraft snapshots it
+/// often and purges it behind the snapshot (it must not pin the shared log).
+fn raft_config_for_meta(r: &crate::config::RaftConfig) -> Result<openraft::Config, NodeError> {
+    raft_config(r, Some((META_SNAPSHOT_LOGS, META_SNAPSHOT_LOGS / 10)))
+}
+
+/// Initializes `raft` (group `group`) with `members` unless it was initialized
+/// before (its log or vote is not empty).
+async fn initialize_if_new(
     raft: &Raft,
     group: GroupId,
-    node_id: NodeId,
-    replicas: &[NodeId],
-    map: &ClusterMap,
+    members: BTreeMap<NodeId, BasicNode>,
 ) -> Result<(), NodeError> {
-    if replicas.first() != Some(&node_id) {
-        return Ok(());
-    }
     let initialized = raft
         .is_initialized()
         .await
@@ -282,24 +404,7 @@ async fn initialize_once(
     if initialized {
         return Ok(());
     }
-    let members: BTreeMap<NodeId, BasicNode> = replicas
-        .iter()
-        .filter_map(|id| {
-            map.addr(*id).map(|addr| {
-                (
-                    *id,
-                    BasicNode {
-                        addr: addr.to_owned(),
-                    },
-                )
-            })
-        })
-        .collect();
-    tracing::info!(
-        group,
-        ?members,
-        "first boot of the group's first replica: initializing it"
-    );
+    tracing::info!(group, ?members, "first boot: initializing the group");
     if let Err(e) = raft.initialize(members).await {
         // Another path got there first (e.g. a peer already replicated to us).
         tracing::info!(group, "group not initialized by this node: {e}");

@@ -9,6 +9,7 @@ pub mod admin;
 mod balance;
 pub mod cluster;
 mod readiness;
+mod reconcile;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -72,7 +73,7 @@ pub struct NodeContext {
     /// The node's configuration.
     pub config: Config,
     /// Conversation state and local fan-out.
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
     /// Verifies client tokens.
     pub verifier: TokenVerifier,
     /// The node's metrics.
@@ -85,6 +86,8 @@ pub struct NodeContext {
     pub peer_server: Arc<crate::raft::network::PeerServerContext<crate::engine::GroupSet>>,
     /// The node's shared log of all groups (fsync stats).
     pub wal: crate::raft::log_store::Wal,
+    /// Which of the node's groups are ready.
+    pub readiness: readiness::Readiness,
     session_ids: AtomicU64,
     /// Held while anything of this node may still write to the data directory.
     _data_dir_lock: std::fs::File,
@@ -200,10 +203,20 @@ impl RunningNode {
             replication.peers.clone(),
             metrics.clone(),
         );
+        let cluster::Replication {
+            peer_server,
+            wal,
+            factory,
+            initial,
+            meta_voters,
+            ..
+        } = replication;
+        let engine = Arc::new(engine);
         let context = Arc::new(NodeContext {
-            engine,
-            peer_server: replication.peer_server.clone(),
-            wal: replication.wal.clone(),
+            engine: engine.clone(),
+            peer_server,
+            wal,
+            readiness: readiness::Readiness::default(),
             config,
             verifier,
             metrics,
@@ -219,22 +232,27 @@ impl RunningNode {
                 ctx.sessions.revoke(conv, users);
             }
         }));
+        readiness::track_meta(context.clone());
+        let driver = crate::meta::driver::Driver {
+            node_id: context.config.cluster.node_id,
+            engine: engine.clone(),
+            initial,
+            voters_wanted: meta_voters,
+        };
         let tasks = vec![
             tokio::spawn(admin::serve(admin_listener, context.clone())),
             tokio::spawn(accept_loop(endpoint.clone(), context.clone())),
             tokio::spawn(housekeeping(context.clone())),
-            tokio::spawn(readiness::watch(context.clone())),
+            tokio::spawn(reconcile::run(context.clone(), factory)),
+            tokio::spawn(driver.run()),
             tokio::spawn(balance::run(context.clone())),
         ];
         if context.config.cluster.members.is_empty() {
-            // A one-node cluster (`herald dev`) elects itself at once: answer only when
-            // every group can take writes, as before replication.
-            for group in context.engine.groups().all().values() {
-                let _ = group
-                    .raft
-                    .wait(Some(Duration::from_secs(10)))
-                    .metrics(|m| m.current_leader.is_some(), "one-node cluster leader")
-                    .await;
+            // A one-node cluster (`herald dev`) bootstraps itself at once: answer only
+            // when it can take writes, as before replication.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !context.ready.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         tracing::info!(%quic_addr, %admin_addr, node_id = context.config.cluster.node_id, "node serving; ready once it has a leader and has caught up");
@@ -260,6 +278,9 @@ impl RunningNode {
         }
         for group in self.context.engine.groups().all().values() {
             let _ = group.raft.shutdown().await;
+        }
+        if let Some(meta) = self.context.engine.groups().meta() {
+            let _ = meta.raft.shutdown().await;
         }
     }
 }

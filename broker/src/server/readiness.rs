@@ -1,16 +1,18 @@
 //! Readiness (`/readyz`), leadership, and the per-group Raft gauges.
 //!
-//! Owns: one watcher task per hosted group that wakes on every change of the group's
-//! openraft metrics, exports them (term, leader, last log and applied index, leader
-//! changes), tells the group's state machine whether this replica leads (only the
-//! leader fans out), and decides whether the group is ready here; the node is ready
-//! exactly while every group it hosts is.
+//! Owns: one watcher task per running group (the metadata group and every data group)
+//! that wakes on every change of the group's openraft metrics, exports them (term,
+//! leader, last log and applied index, leader changes), tells a data group's state
+//! machine whether this replica leads (only the leader fans out), and decides whether
+//! the group is ready here. The node is ready exactly while the metadata group is, the
+//! map is bootstrapped, and every data group it holds a replica of runs and is ready.
 //! Must not: change Raft state; it only observes.
 //!
 //! A group is ready on this node when the node knows its leader, has applied its log to
 //! within [`READY_APPLY_LAG_MAX`] entries of its last entry, and — if this node is the
 //! leader — has heard from a quorum within [`READY_QUORUM_ACK_MS_MAX`] (a lone node
-//! restored as leader from its saved vote is not ready).
+//! restored as leader from its saved vote is not ready). A replica still joining (a
+//! move in progress) does not count.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::NodeContext;
 use crate::engine::Group;
 use crate::metrics::{GroupLabel, Metrics};
-use crate::raft::GroupId;
+use crate::raft::{GroupId, NodeId, Raft, META_GROUP};
 
 /// How long ago a leader may have last heard from a quorum and still call itself ready.
 pub const READY_QUORUM_ACK_MS_MAX: u64 = 2_000;
@@ -27,31 +29,78 @@ pub const READY_QUORUM_ACK_MS_MAX: u64 = 2_000;
 /// How far behind its last log entry a group may apply and still count as caught up.
 pub const READY_APPLY_LAG_MAX: u64 = 1000;
 
-/// Starts a watcher per hosted group and keeps `ctx.ready` up to date; returns when
-/// every watcher has ended (Raft stopped).
-pub async fn watch(ctx: Arc<NodeContext>) {
-    let groups = ctx.engine.groups().all();
-    let states: Arc<Mutex<BTreeMap<GroupId, bool>>> =
-        Arc::new(Mutex::new(groups.keys().map(|id| (*id, false)).collect()));
-    let mut tasks = Vec::new();
-    for group in groups.values() {
-        let (ctx, group, states) = (ctx.clone(), group.clone(), states.clone());
-        tasks.push(tokio::spawn(async move {
-            watch_group(&ctx, &group, &states).await;
-        }));
+/// Which running groups are ready (the metadata group as group 0).
+#[derive(Default)]
+pub struct Readiness {
+    groups: Mutex<BTreeMap<GroupId, bool>>,
+}
+
+impl Readiness {
+    fn set(&self, group: GroupId, ready: bool) {
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(group, ready);
     }
-    for task in tasks {
-        let _ = task.await;
+
+    fn forget(&self, group: GroupId) {
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&group);
+    }
+
+    fn is_ready(&self, group: GroupId) -> bool {
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .copied()
+            .unwrap_or(false)
     }
 }
 
-async fn watch_group(ctx: &NodeContext, group: &Group, states: &Mutex<BTreeMap<GroupId, bool>>) {
-    let mut metrics = group.raft.metrics();
+/// Recomputes the node's readiness from its groups' and the map.
+pub fn recompute(ctx: &NodeContext) {
+    let me = ctx.config.cluster.node_id;
+    let map = ctx.engine.map();
+    let replicas_ready = map
+        .groups()
+        .iter()
+        .filter(|(_, g)| g.replicas.contains(&me))
+        .all(|(id, _)| ctx.readiness.is_ready(*id));
+    let ready = !map.is_empty() && ctx.readiness.is_ready(META_GROUP) && replicas_ready;
+    if ctx.ready.swap(ready, Ordering::AcqRel) != ready {
+        tracing::info!(ready, "readiness changed");
+    }
+}
+
+/// Watches the metadata group (for the node's lifetime).
+pub fn track_meta(ctx: Arc<NodeContext>) {
+    let Some(meta) = ctx.engine.groups().meta() else {
+        return;
+    };
+    tokio::spawn(async move {
+        watch(&ctx, META_GROUP, &meta.raft, None).await;
+    });
+}
+
+/// Watches a data group until it stops running.
+pub fn track(ctx: Arc<NodeContext>, group: Arc<Group>) {
+    tokio::spawn(async move {
+        watch(&ctx, group.id, &group.raft, Some(&group)).await;
+        ctx.readiness.forget(group.id);
+        recompute(&ctx);
+    });
+}
+
+async fn watch(ctx: &NodeContext, id: GroupId, raft: &Raft, data: Option<&Group>) {
+    let mut metrics = raft.metrics();
     let mut leader_seen = None;
     loop {
         let (ready, leads) = {
             let m = metrics.borrow_and_update();
-            export(&ctx.metrics, group.id, &m, &mut leader_seen);
+            export(&ctx.metrics, id, &m, &mut leader_seen);
             let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
             let last = m.last_log_index.unwrap_or(0);
             let voters = m.membership_config.membership().voter_ids().count();
@@ -64,18 +113,17 @@ async fn watch_group(ctx: &NodeContext, group: &Group, states: &Mutex<BTreeMap<G
                 && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX;
             (ready, m.state == openraft::ServerState::Leader)
         };
-        // Only the leader fans out; its state machine learns it here (and marks its
-        // sessions' conversations when it takes over).
-        group.sm.set_leader(leads);
-        let node_ready = {
-            let mut states = states.lock().unwrap_or_else(PoisonError::into_inner);
-            states.insert(group.id, ready);
-            states.values().all(|r| *r)
-        };
-        if ctx.ready.swap(node_ready, Ordering::AcqRel) != node_ready {
-            tracing::info!(ready = node_ready, group = group.id, "readiness changed");
+        if let Some(group) = data {
+            // Only the leader fans out; its state machine learns it here (and marks its
+            // sessions' conversations when it takes over).
+            group.sm.set_leader(leads);
         }
+        ctx.readiness.set(id, ready);
+        recompute(ctx);
         if metrics.changed().await.is_err() {
+            if let Some(group) = data {
+                group.sm.set_leader(false);
+            }
             return;
         }
     }
@@ -85,8 +133,8 @@ async fn watch_group(ctx: &NodeContext, group: &Group, states: &Mutex<BTreeMap<G
 fn export(
     exported: &Metrics,
     group: GroupId,
-    m: &openraft::RaftMetrics<crate::raft::NodeId, openraft::BasicNode>,
-    leader_seen: &mut Option<Option<crate::raft::NodeId>>,
+    m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>,
+    leader_seen: &mut Option<Option<NodeId>>,
 ) {
     let label = GroupLabel::of(group);
     let gauge = |i: Option<u64>| i64::try_from(i.unwrap_or(0)).unwrap_or(i64::MAX);

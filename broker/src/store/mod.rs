@@ -147,6 +147,9 @@ pub enum Command {
         /// The proposing leader's clock, ms since the Unix epoch.
         now_ms: u64,
     },
+    /// A change to the cluster map: only the metadata group applies it; a data group
+    /// refuses it.
+    Meta(crate::cluster_map::MetaCommand),
 }
 
 /// What an applied [`Command`] did.
@@ -313,6 +316,9 @@ impl ConversationStore {
                 self.trim_expired(now_ms);
                 Ok(Applied::Trimmed)
             }
+            Command::Meta(_) => Err(StoreError::invalid(
+                "a cluster-map change reached a data group; this is a bug",
+            )),
             Command::Publish {
                 conv,
                 sender,

@@ -477,6 +477,36 @@ impl PeerNetwork {
         .await
     }
 
+    /// Asks `target`, the leader of `group`, to move one replica from `remove` to `add`
+    /// (at `add_addr`); waits up to `ttl` (the new replica catches up first). Answers
+    /// `Done`, `NotLeader`, `NoGroup` or an error.
+    pub async fn reconfigure(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        addr: &str,
+        (add, add_addr, remove): (NodeId, String, NodeId),
+        ttl: Duration,
+    ) -> Result<PeerReply, PeerError> {
+        let request = GroupRequest::Reconfigure {
+            add,
+            addr: add_addr,
+            remove,
+        }
+        .to(group);
+        let bytes = encode_frame(&request, "request", PEER_FRAME_BYTES_MAX)
+            .map_err(|source| PeerError::Frame { target, source })?;
+        self.call(
+            target,
+            addr,
+            "Reconfigure",
+            &bytes,
+            ttl,
+            PEER_REPLY_BYTES_MAX,
+        )
+        .await
+    }
+
     /// Asks `target`'s replica of `group` to start an election (leader balance).
     pub async fn elect(&self, group: GroupId, target: NodeId, addr: &str) -> Result<(), PeerError> {
         let bytes = encode_frame(

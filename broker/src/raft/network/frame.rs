@@ -296,6 +296,17 @@ pub enum GroupRequest {
     /// A node with no replica of the group (or whose replica may lag) reads from the
     /// group's leader. Answered with [`PeerReply::Authorized`] or [`PeerReply::History`].
     Read(ReadRequest),
+    /// The group's leader is asked to move one replica: `add` joins as a learner,
+    /// catches up, and becomes a voter in `remove`'s place. Answered with
+    /// [`PeerReply::Done`] once the new voters are committed.
+    Reconfigure {
+        /// The node that gets a replica.
+        add: NodeId,
+        /// Its QUIC address.
+        addr: String,
+        /// The replica taken out.
+        remove: NodeId,
+    },
     /// The group's leader asks this replica to take over: it starts an election at once
     /// (leader balance). Answered with [`PeerReply::Done`]; whether it wins shows in the
     /// group's metrics.
@@ -532,6 +543,7 @@ impl GroupRequest {
             GroupRequest::Read(ReadRequest::History { .. }) => "History",
             GroupRequest::Watch { .. } => "Watch",
             GroupRequest::Elect => "Elect",
+            GroupRequest::Reconfigure { .. } => "Reconfigure",
         }
     }
 

@@ -85,6 +85,18 @@ pub trait PeerHandler: Send + Sync + 'static {
         commands: Vec<Command>,
     ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send;
 
+    /// Moves one replica of the group this node leads (see
+    /// [`GroupRequest::Reconfigure`]). The default refuses.
+    fn reconfigure(
+        &self,
+        add: NodeId,
+        addr: String,
+        remove: NodeId,
+    ) -> impl Future<Output = PeerReply> + Send {
+        let _ = (add, addr, remove);
+        async { PeerReply::error("this node moves no replicas") }
+    }
+
     /// Starts an election on this replica (the leader hands leadership over). The
     /// default refuses.
     fn elect(&self) -> impl Future<Output = PeerReply> + Send {
@@ -257,6 +269,15 @@ impl<H: PeerHandler> PeerHandler for Arc<H> {
 
     fn elect(&self) -> impl Future<Output = PeerReply> + Send {
         H::elect(self)
+    }
+
+    fn reconfigure(
+        &self,
+        add: NodeId,
+        addr: String,
+        remove: NodeId,
+    ) -> impl Future<Output = PeerReply> + Send {
+        H::reconfigure(self, add, addr, remove)
     }
 
     fn watch(
@@ -489,6 +510,9 @@ pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: GroupRequest) ->
         }
         GroupRequest::Read(request) => raft.read(request).await,
         GroupRequest::Elect => raft.elect().await,
+        GroupRequest::Reconfigure { add, addr, remove } => {
+            raft.reconfigure(add, addr, remove).await
+        }
         GroupRequest::Watch { .. } => PeerReply::error("a watch cannot be answered with one reply"),
         GroupRequest::ForwardBatch(commands) => {
             let count = commands.len();
