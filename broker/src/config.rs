@@ -83,6 +83,10 @@ pub struct ClusterConfig {
     /// Replicas per data group (capped at the number of members). Every node must use
     /// the same value.
     pub replication_factor: u32,
+    /// This node joins a running cluster instead of forming one: it never initializes
+    /// a group and waits until an operator adds it (`herald cluster add-node`); its id
+    /// must not be among `members`, which may then be empty.
+    pub join: bool,
 }
 
 /// Data groups per member when `cluster.groups` is 0.
@@ -229,6 +233,7 @@ impl Default for ClusterConfig {
             ca_file: PathBuf::new(),
             groups: 0,
             replication_factor: 3,
+            join: false,
         }
     }
 }
@@ -483,10 +488,19 @@ impl Config {
         }
         match self.cluster.parsed_members() {
             Err(problem) => problems.push(problem),
-            Ok(members) if !members.is_empty() => {
-                if !members.iter().any(|(id, _)| *id == self.cluster.node_id) {
+            Ok(members) if !members.is_empty() || self.cluster.join => {
+                let listed = members.iter().any(|(id, _)| *id == self.cluster.node_id);
+                if self.cluster.join && listed {
                     problems.push(format!(
-                        "cluster.node_id = {} is not among cluster.members",
+                        "cluster.join is set but cluster.node_id = {} is among cluster.members \
+                         (the initial members form the cluster; a joining node needs a new id)",
+                        self.cluster.node_id
+                    ));
+                }
+                if !self.cluster.join && !listed {
+                    problems.push(format!(
+                        "cluster.node_id = {} is not among cluster.members \
+                         (set cluster.join = true for a node added to a running cluster)",
                         self.cluster.node_id
                     ));
                 }
@@ -693,5 +707,25 @@ mod tests {
         assert!(err.contains("session_queue_len_max"), "{err}");
         assert!(err.contains("token_algorithm"), "{err}");
         assert!(err.contains("tls.cert_file"), "{err}");
+    }
+
+    #[test]
+    fn a_joining_node_needs_a_new_id_and_a_member_must_be_listed() {
+        let mut config = Config::default();
+        config.cluster.node_id = 4;
+        config.cluster.members = vec!["1=127.0.0.1:1".into(), "2=127.0.0.1:2".into()];
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("set cluster.join = true"), "{err}");
+        config.cluster.join = true;
+        let err = config.check().unwrap_err().to_string();
+        assert!(!err.contains("cluster.node_id"), "{err}");
+        config.cluster.node_id = 2;
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("a joining node needs a new id"), "{err}");
+        // A joining node may list no members at all.
+        config.cluster.node_id = 4;
+        config.cluster.members.clear();
+        let err = config.check().unwrap_err().to_string();
+        assert!(!err.contains("cluster."), "{err}");
     }
 }

@@ -67,6 +67,18 @@ enum Command {
     History(cli::client::HistoryArgs),
     /// Nodes, groups, leaders and lag (from the admin HTTP `/cluster`).
     Status(StatusArgs),
+    /// Add or remove nodes; replicas move by Raft membership change, a few at a time.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Add a node (start it first, with the cluster's secrets and `cluster.node_id`);
+    /// replicas then move to it until the cluster is balanced.
+    AddNode(cli::cluster::AddNodeArgs),
+    /// Drain a node (its replicas move to the others), then remove it from the map.
+    RemoveNode(cli::cluster::RemoveNodeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,6 +146,10 @@ fn main() -> ExitCode {
             Command::Sub(args) => cli::client::subscribe(args).await,
             Command::History(args) => cli::client::history(args).await,
             Command::Status(args) => cli::node::status(&args.admin, args.json).await,
+            Command::Cluster(ClusterCommand::AddNode(args)) => cli::cluster::add_node(args).await,
+            Command::Cluster(ClusterCommand::RemoveNode(args)) => {
+                cli::cluster::remove_node(args).await
+            }
         }
     });
     match result {

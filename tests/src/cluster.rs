@@ -36,6 +36,9 @@ struct Node {
     admin: SocketAddr,
     child: Option<Child>,
     paused: bool,
+    /// In the cluster: an initial member, or a joining node once added (and until
+    /// removed). [`Cluster::ids`] lists only members.
+    member: bool,
 }
 
 /// What became of a spawned node.
@@ -73,10 +76,30 @@ impl Cluster {
         groups: u32,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Cluster> {
-        anyhow::ensure!((1..=9).contains(&n), "a cluster has 1 to 9 nodes, not {n}");
+        Self::start_growable(n, n, groups, env).await
+    }
+
+    /// Writes `total` nodes of which the first `initial` form the cluster (with
+    /// `groups` data groups) and start now; nodes `initial+1..=total` are joining nodes
+    /// (`cluster.join`), started later and added with `herald cluster add-node` (see
+    /// [`Cluster::add_node`]).
+    pub async fn start_growable(
+        total: u16,
+        initial: u16,
+        groups: u32,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(
+            (1..=9).contains(&total),
+            "a cluster has 1 to 9 nodes, not {total}"
+        );
+        anyhow::ensure!(
+            (1..=total).contains(&initial),
+            "{initial} initial nodes of {total}"
+        );
         let mut last = None;
         for _ in 0..3 {
-            let cluster = Self::write(n, groups, env)?;
+            let cluster = Self::write(total, initial, groups, env)?;
             match cluster.spawn_all().await {
                 Ok(()) => {}
                 Err(e) if cluster.logs_tail().contains("in use") => {
@@ -92,7 +115,7 @@ impl Cluster {
         Err(last.unwrap_or_else(|| anyhow!("no free port range found")))
     }
 
-    fn write(n: u16, groups: u32, env: &[(&str, &str)]) -> anyhow::Result<Cluster> {
+    fn write(n: u16, initial: u16, groups: u32, env: &[(&str, &str)]) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("herald-cluster-")
             .tempdir()?;
@@ -107,6 +130,8 @@ impl Cluster {
             .arg(base_port.to_string())
             .arg("--groups")
             .arg(groups.to_string())
+            .arg("--initial")
+            .arg(initial.to_string())
             .env("RUST_LOG", "warn")
             .output()
             .context("cannot run herald dev-cluster")?;
@@ -125,6 +150,7 @@ impl Cluster {
                     admin: SocketAddr::from(([127, 0, 0, 1], quic_port + 1)),
                     child: None,
                     paused: false,
+                    member: k <= initial,
                 }
             })
             .collect();
@@ -156,9 +182,9 @@ impl Cluster {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Number of nodes.
+    /// Number of nodes in the cluster (members; joining nodes count once added).
     pub fn len(&self) -> u16 {
-        self.nodes().len() as u16
+        self.nodes().iter().filter(|n| n.member).count() as u16
     }
 
     /// Always false: a cluster has at least one node.
@@ -166,9 +192,19 @@ impl Cluster {
         false
     }
 
-    /// Node ids, 1..=N.
+    /// Ids of the nodes in the cluster (members), in order.
     pub fn ids(&self) -> Vec<u16> {
-        (1..=self.len()).collect()
+        self.nodes()
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.member)
+            .map(|(i, _)| i as u16 + 1)
+            .collect()
+    }
+
+    /// Marks node `k` in or out of the cluster (after adding or removing it).
+    pub(crate) fn set_member(&self, k: u16, member: bool) {
+        self.node(k, |n| n.member = member);
     }
 
     /// The cluster's directory (CA, secrets, configs, `nodeK/` data, `nodeK.stderr.log`).
@@ -404,6 +440,13 @@ impl Cluster {
                 .with_context(|| format!("cannot remove {}", dir.display()))?;
         }
         Ok(())
+    }
+
+    /// Starts node `k`'s process and waits for its `listening` line only (a joining
+    /// node is ready once it was added).
+    pub async fn start_process(&self, k: u16) -> anyhow::Result<()> {
+        let rx = self.spawn(k, &[])?;
+        self.await_listening(k, rx).await
     }
 
     /// Restarts node `k` (same config and environment) and waits until it is ready and
@@ -763,7 +806,9 @@ impl Cluster {
     /// The tail of every node's log, headed by the node, for failure messages.
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
-        for k in self.ids() {
+        // Every node that ever ran (removed and joining ones too).
+        let written = self.nodes().len() as u16;
+        for k in (1..=written).filter(|k| self.log_path(*k).exists()) {
             out.push_str(&format!(
                 "----- node {k} ({}) -----\n{}\n",
                 self.log_path(k).display(),

@@ -20,6 +20,7 @@ use herald_client::wire::{self, Frame, Hello, Request};
 
 pub mod checker;
 pub mod cluster;
+pub mod scaling;
 pub mod shards;
 
 /// How long any single wait in a test may take before it fails.

@@ -10,7 +10,6 @@ use herald_broker::certs::DevFiles;
 use herald_broker::config::Config;
 use herald_broker::server::RunningNode;
 use herald_client::wire::Principal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `herald token`.
 #[derive(Args, Debug)]
@@ -90,6 +89,10 @@ pub struct DevClusterArgs {
     /// Replicas per data group (capped at the number of nodes).
     #[arg(long, default_value_t = 3)]
     replication_factor: u32,
+    /// Only the first M nodes form the cluster; the others are written as joining
+    /// nodes (`cluster.join`), added later with `herald cluster add-node`. Default: all.
+    #[arg(long)]
+    initial: Option<u16>,
     /// Put node K on host K of this list (e.g. compose services node1,node2,node3)
     /// instead of 127.0.0.1: every node listens on 0.0.0.0 at QUIC port P and admin
     /// P+1, peers dial HOST_K:P, and the node certificate also names these hosts.
@@ -105,9 +108,16 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
     if !(1..=9).contains(&args.nodes) {
         bail!("--nodes must be between 1 and 9, got {}", args.nodes);
     }
+    let initial = args.initial.unwrap_or(args.nodes);
+    if !(1..=args.nodes).contains(&initial) {
+        bail!(
+            "--initial must be between 1 and --nodes ({}), got {initial}",
+            args.nodes
+        );
+    }
     let groups = args
         .groups
-        .unwrap_or(u32::from(args.nodes) * herald_broker::config::GROUPS_PER_MEMBER_DEFAULT);
+        .unwrap_or(u32::from(initial) * herald_broker::config::GROUPS_PER_MEMBER_DEFAULT);
     if groups == 0 || groups > herald_broker::cluster_map::GROUPS_MAX {
         bail!(
             "--groups must be between 1 and {}, got {groups}",
@@ -169,7 +179,7 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         std::fs::write(&cluster_secret, herald_broker::certs::random_secret())
             .with_context(|| format!("cannot write {}", cluster_secret.display()))?;
     }
-    let members: Vec<String> = (1..=args.nodes)
+    let members: Vec<String> = (1..=initial)
         .map(|k| format!("{k}={}:{}", host(k), quic_port(k)))
         .collect();
     let ip = if on_hosts {
@@ -194,6 +204,7 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         config.cluster.ca_file = files.ca_pem.clone();
         config.cluster.groups = groups;
         config.cluster.replication_factor = args.replication_factor;
+        config.cluster.join = k > initial;
         let text = toml::to_string_pretty(&config).context("cannot render a node config")?;
         let path = dir.join(format!("node{k}.toml"));
         let place = if on_hosts {
@@ -201,10 +212,15 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         } else {
             "local".to_owned()
         };
+        let role = if k > initial {
+            "; it joins once added: herald cluster add-node"
+        } else {
+            ""
+        };
         std::fs::write(
             &path,
             format!(
-                "# Node {k} of a {place} {}-node Herald cluster (herald dev-cluster).\n\n{text}",
+                "# Node {k} of a {place} {}-node Herald cluster (herald dev-cluster{role}).\n\n{text}",
                 args.nodes
             ),
         )
@@ -216,7 +232,7 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         };
         commands.push(format!("{on}herald serve --config {}", path.display()));
     }
-    let addrs: Vec<String> = (1..=args.nodes)
+    let addrs: Vec<String> = (1..=initial)
         .map(|k| format!("{}:{}", host(k), quic_port(k)))
         .collect();
     println!("Wrote a {}-node cluster to {}.", args.nodes, dir.display());
@@ -233,8 +249,25 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         cluster_secret.display()
     );
     println!("Start each node (node 1 initializes the cluster on its first boot):");
-    for c in &commands {
+    for c in &commands[..usize::from(initial)] {
         println!("  {c}");
+    }
+    if initial < args.nodes {
+        println!(
+            "Nodes {}..={} join later: start one, then add it:",
+            initial + 1,
+            args.nodes
+        );
+        for k in initial + 1..=args.nodes {
+            println!("  {}", commands[usize::from(k) - 1]);
+            println!(
+                "  herald cluster add-node --admin {}:{} --id {k} --addr {}:{} --wait",
+                host(1),
+                quic_port(1) + 1,
+                host(k),
+                quic_port(k)
+            );
+        }
     }
     println!("Then, e.g.:");
     println!(
@@ -348,7 +381,7 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
     let mut views = Vec::new();
     let mut unreachable = Vec::new();
     for addr in admin.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        match http_get(addr, "/cluster").await {
+        match super::http::get(addr, "/cluster").await {
             Ok(body) => {
                 let view: serde_json::Value = serde_json::from_str(&body)
                     .with_context(|| format!("{addr}/cluster did not return JSON"))?;
@@ -368,13 +401,25 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
         println!("{merged:#}");
         return Ok(());
     }
-    println!("NODE  ADDR                   READY  GROUPS  LEADS");
+    let settled = if first["settled"] == true {
+        "settled".to_owned()
+    } else {
+        format!("{} replica move(s) in flight", first["moving"])
+    };
+    println!("cluster map version {}: {settled}", first["map_version"]);
+    println!();
+    println!("NODE  ADDR                   READY  GROUPS  LEADS  STATE");
     for n in first["nodes"].as_array().into_iter().flatten() {
         let own = views.iter().find(|v| v["node_id"] == n["id"]);
         let leads = groups.iter().filter(|g| g["leader"] == n["id"]).count();
         let ready = own.map_or("?".to_owned(), |v| v["ready"].to_string());
+        let state = if n["leaving"] == true {
+            "leaving"
+        } else {
+            "active"
+        };
         println!(
-            "{:<5} {:<22} {:<6} {:<7} {}",
+            "{:<5} {:<22} {:<6} {:<7} {:<6} {state}",
             n["id"].to_string(),
             n["addr"].as_str().unwrap_or("?"),
             ready,
@@ -383,7 +428,7 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("GROUP  SLOTS       LEADER  TERM  COMMIT  REPLICAS  LAG");
+    println!("GROUP  SLOTS       LEADER  TERM  COMMIT  APPLIED  REPLICAS  MOVE     LAG");
     for g in &groups {
         let lag = if g["state"] == "Leader" {
             g["lag"].to_string()
@@ -393,15 +438,21 @@ pub async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
             "(known on the leader; add its --admin)".to_owned()
         };
         let slots = format!("{}..{}", g["slots"][0], g["slots"][1]);
+        // A replica move in flight: "+NEW -OLD".
+        let moving = if g["joining"].is_null() {
+            "-".to_owned()
+        } else {
+            format!("+{} -{}", g["joining"], g["removing"])
+        };
+        let replicas = g["replicas"].to_string();
         println!(
-            "{:<6} {:<11} {:<7} {:<5} {:<7} {:<9} {}",
+            "{:<6} {:<11} {:<7} {:<5} {:<7} {:<8} {replicas:<9} {moving:<8} {lag}",
             g["id"].to_string(),
             slots,
             g["leader"].to_string(),
             g["term"].to_string(),
             g["commit_index"].to_string(),
-            g["replicas"].to_string(),
-            lag
+            g["applied_index"].to_string(),
         );
     }
     for u in unreachable {
@@ -434,34 +485,6 @@ fn merged_groups(
         merged.push(best.clone());
     }
     merged
-}
-
-/// A minimal HTTP/1.1 GET (admin endpoints are plain HTTP on loopback or a private network).
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-            .await
-            .with_context(|| format!("timed out connecting to admin HTTP at {addr}"))?
-            .with_context(|| {
-                format!("cannot connect to admin HTTP at {addr}; is the node running? (--admin)")
-            })?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .with_context(|| format!("timed out reading {path} from {addr}"))??;
-    let text = String::from_utf8_lossy(&response);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("malformed HTTP response from {addr}");
-    };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "{addr}{path} answered {}",
-            head.lines().next().unwrap_or("")
-        );
-    }
-    Ok(body.to_owned())
 }
 
 #[cfg(test)]
@@ -561,5 +584,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`b:1`"), "{err}");
+    }
+
+    #[test]
+    fn initial_writes_the_later_nodes_as_joining_nodes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        run(&dir, &["--nodes", "5", "--initial", "3"]).unwrap();
+        let members = ["1=127.0.0.1:7410", "2=127.0.0.1:7420", "3=127.0.0.1:7430"];
+        for k in 1..=5u64 {
+            let (config, warnings) =
+                Config::load(&dir.join(format!("node{k}.toml")), Vec::new()).unwrap();
+            assert!(warnings.is_empty(), "{warnings:?}");
+            config.check().unwrap();
+            assert_eq!(config.cluster.members, members, "node {k}");
+            assert_eq!(config.cluster.join, k > 3, "node {k}");
+            // Groups are sized for the initial members: four each.
+            assert_eq!(config.cluster.groups, 12, "node {k}");
+        }
+        let err = run(&tmp.path().join("d"), &["--nodes", "3", "--initial", "4"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--initial must be between 1 and --nodes"),
+            "{err}"
+        );
     }
 }

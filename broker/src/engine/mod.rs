@@ -290,6 +290,38 @@ impl Engine {
             .clone()
     }
 
+    /// The forwarding pipeline of `group`, if writes to it went through this node
+    /// while it had no replica: a replica starting here takes it over
+    /// ([`Engine::hosted`]), so there is one queue per group.
+    pub fn remote_pipeline(&self, group: GroupId) -> Option<Pipeline> {
+        self.remote_pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .cloned()
+    }
+
+    /// A replica of `group` now runs here (already in the group set) with the
+    /// pipeline it took over: forget it as a forwarding pipeline.
+    pub fn hosted(&self, group: GroupId) {
+        self.remote_pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&group);
+    }
+
+    /// The replica of `group` is about to stop here: its pipeline goes on as the
+    /// group's forwarding pipeline (queued writes are forwarded to the leader). Call
+    /// before removing the group from the group set.
+    pub fn unhosting(&self, group: GroupId, pipeline: &Pipeline) {
+        pipeline.unhost(self.leaders.clone());
+        self.remote_pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(group)
+            .or_insert_with(|| pipeline.clone());
+    }
+
     /// Proposes the retention trim in every group this node leads (housekeeping calls
     /// it).
     pub async fn trim_expired(&self) {

@@ -16,6 +16,13 @@
 //! command is idempotent (publishes by their key), so a retry never applies twice.
 //! A write still uncommitted at its deadline is answered `Unavailable`.
 //!
+//! A pipeline outlives the group's replica on this node: when a move takes the
+//! replica away ([`Pipeline::unhost`]) the same queue goes on, forwarding to the
+//! group's leader, and when a replica arrives ([`Pipeline::host`]) the queue that was
+//! forwarding starts proposing locally once this node leads. So a move never fails a
+//! queued write and never lets two queues of one group race (which could reorder a
+//! session's writes).
+//!
 //! Must not: reorder writes, or hold a write past its deadline.
 //!
 //! | bound | value | at the bound |
@@ -66,6 +73,8 @@ struct Pending {
 #[derive(Clone)]
 pub struct Pipeline {
     queue: mpsc::Sender<Pending>,
+    /// Where the task learns the leader: this node's replica, or hints.
+    source: Arc<watch::Sender<LeaderSource>>,
     /// While set (and in the future), this node proposes nothing locally: writes wait
     /// (leadership is being handed over; see `server::balance`).
     hold: Arc<watch::Sender<Option<Instant>>>,
@@ -110,16 +119,34 @@ impl Pipeline {
     ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
         let hold = Arc::new(watch::channel(None).0);
+        let source = Arc::new(watch::channel(source).0);
         tokio::spawn(run(
             rx,
             group,
-            source,
+            source.subscribe(),
             peers,
             node_id,
             hold.subscribe(),
             metrics,
         ));
-        Pipeline { queue, hold }
+        Pipeline {
+            queue,
+            source,
+            hold,
+        }
+    }
+
+    /// This node now hosts a replica of the group (`raft`): propose locally whenever
+    /// it leads.
+    pub fn host(&self, raft: Raft) {
+        self.source.send_replace(LeaderSource::Local(raft));
+    }
+
+    /// This node no longer hosts a replica: forward every queued and future write to
+    /// the leader `leaders` points at. Writes in flight on the stopped replica come
+    /// back and are forwarded too (they are idempotent).
+    pub fn unhost(&self, leaders: Arc<Leaders>) {
+        self.source.send_replace(LeaderSource::Remote(leaders));
     }
 
     /// Proposes nothing locally until `until` (or [`Pipeline::release`]): writes queue
@@ -172,6 +199,7 @@ fn stopped() -> Refusal {
 }
 
 /// Where a pipeline learns who leads its group.
+#[derive(Clone)]
 enum LeaderSource {
     /// This node's replica (its Raft metrics).
     Local(Raft),
@@ -221,7 +249,7 @@ impl LeaderSource {
 async fn run(
     mut rx: mpsc::Receiver<Pending>,
     group: GroupId,
-    source: LeaderSource,
+    mut sources: watch::Receiver<LeaderSource>,
     peers: PeerNetwork,
     node_id: NodeId,
     mut hold: watch::Receiver<Option<Instant>>,
@@ -259,6 +287,8 @@ async fn run(
             }
         }
         expire(&mut waiting);
+        // Per batch: a move may have brought or taken away this node's replica.
+        let source = sources.borrow_and_update().clone();
         let (leader, addr) = source.leader(group);
         let local_raft = match &source {
             LeaderSource::Local(raft) if leader == Some(node_id) => Some(raft),

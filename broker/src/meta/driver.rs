@@ -26,7 +26,7 @@ use openraft::{BasicNode, ChangeMembers};
 use tokio::task::JoinHandle;
 
 use super::placement::{next_steps, replaced};
-use super::META_VOTERS_MAX;
+use super::voters_wanted;
 use crate::cluster_map::{ClusterMap, MetaCommand};
 use crate::engine::{Engine, MetaGroup, CATCH_UP_TIMEOUT};
 use crate::raft::network::PeerReply;
@@ -48,10 +48,9 @@ pub struct Driver {
     pub node_id: NodeId,
     /// The node's engine (groups, leaders, peers, metrics).
     pub engine: Arc<Engine>,
-    /// The map a new cluster starts with.
+    /// The map a new cluster starts with (empty on a joining node: it never
+    /// bootstraps one).
     pub initial: ClusterMap,
-    /// Voters the metadata group should have (at most [`META_VOTERS_MAX`]).
-    pub voters_wanted: usize,
 }
 
 impl Driver {
@@ -82,6 +81,9 @@ impl Driver {
     ) -> Result<(), String> {
         let map = meta.sm.map();
         if map.is_empty() {
+            if self.initial.is_empty() {
+                return Ok(()); // a joining node: the map comes from the cluster
+            }
             tracing::info!("bootstrapping the cluster map");
             return self
                 .propose(MetaCommand::Bootstrap(self.initial.image()))
@@ -155,10 +157,7 @@ impl Driver {
             .filter(|(_, n)| !n.leaving)
             .map(|(id, _)| *id)
             .collect();
-        let wanted = self
-            .voters_wanted
-            .clamp(1, META_VOTERS_MAX)
-            .min(active.len().max(1));
+        let wanted = voters_wanted(active.len());
         let mut target: BTreeSet<NodeId> = voters
             .iter()
             .copied()
@@ -169,6 +168,13 @@ impl Driver {
                 break;
             }
             target.insert(*id);
+        }
+        // Too many (nodes left): demote the highest ids, never this node (the leader).
+        while target.len() > wanted {
+            let Some(extra) = target.iter().rev().copied().find(|id| *id != self.node_id) else {
+                break;
+            };
+            target.remove(&extra);
         }
         if !target.is_empty() && target != voters {
             tracing::info!(?voters, ?target, "changing the metadata group's voters");

@@ -14,3 +14,25 @@ pub mod state_machine;
 
 /// Voters of the metadata group, at most; every other node is a learner.
 pub const META_VOTERS_MAX: usize = 5;
+
+/// How many voters the metadata group has with `active` nodes (not leaving): an odd
+/// number, so no vote splits evenly — 5 from five nodes on, 3 from three, else all
+/// (one or two). Every node computes the same from the same map.
+pub fn voters_wanted(active: usize) -> usize {
+    match active {
+        5.. => META_VOTERS_MAX,
+        3..=4 => 3,
+        n => n.max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voters_are_odd_and_at_most_five() {
+        let wanted: Vec<usize> = (0..=9).map(voters_wanted).collect();
+        assert_eq!(wanted, [1, 1, 2, 3, 3, 5, 5, 5, 5, 5]);
+    }
+}

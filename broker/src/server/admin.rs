@@ -1,15 +1,20 @@
-//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/cluster`.
+//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/cluster`, and the two changes an
+//! operator makes to a cluster: `POST /cluster/nodes` (a node joins) and
+//! `POST /cluster/nodes/{id}/leave` (a node is drained, then removed).
 //!
-//! Owns: the node's TCP admin port. Must not: change state. `/healthz` never depends on
-//! other nodes (liveness); `/readyz` means this node accepts sessions.
+//! Owns: the node's TCP admin port. Must not: change state other than by proposing
+//! those two map changes to the metadata group (from any node: they are forwarded to
+//! its leader). `/healthz` never depends on other nodes (liveness); `/readyz` means this
+//! node accepts sessions.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::NodeContext;
@@ -21,10 +26,70 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/cluster", get(cluster))
+        .route("/cluster/nodes", post(add_node))
+        .route("/cluster/nodes/{id}/leave", post(leave_node))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("admin HTTP stopped: {e}");
     }
+}
+
+/// The body of `POST /cluster/nodes`.
+#[derive(serde::Deserialize)]
+struct NewNode {
+    id: u64,
+    addr: String,
+}
+
+async fn add_node(
+    State(ctx): State<Arc<NodeContext>>,
+    Json(node): Json<NewNode>,
+) -> impl IntoResponse {
+    if node.id == 0 {
+        return change_refused(StatusCode::BAD_REQUEST, "node ids start at 1");
+    }
+    let port_ok = node
+        .addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !port_ok {
+        return change_refused(
+            StatusCode::BAD_REQUEST,
+            &format!("`{}` is not HOST:PORT (the node's QUIC address)", node.addr),
+        );
+    }
+    let command = crate::cluster_map::MetaCommand::AddNode {
+        id: node.id,
+        addr: node.addr,
+    };
+    map_change(&ctx, command).await
+}
+
+async fn leave_node(State(ctx): State<Arc<NodeContext>>, Path(id): Path<u64>) -> impl IntoResponse {
+    map_change(&ctx, crate::cluster_map::MetaCommand::Leave { id }).await
+}
+
+async fn map_change(
+    ctx: &NodeContext,
+    command: crate::cluster_map::MetaCommand,
+) -> (StatusCode, Json<serde_json::Value>) {
+    match crate::meta::driver::propose(&ctx.engine, command).await {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({ "ok": true }))),
+        Err(refusal) => {
+            let status = match refusal.code {
+                herald_client::wire::RefusalCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::CONFLICT,
+            };
+            change_refused(status, &refusal.detail)
+        }
+    }
+}
+
+fn change_refused(status: StatusCode, why: &str) -> (StatusCode, Json<serde_json::Value>) {
+    (
+        status,
+        Json(serde_json::json!({ "ok": false, "error": why })),
+    )
 }
 
 async fn readyz(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
@@ -69,6 +134,7 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
                 "id": id,
                 "addr": node.addr,
                 "groups": map.hosted_by(*id).len(),
+                "leaving": node.leaving,
             });
             if *id == me {
                 entry["ready"] = serde_json::Value::Bool(ready);
@@ -84,6 +150,8 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
                 "id": id,
                 "replicas": entry.replicas,
                 "slots": [entry.slots.start, entry.slots.end],
+                "joining": entry.joining,
+                "removing": entry.removing,
             });
             if let Some(group) = hosted.get(id) {
                 group_status(group, me, &mut status);
@@ -92,9 +160,18 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
         })
         .collect();
     let wal = ctx.wal.stats();
+    let moving = map
+        .groups()
+        .values()
+        .filter(|g| g.joining.is_some())
+        .count();
+    let settled = crate::meta::placement::next_steps(&map, usize::MAX).is_empty() && moving == 0;
     serde_json::json!({
         "node_id": me,
         "ready": ready,
+        "map_version": map.version(),
+        "moving": moving,
+        "settled": settled,
         "nodes": nodes,
         "log": {
             "bytes": wal.bytes_on_disk,

@@ -26,7 +26,6 @@ use crate::config::Config;
 use crate::engine::{Group, GroupSet, MetaGroup, Pipeline};
 use crate::fanout::Hub;
 use crate::meta::state_machine::MetaStateMachine;
-use crate::meta::META_VOTERS_MAX;
 use crate::metrics::Metrics;
 use crate::raft::log_store::{LogStoreConfig, Wal};
 use crate::raft::network::{PeerNetwork, PeerNetworkConfig, PeerServerContext};
@@ -63,8 +62,6 @@ pub struct Replication {
     pub factory: GroupFactory,
     /// The map a new cluster starts with (from the config).
     pub initial: ClusterMap,
-    /// Voters the metadata group should have.
-    pub meta_voters: usize,
 }
 
 /// What starting a data group needs.
@@ -164,15 +161,20 @@ pub async fn start(
     .map_err(|e| NodeError::Storage(e.to_string()))?;
 
     let members = initial_members(config, quic_addr)?;
-    let initial = ClusterMap::initial(
-        &members
-            .iter()
-            .map(|(id, node)| (*id, node.addr.clone()))
-            .collect(),
-        config.cluster.group_count(),
-        config.cluster.replication_factor,
-    )
-    .map_err(|e| NodeError::Config(crate::config::ConfigError::Invalid(vec![e.to_string()])))?;
+    // A joining node never bootstraps a map: it learns the running cluster's.
+    let initial = if config.cluster.join {
+        ClusterMap::default()
+    } else {
+        ClusterMap::initial(
+            &members
+                .iter()
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect(),
+            config.cluster.group_count(),
+            config.cluster.replication_factor,
+        )
+        .map_err(|e| NodeError::Config(crate::config::ConfigError::Invalid(vec![e.to_string()])))?
+    };
 
     let secret_file = if config.cluster.secret_file.as_os_str().is_empty() {
         &config.auth.token_secret_file
@@ -211,8 +213,10 @@ pub async fn start(
     let raft_config = Arc::new(raft_config(&config.raft, None)?);
     let meta_config = Arc::new(raft_config_for_meta(&config.raft)?);
 
-    // The metadata group: every node runs it; the initial members (up to
-    // META_VOTERS_MAX) are its voters, everybody else joins as a learner.
+    // The metadata group: every node runs it; the lowest-id initial members (as many
+    // as `voters_wanted`) are its voters, everybody else follows as a learner. A
+    // joining node never initializes it: the metadata leader adds it once an operator
+    // put it into the map.
     let meta_log = wal.group(META_GROUP);
     let meta_sm = MetaStateMachine::open(raft_dir.join("meta/snapshot"))
         .map_err(|e| NodeError::Storage(format!("metadata group: {e}")))?;
@@ -227,11 +231,10 @@ pub async fn start(
     .map_err(|e| NodeError::Storage(format!("cannot start the metadata group: {e}")))?;
     let voters: BTreeMap<NodeId, BasicNode> = members
         .iter()
-        .take(META_VOTERS_MAX)
+        .take(crate::meta::voters_wanted(members.len()))
         .map(|(id, n)| (*id, n.clone()))
         .collect();
-    let meta_voters = voters.len();
-    if voters.keys().next() == Some(&node_id) {
+    if !config.cluster.join && voters.keys().next() == Some(&node_id) {
         initialize_if_new(&meta_raft, META_GROUP, voters).await?;
     }
     let groups = GroupSet::new(Vec::new());
@@ -271,15 +274,21 @@ pub async fn start(
         wal,
         factory,
         initial,
-        meta_voters,
     })
 }
 
 impl GroupFactory {
     /// Starts data group `group` as `map` places it: opens its log and state machine,
     /// starts its openraft instance, and initializes it if this node is its first
-    /// replica, the group still has its original replicas, and its log is empty.
-    pub async fn start(&self, group: GroupId, map: &ClusterMap) -> Result<Group, NodeError> {
+    /// replica, the group still has its original replicas, and its log is empty. The
+    /// group's forwarding pipeline (`pipeline`), if this node had one, becomes the
+    /// replica's, so writes queued in it keep their order.
+    pub async fn start(
+        &self,
+        group: GroupId,
+        map: &ClusterMap,
+        pipeline: Option<Pipeline>,
+    ) -> Result<Group, NodeError> {
         let log = self.wal.group(group);
         let sm = StateMachine::open(
             StateMachineConfig {
@@ -320,15 +329,22 @@ impl GroupFactory {
                 initialize_if_new(&raft, group, members).await?;
             }
         }
-        Ok(Group {
-            id: group,
-            pipeline: Pipeline::start(
+        let pipeline = match pipeline {
+            Some(pipeline) => {
+                pipeline.host(raft.clone());
+                pipeline
+            }
+            None => Pipeline::start(
                 group,
                 raft.clone(),
                 self.peers.clone(),
                 self.node_id,
                 self.metrics.clone(),
             ),
+        };
+        Ok(Group {
+            id: group,
+            pipeline,
             raft,
             sm,
             log,

@@ -208,7 +208,6 @@ impl RunningNode {
             wal,
             factory,
             initial,
-            meta_voters,
             ..
         } = replication;
         let engine = Arc::new(engine);
@@ -237,7 +236,6 @@ impl RunningNode {
             node_id: context.config.cluster.node_id,
             engine: engine.clone(),
             initial,
-            voters_wanted: meta_voters,
         };
         let tasks = vec![
             tokio::spawn(admin::serve(admin_listener, context.clone())),
@@ -247,7 +245,7 @@ impl RunningNode {
             tokio::spawn(driver.run()),
             tokio::spawn(balance::run(context.clone())),
         ];
-        if context.config.cluster.members.is_empty() {
+        if context.config.cluster.members.is_empty() && !context.config.cluster.join {
             // A one-node cluster (`herald dev`) bootstraps itself at once: answer only
             // when it can take writes, as before replication.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -50,10 +50,12 @@ async fn reconcile(ctx: &Arc<NodeContext>, factory: &GroupFactory, map: &Cluster
         if running.contains_key(id) {
             continue;
         }
-        match factory.start(*id, map).await {
+        let forwarding = ctx.engine.remote_pipeline(*id);
+        match factory.start(*id, map, forwarding).await {
             Ok(group) => {
                 tracing::info!(group = id, "started a replica of the group");
                 groups.insert(group);
+                ctx.engine.hosted(*id);
                 if let Some(group) = groups.get(*id) {
                     readiness::track(ctx.clone(), group);
                 }
@@ -69,6 +71,8 @@ async fn reconcile(ctx: &Arc<NodeContext>, factory: &GroupFactory, map: &Cluster
             group = id,
             "the map no longer places the group here; stopping it"
         );
+        // Its queue goes on forwarding to the leader: no queued write fails.
+        ctx.engine.unhosting(*id, &group.pipeline);
         groups.remove(*id);
         factory.stop(group.clone()).await;
     }
