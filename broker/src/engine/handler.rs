@@ -28,6 +28,11 @@ use crate::store::Command;
 /// How long a leader waits for a new replica to catch up before it gives up on a move
 /// (the mover retries).
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
+/// A new replica counts as caught up once it stores the leader's log up to this many
+/// entries behind its end (and at least up to where the wait began). Entries are
+/// batches of up to 4096 writes, so openraft's default of 5000 entries would let a
+/// replica missing a whole history become a voter.
+pub const CATCH_UP_LAG_ENTRIES_MAX: u64 = 8;
 
 /// A hosted group, as a peer addresses it.
 #[derive(Clone)]
@@ -158,6 +163,51 @@ fn read(group: &Group, request: ReadRequest) -> PeerReply {
     }
 }
 
+/// Waits (at most [`CATCH_UP_TIMEOUT`]) until learner `node` stores this leader's log
+/// up to where it ended when the wait began, and to within
+/// [`CATCH_UP_LAG_ENTRIES_MAX`] of its end now.
+async fn caught_up(raft: &Raft, node: NodeId) -> Result<(), String> {
+    let mut metrics = raft.metrics();
+    let target = metrics.borrow().last_log_index.unwrap_or(0);
+    let started = tokio::time::Instant::now();
+    let wait = async {
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                let Some(replication) = &m.replication else {
+                    return Err("this node stopped leading the group".to_owned());
+                };
+                let matched = replication
+                    .get(&node)
+                    .and_then(|l| l.as_ref().map(|l| l.index))
+                    .unwrap_or(0);
+                let end = m.last_log_index.unwrap_or(0);
+                if matched >= target && matched + CATCH_UP_LAG_ENTRIES_MAX >= end {
+                    return Ok(());
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return Err("the group's raft stopped".to_owned());
+            }
+        }
+    };
+    match tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await {
+        Ok(Ok(())) => {
+            tracing::info!(
+                node,
+                entries = target,
+                took_ms = started.elapsed().as_millis() as u64,
+                "the new replica caught up"
+            );
+            Ok(())
+        }
+        Ok(Err(problem)) => Err(problem),
+        Err(_) => Err(format!(
+            "node {node} did not catch up within {CATCH_UP_TIMEOUT:?}"
+        )),
+    }
+}
+
 /// Moves one replica of `group` (this node leads it): `add` joins as a learner, catches
 /// up, and the voters change from the current set to the set with `add` in place of
 /// `remove`. Idempotent: a move already done answers `Done` at once.
@@ -181,22 +231,13 @@ async fn reconfigure(group: &Group, add: NodeId, addr: String, remove: NodeId) -
         return PeerReply::Done;
     }
     if !nodes.contains_key(&add) {
-        let added = tokio::time::timeout(
-            CATCH_UP_TIMEOUT,
-            group.raft.add_learner(add, BasicNode { addr }, true),
-        )
-        .await;
-        match added {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return PeerReply::error(format!("cannot add node {add} as a learner: {e}"))
-            }
-            Err(_) => {
-                return PeerReply::error(format!(
-                    "node {add} did not catch up within {CATCH_UP_TIMEOUT:?}"
-                ))
-            }
+        if let Err(e) = group.raft.add_learner(add, BasicNode { addr }, false).await {
+            return PeerReply::error(format!("cannot add node {add} as a learner: {e}"));
         }
+    }
+    // Also when an earlier attempt added the learner: it may still be behind.
+    if let Err(problem) = caught_up(&group.raft, add).await {
+        return PeerReply::error(problem);
     }
     match group.raft.change_membership(target, false).await {
         Ok(_) => PeerReply::Done,
