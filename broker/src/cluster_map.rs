@@ -330,6 +330,20 @@ impl ClusterMap {
             .collect()
     }
 
+    /// The nodes that are not leaving, by id.
+    pub fn active_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| !n.leaving)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Groups with a replica move in flight.
+    pub fn moving_count(&self) -> usize {
+        self.groups.values().filter(|g| g.joining.is_some()).count()
+    }
+
     /// Replicas on `node` (joining ones included).
     pub fn replica_count(&self, node: NodeId) -> usize {
         self.hosted_by(node).len()

@@ -23,6 +23,16 @@ pub mod cluster;
 pub mod scaling;
 pub mod shards;
 
+/// Rounds of a fault loop: `HERALD_FAULT_ITERATIONS` (the long runs `.ci/run` does
+/// when time allows use 20), else 3.
+pub fn fault_iterations() -> usize {
+    std::env::var("HERALD_FAULT_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3)
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

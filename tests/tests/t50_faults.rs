@@ -28,11 +28,7 @@ use herald_tests::DEADLINE;
 /// Leader kills in [`leader_kill_9_under_load_loses_nothing`]; the other loops run a
 /// third as often (at least once).
 fn iterations() -> usize {
-    std::env::var("HERALD_FAULT_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3)
+    herald_tests::fault_iterations()
 }
 
 /// One fault test at a time: each runs three nodes under load, and on a small machine

@@ -18,13 +18,7 @@ use herald_tests::checker::{Checker, Keys};
 use herald_tests::cluster::Cluster;
 use herald_tests::shards::conversations_in;
 
-fn iterations() -> usize {
-    std::env::var("HERALD_FAULT_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3)
-}
+use herald_tests::fault_iterations as iterations;
 
 /// A small deterministic generator (the test must not need a seed to reproduce).
 struct Lcg(u64);

@@ -151,12 +151,7 @@ impl Driver {
         }
         // Voters: the active ones kept, more active nodes promoted up to the wanted
         // count, leaving and removed ones taken out.
-        let active: Vec<NodeId> = map
-            .nodes()
-            .iter()
-            .filter(|(_, n)| !n.leaving)
-            .map(|(id, _)| *id)
-            .collect();
+        let active = map.active_nodes();
         let wanted = voters_wanted(active.len());
         let mut target: BTreeSet<NodeId> = voters
             .iter()

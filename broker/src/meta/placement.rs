@@ -23,18 +23,9 @@ use crate::raft::{GroupId, NodeId};
 
 /// The next changes to propose (moves to start, or reorderings).
 pub fn next_steps(map: &ClusterMap, moves_max: usize) -> Vec<MetaCommand> {
-    let moving = map
-        .groups()
-        .values()
-        .filter(|g| g.joining.is_some())
-        .count();
+    let moving = map.moving_count();
     let room = moves_max.saturating_sub(moving);
-    let active: Vec<NodeId> = map
-        .nodes()
-        .iter()
-        .filter(|(_, n)| !n.leaving)
-        .map(|(id, _)| *id)
-        .collect();
+    let active = map.active_nodes();
     if active.is_empty() || map.is_empty() {
         return Vec::new();
     }
@@ -209,12 +200,7 @@ mod tests {
     }
 
     fn spread(map: &ClusterMap) -> (usize, usize, usize, usize) {
-        let active: Vec<NodeId> = map
-            .nodes()
-            .iter()
-            .filter(|(_, n)| !n.leaving)
-            .map(|(id, _)| *id)
-            .collect();
+        let active = map.active_nodes();
         let replicas: Vec<usize> = active.iter().map(|n| map.replica_count(*n)).collect();
         let prefer: Vec<usize> = active
             .iter()

@@ -160,11 +160,7 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
         })
         .collect();
     let wal = ctx.wal.stats();
-    let moving = map
-        .groups()
-        .values()
-        .filter(|g| g.joining.is_some())
-        .count();
+    let moving = map.moving_count();
     let settled = crate::meta::placement::next_steps(&map, usize::MAX).is_empty() && moving == 0;
     serde_json::json!({
         "node_id": me,

@@ -371,12 +371,7 @@ impl PeerNetwork {
             PeerReply::Forwarded(response) => Ok(ForwardReply::Done(response)),
             PeerReply::NotLeader { leader } => Ok(ForwardReply::NotLeader(leader)),
             PeerReply::NoGroup { .. } => Ok(ForwardReply::NotLeader(None)),
-            PeerReply::Fatal(f) => Err(PeerError::Remote {
-                target,
-                message: fatal_text(&f),
-            }),
-            PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
-            other => Err(unexpected(target, "Forward", &other)),
+            other => Err(refused(target, "Forward", other)),
         }
     }
 
@@ -440,12 +435,7 @@ impl PeerNetwork {
             }),
             PeerReply::NotLeader { leader } => Ok(ForwardBatchReply::NotLeader(leader)),
             PeerReply::NoGroup { .. } => Ok(ForwardBatchReply::NotLeader(None)),
-            PeerReply::Fatal(f) => Err(PeerError::Remote {
-                target,
-                message: fatal_text(&f),
-            }),
-            PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
-            other => Err(unexpected(target, "ForwardBatch", &other)),
+            other => Err(refused(target, "ForwardBatch", other)),
         }
     }
 
@@ -522,12 +512,7 @@ impl PeerNetwork {
         {
             PeerReply::Done => Ok(()),
             PeerReply::NoGroup { group } => Err(PeerError::NoGroup { target, group }),
-            PeerReply::Fatal(f) => Err(PeerError::Remote {
-                target,
-                message: fatal_text(&f),
-            }),
-            PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
-            other => Err(unexpected(target, "Elect", &other)),
+            other => Err(refused(target, "Elect", other)),
         }
     }
 
@@ -578,12 +563,7 @@ impl PeerNetwork {
             PeerReply::Watching { heads } => Ok(WatchOpen::Opened { heads, send, recv }),
             PeerReply::NotLeader { leader } => Ok(WatchOpen::NotLeader(leader)),
             PeerReply::NoGroup { .. } => Ok(WatchOpen::NotLeader(None)),
-            PeerReply::Fatal(f) => Err(PeerError::Remote {
-                target,
-                message: fatal_text(&f),
-            }),
-            PeerReply::Error(message) => Err(PeerError::Remote { target, message }),
-            other => Err(unexpected(target, "Watch", &other)),
+            other => Err(refused(target, "Watch", other)),
         }
     }
 
@@ -850,6 +830,19 @@ fn server_name(addr: &str) -> Option<&str> {
         None => host,
     };
     (!host.is_empty()).then_some(host)
+}
+
+/// The error for a reply that is not one of `request`'s answers: the peer's own error
+/// or fatal report, else an unexpected reply.
+fn refused(target: NodeId, request: &'static str, reply: PeerReply) -> PeerError {
+    match reply {
+        PeerReply::Fatal(f) => PeerError::Remote {
+            target,
+            message: fatal_text(&f),
+        },
+        PeerReply::Error(message) => PeerError::Remote { target, message },
+        other => unexpected(target, request, &other),
+    }
 }
 
 fn unexpected(target: NodeId, request: &'static str, reply: &PeerReply) -> PeerError {
