@@ -23,8 +23,11 @@
 //! `MoveStart { group, add, remove }` marks `add` as joining: that node starts the
 //! group with an empty log and the group's leader adds it as a learner, waits until it
 //! has caught up, and changes the voters from the old set to the new one.
-//! `MoveDone { group, replicas }` then records the new set (`add` in `remove`'s place,
-//! so a preferred leader's groups stay its own) and `remove` stops hosting the group.
+//! `MoveDone { group, add, remove }` then records the new set (`add` in `remove`'s
+//! place, so a preferred leader's groups stay its own) and `remove` stops hosting the
+//! group. `MoveAbort { group, add, remove }` ends a move whose new node is leaving
+//! (the group's leader first restored the old voters). Both name the move they end
+//! and are refused for any other, so a late or repeated one never ends a later move.
 //! One move per group at a time.
 
 use std::collections::BTreeMap;
@@ -121,12 +124,25 @@ pub enum MetaCommand {
         /// The node that loses one.
         remove: NodeId,
     },
-    /// The move of `group` is done: its voters are `replicas`.
+    /// The move of `group` from `remove` to `add` is done: `add` is a voter in
+    /// `remove`'s place.
     MoveDone {
         /// The group.
         group: GroupId,
-        /// Its replicas now.
-        replicas: Vec<NodeId>,
+        /// The node that got the replica.
+        add: NodeId,
+        /// The node that lost it.
+        remove: NodeId,
+    },
+    /// The move of `group` from `remove` to `add` is called off (the group's voters
+    /// are the old ones again).
+    MoveAbort {
+        /// The group.
+        group: GroupId,
+        /// The node that was to get the replica.
+        add: NodeId,
+        /// The node that keeps it.
+        remove: NodeId,
     },
     /// Reorders a group's replicas (the first is its preferred leader).
     SetPreferred {
@@ -135,6 +151,15 @@ pub enum MetaCommand {
         /// The same replicas, in the new order.
         replicas: Vec<NodeId>,
     },
+}
+
+/// `replicas` with `add` in `remove`'s place (same position: a preferred leader stays
+/// first).
+pub fn replaced(replicas: &[NodeId], add: NodeId, remove: NodeId) -> Vec<NodeId> {
+    replicas
+        .iter()
+        .map(|n| if *n == remove { add } else { *n })
+        .collect()
 }
 
 /// The map as stored (snapshots) and sent (bootstrap).
@@ -269,7 +294,9 @@ impl ClusterMap {
         }
         let mut by_slot = vec![FIRST_DATA_GROUP; SLOT_COUNT as usize];
         for (id, group) in &self.groups {
-            for slot in group.slots.clone() {
+            // Bounded by the slot count whatever the ranges say (validated separately).
+            let end = group.slots.end.min(SLOT_COUNT);
+            for slot in group.slots.start.min(end)..end {
                 if let Some(owner) = by_slot.get_mut(slot as usize) {
                     *owner = *id;
                 }
@@ -439,17 +466,29 @@ impl ClusterMap {
                     entry.removing = Some(remove);
                 }
             }
-            MetaCommand::MoveDone { group, replicas } => {
+            MetaCommand::MoveDone { group, add, remove } => {
                 let Some(entry) = self.groups.get_mut(&group) else {
                     return refuse(format!("group {group} does not exist"));
                 };
-                if entry.joining.is_none() && entry.replicas == replicas {
-                    return Ok(());
+                if entry.joining != Some(add) || entry.removing != Some(remove) {
+                    return refuse(format!(
+                        "group {group} is not moving a replica from node {remove} to node {add}"
+                    ));
                 }
-                if replicas.is_empty() || replicas.iter().any(|n| !self.nodes.contains_key(n)) {
-                    return refuse(format!("group {group} cannot have replicas {replicas:?}"));
+                entry.replicas = replaced(&entry.replicas, add, remove);
+                entry.joining = None;
+                entry.removing = None;
+                entry.generation += 1;
+            }
+            MetaCommand::MoveAbort { group, add, remove } => {
+                let Some(entry) = self.groups.get_mut(&group) else {
+                    return refuse(format!("group {group} does not exist"));
+                };
+                if entry.joining != Some(add) || entry.removing != Some(remove) {
+                    return refuse(format!(
+                        "group {group} is not moving a replica from node {remove} to node {add}"
+                    ));
                 }
-                entry.replicas = replicas;
                 entry.joining = None;
                 entry.removing = None;
                 entry.generation += 1;

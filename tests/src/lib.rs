@@ -277,6 +277,23 @@ pub async fn wait_until<F: FnMut() -> bool>(
     Ok(())
 }
 
+/// Like [`wait_until`] with an async condition (e.g. one that asks a node) and the
+/// default [`DEADLINE`].
+pub async fn wait_until_async<F, Fut>(what: &str, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + DEADLINE;
+    while !condition().await {
+        if Instant::now() > until {
+            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// A protocol-level client that does exactly what a test tells it, including wrong things.
 pub struct RawClient {
     /// The QUIC connection.

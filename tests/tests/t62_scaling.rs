@@ -185,3 +185,62 @@ async fn changes_that_would_break_the_cluster_are_refused_with_a_reason() -> any
     .await;
     cluster.finish(result)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_onto_a_node_that_never_comes_are_called_off_when_it_is_removed() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start_growable(4, 3, GROUPS as u32, &[]).await?;
+    let result = async {
+        let groups = cluster.groups().await?;
+        let convs = conversations_in(&groups, &[groups[0].id, groups[5].id], 30_000);
+        let mut checkers = Vec::new();
+        for conv in convs {
+            checkers.push(Checker::start(&cluster, conv, &[1, 2], Keys::Caller).await?);
+        }
+        for checker in &checkers {
+            checker.wait_more_acks(10).await?;
+        }
+        // Node 4 is added but its process never starts: moves onto it cannot finish.
+        let addr = cluster.addr(4).to_string();
+        let (ok, text) = cluster_cli(&cluster, &["add-node", "--id", "4", "--addr", &addr])?;
+        anyhow::ensure!(ok, "add-node failed: {text}");
+        herald_tests::wait_until_async("a move onto node 4 in flight", || async {
+            cluster
+                .status(1)
+                .await
+                .is_ok_and(|s| s["moving"].as_u64().unwrap_or(0) > 0)
+        })
+        .await?;
+        for checker in &checkers {
+            checker.wait_more_acks(5).await?;
+        }
+        // Removing it calls the moves off and drops it from the map.
+        let took = cluster.remove_node(4, 1).await?;
+        println!("removed the absent node 4 in {took:?}");
+        let status = cluster.status(1).await?;
+        anyhow::ensure!(status["settled"] == true, "not settled: {status}");
+        let nodes: Vec<u64> = status["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["id"].as_u64())
+            .collect();
+        anyhow::ensure!(nodes == [1, 2, 3], "nodes {nodes:?}");
+        check_placement(&cluster, "after calling the moves off").await?;
+        for checker in &checkers {
+            checker.wait_more_acks(5).await?;
+        }
+        for checker in &mut checkers {
+            let summary = checker.check(&cluster, &[1, 2, 3]).await?;
+            anyhow::ensure!(
+                summary.publish_errors == 0,
+                "conversation {}: publishes failed: {:?}",
+                checker.conv,
+                checker.publisher.errors()
+            );
+        }
+        Ok(())
+    }
+    .await;
+    cluster.finish(result)
+}

@@ -21,7 +21,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// `herald cluster add-node`.
 #[derive(Args, Debug)]
 pub struct AddNodeArgs {
-    /// The new node's id (its `cluster.node_id`; ids are never reused).
+    /// The new node's id (its `cluster.node_id`; not one in the cluster map).
     #[arg(long)]
     id: u64,
     /// The new node's QUIC address as the other nodes dial it (HOST:PORT).

@@ -138,11 +138,28 @@ fn a_move_joins_then_replaces_one_replica_in_place() {
             remove: 2
         })
         .is_err());
+    // Ending another move than the one in flight is refused.
+    assert!(map
+        .apply(MetaCommand::MoveDone {
+            group: 1,
+            add: 4,
+            remove: 2
+        })
+        .is_err());
     map.apply(MetaCommand::MoveDone {
         group: 1,
-        replicas: vec![4, 2, 3],
+        add: 4,
+        remove: 1,
     })
     .unwrap();
+    // A late repeat is refused too: it must not end a later move.
+    assert!(map
+        .apply(MetaCommand::MoveDone {
+            group: 1,
+            add: 4,
+            remove: 1
+        })
+        .is_err());
     let group = map.group(1).unwrap();
     assert_eq!(
         (group.replicas.clone(), group.joining, group.generation),
@@ -180,20 +197,18 @@ fn a_node_leaves_only_when_drained_and_never_below_the_replication_factor() {
         "a leaving node gets no replica"
     );
     for group in map.hosted_by(3) {
-        let mut replicas = map.group(group).unwrap().replicas.clone();
         map.apply(MetaCommand::MoveStart {
             group,
             add: 4,
             remove: 3,
         })
         .unwrap();
-        for r in &mut replicas {
-            if *r == 3 {
-                *r = 4;
-            }
-        }
-        map.apply(MetaCommand::MoveDone { group, replicas })
-            .unwrap();
+        map.apply(MetaCommand::MoveDone {
+            group,
+            add: 4,
+            remove: 3,
+        })
+        .unwrap();
     }
     map.apply(MetaCommand::RemoveNode { id: 3 }).unwrap();
     assert!(!map.nodes().contains_key(&3));
@@ -215,4 +230,45 @@ fn preferred_leaders_are_reordered_not_changed() {
             replicas: vec![4, 1, 2]
         })
         .is_err());
+}
+
+#[test]
+fn an_aborted_move_keeps_the_old_replicas_and_frees_the_group() {
+    let mut map = ClusterMap::initial(&members(3), 3, 3).unwrap();
+    map.apply(MetaCommand::AddNode {
+        id: 4,
+        addr: "127.0.0.1:7440".into(),
+    })
+    .unwrap();
+    let start = MetaCommand::MoveStart {
+        group: 2,
+        add: 4,
+        remove: 3,
+    };
+    map.apply(start.clone()).unwrap();
+    let abort = MetaCommand::MoveAbort {
+        group: 2,
+        add: 4,
+        remove: 3,
+    };
+    map.apply(abort.clone()).unwrap();
+    let group = map.group(2).unwrap();
+    assert_eq!((group.joining, group.removing), (None, None));
+    assert!(group.replicas.contains(&3) && !group.replicas.contains(&4));
+    assert!(
+        !map.hosted_by(4).contains(&2),
+        "the aborted node runs nothing"
+    );
+    // A repeated abort, or a late MoveDone of the aborted move, is refused.
+    assert!(map.apply(abort).is_err());
+    assert!(map
+        .apply(MetaCommand::MoveDone {
+            group: 2,
+            add: 4,
+            remove: 3
+        })
+        .is_err());
+    // The group may move again.
+    map.apply(start).unwrap();
+    map.validate().unwrap();
 }

@@ -40,9 +40,10 @@ impl Group {
         self.raft.metrics().borrow().current_leader
     }
 
-    /// True while this replica leads the group.
+    /// True while this replica leads the group (openraft's `current_leader` alone
+    /// still names a leader that was removed from the group or stepped down).
     pub fn is_leader(&self, me: NodeId) -> bool {
-        self.leader() == Some(me)
+        leads(&self.raft, me)
     }
 
     /// The leader this replica knows of, with its address (for `NotLeader` hints).
@@ -84,8 +85,15 @@ pub struct MetaGroup {
 impl MetaGroup {
     /// True while this node leads the metadata group.
     pub fn is_leader(&self, me: NodeId) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(me)
+        leads(&self.raft, me)
     }
+}
+
+/// True while `me` is `raft`'s leader: it names itself and is in the leader state.
+pub fn leads(raft: &crate::raft::Raft, me: NodeId) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    m.current_leader == Some(me) && m.state == openraft::ServerState::Leader
 }
 
 /// The groups this node hosts. Cheap to clone; clones share the set.

@@ -6,33 +6,21 @@
 //! election (leader balance).
 //! Must not: decide anything the group's leader did not ask for.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 
 use super::groups::{Group, MetaGroup};
 use crate::raft::network::frame::{WireFatal, HISTORY_REPLY_BYTES_MAX};
 use crate::raft::network::{
-    ClientWriteRaftError, PeerHandler, PeerReply, ReadRequest, WireHistory,
+    ClientWriteRaftError, MoveRequest, PeerHandler, PeerReply, ReadRequest, WireHistory,
 };
 use crate::raft::{NodeId, Raft, Response, TypeConfig};
 use crate::store::Command;
-
-/// How long a leader waits for a new replica to catch up before it gives up on a move
-/// (the mover retries).
-pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
-/// A new replica counts as caught up once it stores the leader's log up to this many
-/// entries behind its end (and at least up to where the wait began). Entries are
-/// batches of up to 4096 writes, so openraft's default of 5000 entries would let a
-/// replica missing a whole history become a voter.
-pub const CATCH_UP_LAG_ENTRIES_MAX: u64 = 8;
 
 /// A hosted group, as a peer addresses it.
 #[derive(Clone)]
@@ -99,9 +87,9 @@ impl PeerHandler for GroupHandler {
         }
     }
 
-    async fn reconfigure(&self, add: NodeId, addr: String, remove: NodeId) -> PeerReply {
+    async fn reconfigure(&self, request: MoveRequest) -> PeerReply {
         match self {
-            GroupHandler::Data(group) => reconfigure(group, add, addr, remove).await,
+            GroupHandler::Data(group) => super::moves::reconfigure(group, request).await,
             GroupHandler::Meta(_) => {
                 PeerReply::error("the metadata group's members are managed by its leader")
             }
@@ -160,87 +148,5 @@ fn read(group: &Group, request: ReadRequest) -> PeerReply {
                 }
             }))
         }
-    }
-}
-
-/// Waits (at most [`CATCH_UP_TIMEOUT`]) until learner `node` stores this leader's log
-/// up to where it ended when the wait began, and to within
-/// [`CATCH_UP_LAG_ENTRIES_MAX`] of its end now.
-async fn caught_up(raft: &Raft, node: NodeId) -> Result<(), String> {
-    let mut metrics = raft.metrics();
-    let target = metrics.borrow().last_log_index.unwrap_or(0);
-    let started = tokio::time::Instant::now();
-    let wait = async {
-        loop {
-            {
-                let m = metrics.borrow_and_update();
-                let Some(replication) = &m.replication else {
-                    return Err("this node stopped leading the group".to_owned());
-                };
-                let matched = replication
-                    .get(&node)
-                    .and_then(|l| l.as_ref().map(|l| l.index))
-                    .unwrap_or(0);
-                let end = m.last_log_index.unwrap_or(0);
-                if matched >= target && matched + CATCH_UP_LAG_ENTRIES_MAX >= end {
-                    return Ok(());
-                }
-            }
-            if metrics.changed().await.is_err() {
-                return Err("the group's raft stopped".to_owned());
-            }
-        }
-    };
-    match tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await {
-        Ok(Ok(())) => {
-            tracing::info!(
-                node,
-                entries = target,
-                took_ms = started.elapsed().as_millis() as u64,
-                "the new replica caught up"
-            );
-            Ok(())
-        }
-        Ok(Err(problem)) => Err(problem),
-        Err(_) => Err(format!(
-            "node {node} did not catch up within {CATCH_UP_TIMEOUT:?}"
-        )),
-    }
-}
-
-/// Moves one replica of `group` (this node leads it): `add` joins as a learner, catches
-/// up, and the voters change from the current set to the set with `add` in place of
-/// `remove`. Idempotent: a move already done answers `Done` at once.
-async fn reconfigure(group: &Group, add: NodeId, addr: String, remove: NodeId) -> PeerReply {
-    if let Some(not_leader) = group.not_leader() {
-        return not_leader;
-    }
-    let (voters, nodes): (BTreeSet<NodeId>, BTreeMap<NodeId, BasicNode>) = {
-        let metrics = group.raft.metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
-        (
-            membership.voter_ids().collect(),
-            membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
-        )
-    };
-    let mut target = voters.clone();
-    target.remove(&remove);
-    target.insert(add);
-    if voters == target {
-        return PeerReply::Done;
-    }
-    if !nodes.contains_key(&add) {
-        if let Err(e) = group.raft.add_learner(add, BasicNode { addr }, false).await {
-            return PeerReply::error(format!("cannot add node {add} as a learner: {e}"));
-        }
-    }
-    // Also when an earlier attempt added the learner: it may still be behind.
-    if let Err(problem) = caught_up(&group.raft, add).await {
-        return PeerReply::error(problem);
-    }
-    match group.raft.change_membership(target, false).await {
-        Ok(_) => PeerReply::Done,
-        Err(e) => PeerReply::error(format!("cannot change the voters: {e}")),
     }
 }

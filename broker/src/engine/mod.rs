@@ -28,6 +28,7 @@ use herald_client::wire::{
 mod groups;
 mod handler;
 mod leaders;
+pub mod moves;
 mod pipeline;
 
 use std::collections::HashMap;
@@ -42,8 +43,9 @@ use crate::raft::{GroupId, NodeId, Outcome};
 use crate::routing::Router;
 use crate::store::{Action, Command, History, StoredMessage};
 pub use groups::{Group, GroupSet, MetaGroup};
-pub use handler::{GroupHandler, CATCH_UP_TIMEOUT};
+pub use handler::GroupHandler;
 pub use leaders::Leaders;
+pub use moves::CATCH_UP_TIMEOUT;
 pub use pipeline::Pipeline;
 
 /// The groups, the cluster map and the metrics of one node.
@@ -274,31 +276,30 @@ impl Engine {
         if let Some(local) = self.groups.get(group) {
             return local.pipeline.clone();
         }
+        self.forwarding_pipeline(group)
+    }
+
+    fn start_remote_pipeline(&self, group: GroupId) -> Pipeline {
+        Pipeline::start_remote(
+            group,
+            self.leaders.clone(),
+            self.peers.clone(),
+            self.node_id,
+            self.metrics.clone(),
+        )
+    }
+
+    /// The forwarding pipeline of `group` (created if this node had none): a replica
+    /// starting here takes it over ([`Engine::hosted`]), so there is one queue per
+    /// group. Taken before the replica starts, so a write arriving meanwhile joins the
+    /// same queue.
+    pub fn forwarding_pipeline(&self, group: GroupId) -> Pipeline {
         self.remote_pipelines
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(group)
-            .or_insert_with(|| {
-                Pipeline::start_remote(
-                    group,
-                    self.leaders.clone(),
-                    self.peers.clone(),
-                    self.node_id,
-                    self.metrics.clone(),
-                )
-            })
+            .or_insert_with(|| self.start_remote_pipeline(group))
             .clone()
-    }
-
-    /// The forwarding pipeline of `group`, if writes to it went through this node
-    /// while it had no replica: a replica starting here takes it over
-    /// ([`Engine::hosted`]), so there is one queue per group.
-    pub fn remote_pipeline(&self, group: GroupId) -> Option<Pipeline> {
-        self.remote_pipelines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&group)
-            .cloned()
     }
 
     /// A replica of `group` now runs here (already in the group set) with the

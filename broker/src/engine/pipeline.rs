@@ -67,6 +67,9 @@ struct Pending {
     reply: oneshot::Sender<Response>,
     /// Why the last attempt failed, for the refusal at the deadline.
     problem: Option<String>,
+    /// Arrival order in this pipeline (set when the task takes it from the queue):
+    /// retried writes go back in this order.
+    order: u64,
 }
 
 /// Submits writes to the pipeline task.
@@ -171,6 +174,7 @@ impl Pipeline {
             deadline,
             reply,
             problem: None,
+            order: 0,
         };
         if self.queue.send(pending).await.is_err() {
             let (reply, answer) = oneshot::channel();
@@ -261,28 +265,36 @@ async fn run(
     // Unbounded, but it only ever holds writes already counted in QUEUE_LEN_MAX.
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Vec<Pending>>();
     let in_flight = Arc::new(Semaphore::new(LOCAL_BATCHES_IN_FLIGHT));
+    let mut next_order = 0u64;
     loop {
         if waiting.is_empty() {
             tokio::select! {
                 p = rx.recv() => match p {
-                    Some(p) => waiting.push_back(p),
+                    Some(p) => admit(&mut waiting, p, &mut next_order),
                     None => return,
                 },
-                Some(retry) = retry_rx.recv() => push_front(&mut waiting, retry),
+                Some(retry) = retry_rx.recv() => requeue(&mut waiting, retry),
             }
         }
         let mut retried = false;
         while let Ok(retry) = retry_rx.try_recv() {
-            push_front(&mut waiting, retry);
+            requeue(&mut waiting, retry);
             retried = true;
         }
         if retried {
-            // Leadership moved: give the election a moment to settle.
+            // Leadership moved. Nothing new goes out until every batch still in
+            // flight here has its outcome (they failed too, or committed): otherwise a
+            // later write could commit before an earlier one's retry.
+            settle(&in_flight).await;
+            while let Ok(retry) = retry_rx.try_recv() {
+                requeue(&mut waiting, retry);
+            }
+            // Give the election a moment.
             tokio::time::sleep(RETRY_PAUSE).await;
         }
         while waiting.len() < BATCH_LEN_MAX {
             match rx.try_recv() {
-                Ok(p) => waiting.push_back(p),
+                Ok(p) => admit(&mut waiting, p, &mut next_order),
                 Err(_) => break,
             }
         }
@@ -311,7 +323,7 @@ async fn run(
             };
             while waiting.len() < BATCH_LEN_MAX {
                 match rx.try_recv() {
-                    Ok(p) => waiting.push_back(p),
+                    Ok(p) => admit(&mut waiting, p, &mut next_order),
                     Err(_) => break,
                 }
             }
@@ -335,6 +347,12 @@ async fn run(
                 }
                 drop(permit);
             });
+            continue;
+        }
+        if in_flight.available_permits() < LOCAL_BATCHES_IN_FLIGHT {
+            // This node stopped leading (or lost its replica) with batches in flight:
+            // their outcome first, so nothing forwarded overtakes them.
+            settle(&in_flight).await;
             continue;
         }
         let batch = take_batch(&mut waiting);
@@ -404,16 +422,39 @@ async fn run(
         }
         let retry = answer(batch, results, problem);
         if !retry.is_empty() {
-            push_front(&mut waiting, retry);
+            requeue(&mut waiting, retry);
             tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
 }
 
-/// Puts writes back at the front of the queue, in their order.
-fn push_front(waiting: &mut VecDeque<Pending>, retry: Vec<Pending>) {
-    for pending in retry.into_iter().rev() {
-        waiting.push_front(pending);
+/// Takes a write from the queue: it is the newest.
+fn admit(waiting: &mut VecDeque<Pending>, mut pending: Pending, next_order: &mut u64) {
+    pending.order = *next_order;
+    *next_order += 1;
+    waiting.push_back(pending);
+}
+
+/// Puts writes to retry back among the waiting ones, in arrival order (retries of
+/// several failed batches may come back in any order).
+fn requeue(waiting: &mut VecDeque<Pending>, retry: Vec<Pending>) {
+    let mut retry = retry.into_iter().peekable();
+    let mut merged = VecDeque::with_capacity(waiting.len() + retry.len());
+    for pending in waiting.drain(..) {
+        while let Some(earlier) = retry.next_if(|r| r.order < pending.order) {
+            merged.push_back(earlier);
+        }
+        merged.push_back(pending);
+    }
+    merged.extend(retry);
+    *waiting = merged;
+}
+
+/// Waits until no batch proposed here is in flight (each has been answered or sent
+/// back to retry).
+async fn settle(in_flight: &Semaphore) {
+    if let Ok(all) = in_flight.acquire_many(LOCAL_BATCHES_IN_FLIGHT as u32).await {
+        drop(all);
     }
 }
 
@@ -537,11 +578,15 @@ async fn leadership_leaves(raft: &Raft, leader: NodeId) {
     }
 }
 
-/// The current leader and its QUIC address, as this node knows them.
+/// The current leader and its QUIC address, as this node knows them. A node that
+/// names itself but is no longer in the leader state (removed from the group, or
+/// stepping down) knows no leader.
 pub fn leader(raft: &Raft) -> (Option<NodeId>, Option<String>) {
     let metrics = raft.metrics();
     let m = metrics.borrow();
-    let leader = m.current_leader;
+    let leader = m
+        .current_leader
+        .filter(|l| *l != m.id || m.state == openraft::ServerState::Leader);
     let addr = leader.and_then(|id| {
         m.membership_config
             .membership()

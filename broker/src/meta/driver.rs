@@ -25,11 +25,12 @@ use herald_client::wire::{Refusal, RefusalCode};
 use openraft::{BasicNode, ChangeMembers};
 use tokio::task::JoinHandle;
 
-use super::placement::{next_steps, replaced};
+use super::placement::next_steps;
 use super::voters_wanted;
 use crate::cluster_map::{ClusterMap, MetaCommand};
+use crate::engine::moves::{caught_up_now, MEMBERSHIP_CHANGE_TIMEOUT};
 use crate::engine::{Engine, MetaGroup, CATCH_UP_TIMEOUT};
-use crate::raft::network::PeerReply;
+use crate::raft::network::{MoveRequest, PeerReply};
 use crate::raft::{GroupId, NodeId};
 use crate::store::Command;
 
@@ -56,7 +57,8 @@ pub struct Driver {
 impl Driver {
     /// Runs until the node stops.
     pub async fn run(self) {
-        let mut moves: HashMap<GroupId, JoinHandle<()>> = HashMap::new();
+        // Per moving group: whether the task calls the move off, and the task.
+        let mut moves: HashMap<GroupId, (bool, JoinHandle<()>)> = HashMap::new();
         let mut tick = tokio::time::interval(DRIVE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let this = Arc::new(self);
@@ -77,7 +79,7 @@ impl Driver {
     async fn round(
         self: &Arc<Self>,
         meta: &MetaGroup,
-        moves: &mut HashMap<GroupId, JoinHandle<()>>,
+        moves: &mut HashMap<GroupId, (bool, JoinHandle<()>)>,
     ) -> Result<(), String> {
         let map = meta.sm.map();
         if map.is_empty() {
@@ -91,18 +93,23 @@ impl Driver {
                 .map_err(|r| r.to_string());
         }
         self.members(meta, &map).await?;
-        moves.retain(|_, task| !task.is_finished());
+        moves.retain(|_, (_, task)| !task.is_finished());
         for (id, group) in map.groups() {
-            if let (Some(add), Some(remove)) = (group.joining, group.removing) {
-                if !moves.contains_key(id) {
-                    let this = self.clone();
-                    let group = *id;
-                    moves.insert(
-                        group,
-                        tokio::spawn(async move { this.carry_out(group, add, remove).await }),
-                    );
+            let (Some(add), Some(remove)) = (group.joining, group.removing) else {
+                continue;
+            };
+            // A move onto a node that is leaving (or gone) is called off instead.
+            let abort = map.nodes().get(&add).is_none_or(|n| n.leaving);
+            if let Some((running_abort, task)) = moves.get(id) {
+                if *running_abort == abort {
+                    continue;
                 }
+                task.abort();
             }
+            let this = self.clone();
+            let group = *id;
+            let task = tokio::spawn(async move { this.carry_out(group, add, remove, abort).await });
+            moves.insert(group, (abort, task));
         }
         for (id, node) in map.nodes() {
             if node.leaving && map.replica_count(*id) == 0 {
@@ -150,7 +157,9 @@ impl Driver {
             }
         }
         // Voters: the active ones kept, more active nodes promoted up to the wanted
-        // count, leaving and removed ones taken out.
+        // count — only once caught up (a voter that is behind, or unreachable, would
+        // make the group wait for it) — and leaving ones taken out once their
+        // replacements are caught up.
         let active = map.active_nodes();
         let wanted = voters_wanted(active.len());
         let mut target: BTreeSet<NodeId> = voters
@@ -158,14 +167,31 @@ impl Driver {
             .copied()
             .filter(|v| active.contains(v))
             .collect();
+        let mut behind = 0;
         for id in &active {
             if target.len() >= wanted {
                 break;
             }
-            target.insert(*id);
+            if target.contains(id) {
+                continue;
+            }
+            if caught_up_now(&meta.raft, *id) {
+                target.insert(*id);
+            } else {
+                behind += 1;
+            }
+        }
+        if target.len() < wanted && behind > 0 {
+            // Keep the leaving voters until their replacements have caught up.
+            target.extend(
+                voters
+                    .iter()
+                    .copied()
+                    .filter(|v| map.nodes().contains_key(v)),
+            );
         }
         // Too many (nodes left): demote the highest ids, never this node (the leader).
-        while target.len() > wanted {
+        while target.len() > wanted && behind == 0 {
             let Some(extra) = target.iter().rev().copied().find(|id| *id != self.node_id) else {
                 break;
             };
@@ -173,10 +199,7 @@ impl Driver {
         }
         if !target.is_empty() && target != voters {
             tracing::info!(?voters, ?target, "changing the metadata group's voters");
-            meta.raft
-                .change_membership(ChangeMembers::ReplaceAllVoters(target), true)
-                .await
-                .map_err(|e| format!("cannot change the metadata voters: {e}"))?;
+            change(meta, ChangeMembers::ReplaceAllVoters(target)).await?;
         }
         // Nodes no longer in the map stop following.
         let gone: BTreeSet<NodeId> = nodes
@@ -185,17 +208,16 @@ impl Driver {
             .filter(|id| !map.nodes().contains_key(id) && !voters.contains(id))
             .collect();
         if !gone.is_empty() {
-            meta.raft
-                .change_membership(ChangeMembers::RemoveNodes(gone), true)
-                .await
-                .map_err(|e| format!("cannot remove nodes from the metadata group: {e}"))?;
+            change(meta, ChangeMembers::RemoveNodes(gone)).await?;
         }
         Ok(())
     }
 
-    /// Carries one move to its end (retrying while this node leads the metadata group).
-    async fn carry_out(&self, group: GroupId, add: NodeId, remove: NodeId) {
+    /// Carries one move to its end — or calls it off (`abort`) — retrying while this
+    /// node leads the metadata group and the map still has this move in flight.
+    async fn carry_out(&self, group: GroupId, add: NodeId, remove: NodeId, abort: bool) {
         let started = Instant::now();
+        let what = if abort { "call off" } else { "carry out" };
         loop {
             let Some(meta) = self.engine.groups().meta() else {
                 return;
@@ -207,60 +229,65 @@ impl Driver {
             let Some(entry) = map.group(group) else {
                 return;
             };
-            if entry.joining != Some(add) {
-                return; // done, or replaced by another plan
+            if entry.joining != Some(add) || entry.removing != Some(remove) {
+                return; // recorded, or another move
             }
-            let Some(add_addr) = map.addr(add).map(str::to_owned) else {
-                return;
+            let request = MoveRequest {
+                add,
+                addr: map.addr(add).unwrap_or_default().to_owned(),
+                remove,
+                voters: entry.replicas.clone(),
+                abort,
             };
             let peers = self.engine.peers().clone();
             let reply = self
                 .engine
                 .leaders()
                 .call(group, move |target, addr| {
-                    let (peers, add_addr) = (peers.clone(), add_addr.clone());
+                    let (peers, request) = (peers.clone(), request.clone());
                     async move {
                         peers
-                            .reconfigure(
-                                group,
-                                target,
-                                &addr,
-                                (add, add_addr, remove),
-                                CATCH_UP_TIMEOUT,
-                            )
+                            .reconfigure(group, target, &addr, request, CATCH_UP_TIMEOUT)
                             .await
                     }
                 })
                 .await;
             match reply {
                 Ok(PeerReply::Done) => {
-                    let replicas = replaced(&entry.replicas, add, remove);
-                    match self
-                        .propose(MetaCommand::MoveDone { group, replicas })
-                        .await
-                    {
+                    let record = if abort {
+                        MetaCommand::MoveAbort { group, add, remove }
+                    } else {
+                        MetaCommand::MoveDone { group, add, remove }
+                    };
+                    match self.propose(record).await {
                         Ok(()) => {
                             tracing::info!(
                                 group,
                                 from = remove,
                                 to = add,
+                                aborted = abort,
                                 took_ms = started.elapsed().as_millis() as u64,
-                                "moved a replica"
+                                "{}",
+                                if abort {
+                                    "called off a replica move"
+                                } else {
+                                    "moved a replica"
+                                }
                             );
                             return;
                         }
                         Err(refusal) => {
-                            tracing::info!(group, %refusal, "cannot record a finished move; retrying")
+                            tracing::info!(group, %refusal, "cannot record the move's end; retrying")
                         }
                     }
                 }
                 Ok(other) => tracing::info!(
                     group,
                     reply = other.kind(),
-                    "the move was not carried out; retrying"
+                    "cannot {what} the move yet; retrying"
                 ),
                 Err(refusal) => {
-                    tracing::info!(group, %refusal, "the group's leader cannot move the replica; retrying")
+                    tracing::info!(group, %refusal, "the group's leader cannot {what} the move; retrying")
                 }
             }
             tokio::time::sleep(MOVE_RETRY_PAUSE).await;
@@ -270,6 +297,23 @@ impl Driver {
     /// Proposes one map change through the metadata pipeline and waits for its commit.
     async fn propose(&self, command: MetaCommand) -> Result<(), Refusal> {
         propose(&self.engine, command).await
+    }
+}
+
+/// One change of the metadata group's membership, bounded by
+/// [`MEMBERSHIP_CHANGE_TIMEOUT`] (removed voters stay learners while in the map).
+async fn change(meta: &MetaGroup, members: ChangeMembers<NodeId, BasicNode>) -> Result<(), String> {
+    match tokio::time::timeout(
+        MEMBERSHIP_CHANGE_TIMEOUT,
+        meta.raft.change_membership(members, true),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("cannot change the metadata group's members: {e}")),
+        Err(_) => Err(format!(
+            "the metadata membership change did not commit within {MEMBERSHIP_CHANGE_TIMEOUT:?}"
+        )),
     }
 }
 

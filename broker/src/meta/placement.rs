@@ -146,12 +146,7 @@ fn least_loaded(
 }
 
 /// The replicas of a group after its move: `add` in `remove`'s place.
-pub fn replaced(replicas: &[NodeId], add: NodeId, remove: NodeId) -> Vec<NodeId> {
-    replicas
-        .iter()
-        .map(|n| if *n == remove { add } else { *n })
-        .collect()
-}
+pub use crate::cluster_map::replaced;
 
 #[cfg(test)]
 mod tests {
@@ -174,18 +169,13 @@ mod tests {
             for step in steps {
                 match &step {
                     MetaCommand::MoveStart { group, add, remove } => {
-                        let replicas =
-                            replaced(&map.group(*group).unwrap().replicas, *add, *remove);
-                        let (g, done) = (
-                            *group,
-                            MetaCommand::MoveDone {
-                                group: *group,
-                                replicas,
-                            },
-                        );
+                        let done = MetaCommand::MoveDone {
+                            group: *group,
+                            add: *add,
+                            remove: *remove,
+                        };
                         map.apply(step).unwrap();
                         map.apply(done).unwrap();
-                        let _ = g;
                         moves += 1;
                     }
                     _ => {

@@ -281,13 +281,13 @@ impl GroupFactory {
     /// Starts data group `group` as `map` places it: opens its log and state machine,
     /// starts its openraft instance, and initializes it if this node is its first
     /// replica, the group still has its original replicas, and its log is empty. The
-    /// group's forwarding pipeline (`pipeline`), if this node had one, becomes the
-    /// replica's, so writes queued in it keep their order.
+    /// group's forwarding pipeline (`pipeline`) becomes the replica's, so writes
+    /// queued in it keep their order.
     pub async fn start(
         &self,
         group: GroupId,
         map: &ClusterMap,
-        pipeline: Option<Pipeline>,
+        pipeline: Pipeline,
     ) -> Result<Group, NodeError> {
         let log = self.wal.group(group);
         let sm = StateMachine::open(
@@ -326,22 +326,14 @@ impl GroupFactory {
                         })
                     })
                     .collect();
-                initialize_if_new(&raft, group, members).await?;
+                if let Err(e) = initialize_if_new(&raft, group, members).await {
+                    // Not left running: a retry opens the group again.
+                    let _ = raft.shutdown().await;
+                    return Err(e);
+                }
             }
         }
-        let pipeline = match pipeline {
-            Some(pipeline) => {
-                pipeline.host(raft.clone());
-                pipeline
-            }
-            None => Pipeline::start(
-                group,
-                raft.clone(),
-                self.peers.clone(),
-                self.node_id,
-                self.metrics.clone(),
-            ),
-        };
+        pipeline.host(raft.clone());
         Ok(Group {
             id: group,
             pipeline,

@@ -50,8 +50,10 @@ async fn reconcile(ctx: &Arc<NodeContext>, factory: &GroupFactory, map: &Cluster
         if running.contains_key(id) {
             continue;
         }
-        let forwarding = ctx.engine.remote_pipeline(*id);
-        match factory.start(*id, map, forwarding).await {
+        // The group's one queue on this node: the replica takes over the forwarding
+        // queue (created now if there was none, so writes arriving meanwhile join it).
+        let queue = ctx.engine.forwarding_pipeline(*id);
+        match factory.start(*id, map, queue).await {
             Ok(group) => {
                 tracing::info!(group = id, "started a replica of the group");
                 groups.insert(group);

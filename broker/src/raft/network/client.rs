@@ -29,8 +29,8 @@ use tracing::debug;
 
 use super::frame::{
     self, connection_exporter, encode_frame, hello_proof, read_frame, write_frame,
-    write_frame_open, FrameError, GroupRequest, PeerHello, PeerReply, PeerRequest, ReadRequest,
-    WireFatal, CLOSE_DONE, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX,
+    write_frame_open, FrameError, GroupRequest, MoveRequest, PeerHello, PeerReply, PeerRequest,
+    ReadRequest, WireFatal, CLOSE_DONE, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX,
     PEER_BATCH_REPLY_BYTES_MAX, PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX, STREAM_CANCELLED,
 };
 use crate::raft::{GroupId, NodeId, Response, TypeConfig};
@@ -475,15 +475,10 @@ impl PeerNetwork {
         group: GroupId,
         target: NodeId,
         addr: &str,
-        (add, add_addr, remove): (NodeId, String, NodeId),
+        request: MoveRequest,
         ttl: Duration,
     ) -> Result<PeerReply, PeerError> {
-        let request = GroupRequest::Reconfigure {
-            add,
-            addr: add_addr,
-            remove,
-        }
-        .to(group);
+        let request = GroupRequest::Reconfigure(request).to(group);
         let bytes = encode_frame(&request, "request", PEER_FRAME_BYTES_MAX)
             .map_err(|source| PeerError::Frame { target, source })?;
         self.call(

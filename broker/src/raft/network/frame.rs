@@ -296,17 +296,9 @@ pub enum GroupRequest {
     /// A node with no replica of the group (or whose replica may lag) reads from the
     /// group's leader. Answered with [`PeerReply::Authorized`] or [`PeerReply::History`].
     Read(ReadRequest),
-    /// The group's leader is asked to move one replica: `add` joins as a learner,
-    /// catches up, and becomes a voter in `remove`'s place. Answered with
-    /// [`PeerReply::Done`] once the new voters are committed.
-    Reconfigure {
-        /// The node that gets a replica.
-        add: NodeId,
-        /// Its QUIC address.
-        addr: String,
-        /// The replica taken out.
-        remove: NodeId,
-    },
+    /// The group's leader is asked to carry out (or call off) one replica move.
+    /// Answered with [`PeerReply::Done`] once the voters it asks for are committed.
+    Reconfigure(MoveRequest),
     /// The group's leader asks this replica to take over: it starts an election at once
     /// (leader balance). Answered with [`PeerReply::Done`]; whether it wins shows in the
     /// group's metrics.
@@ -322,6 +314,27 @@ pub enum GroupRequest {
 
 /// Most conversations one watch may name at once (in the opening request or in all).
 pub const WATCH_CONVS_MAX: usize = 1 << 20;
+
+/// One replica move of a group, as the metadata leader asks the group's leader for it.
+///
+/// Carrying out: `add` joins as a learner, catches up, and becomes a voter in
+/// `remove`'s place. Calling off (`abort`): the voters become `voters` again and `add`
+/// leaves the group. Either way only from `voters` (what the map says the group had
+/// before the move) or from the move's own result: a stale request for voters the group
+/// no longer has is refused, never applied.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MoveRequest {
+    /// The node that gets (or was to get) a replica.
+    pub add: NodeId,
+    /// Its QUIC address.
+    pub addr: String,
+    /// The replica taken out (or kept, on abort).
+    pub remove: NodeId,
+    /// The group's voters before the move, as the map records them.
+    pub voters: Vec<NodeId>,
+    /// Call the move off instead of carrying it out.
+    pub abort: bool,
+}
 
 /// A read of a conversation's state at the group's leader.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -543,7 +556,7 @@ impl GroupRequest {
             GroupRequest::Read(ReadRequest::History { .. }) => "History",
             GroupRequest::Watch { .. } => "Watch",
             GroupRequest::Elect => "Elect",
-            GroupRequest::Reconfigure { .. } => "Reconfigure",
+            GroupRequest::Reconfigure(_) => "Reconfigure",
         }
     }
 

@@ -59,8 +59,8 @@ pub use client::{
     PeerNetworkConfig, WatchOpen, BACKOFF_MAX, BACKOFF_MIN, PEER_CONNECTIONS_MAX,
 };
 pub use frame::{
-    FrameError, GroupRequest, PeerHello, PeerReply, PeerRequest, ReadRequest, WireHistory,
-    FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX,
+    FrameError, GroupRequest, MoveRequest, PeerHello, PeerReply, PeerRequest, ReadRequest,
+    WireHistory, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_BATCH_REPLY_BYTES_MAX,
     PEER_FRAME_BYTES_MAX, PEER_REPLY_BYTES_MAX,
 };
 pub use server::{

@@ -20,9 +20,9 @@ use tracing::{debug, info, warn};
 
 use super::frame::{
     self, connection_exporter, encode_frame, read_frame, verify_hello_proof, write_frame,
-    FrameError, GroupRequest, PeerReply, PeerRequest, ReadRequest, WireFatal, CLOSE_AUTH_FAILED,
-    CLOSE_PROTOCOL, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX, PEER_FRAME_BYTES_MAX,
-    STREAM_MALFORMED, WATCH_CONVS_MAX,
+    FrameError, GroupRequest, MoveRequest, PeerReply, PeerRequest, ReadRequest, WireFatal,
+    CLOSE_AUTH_FAILED, CLOSE_PROTOCOL, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX,
+    PEER_FRAME_BYTES_MAX, STREAM_MALFORMED, WATCH_CONVS_MAX,
 };
 use crate::raft::{GroupId, NodeId, Raft, Response, TypeConfig};
 use crate::store::Command;
@@ -87,13 +87,8 @@ pub trait PeerHandler: Send + Sync + 'static {
 
     /// Moves one replica of the group this node leads (see
     /// [`GroupRequest::Reconfigure`]). The default refuses.
-    fn reconfigure(
-        &self,
-        add: NodeId,
-        addr: String,
-        remove: NodeId,
-    ) -> impl Future<Output = PeerReply> + Send {
-        let _ = (add, addr, remove);
+    fn reconfigure(&self, request: MoveRequest) -> impl Future<Output = PeerReply> + Send {
+        let _ = request;
         async { PeerReply::error("this node moves no replicas") }
     }
 
@@ -271,13 +266,8 @@ impl<H: PeerHandler> PeerHandler for Arc<H> {
         H::elect(self)
     }
 
-    fn reconfigure(
-        &self,
-        add: NodeId,
-        addr: String,
-        remove: NodeId,
-    ) -> impl Future<Output = PeerReply> + Send {
-        H::reconfigure(self, add, addr, remove)
+    fn reconfigure(&self, request: MoveRequest) -> impl Future<Output = PeerReply> + Send {
+        H::reconfigure(self, request)
     }
 
     fn watch(
@@ -510,9 +500,7 @@ pub(crate) async fn dispatch<H: PeerHandler>(raft: &H, request: GroupRequest) ->
         }
         GroupRequest::Read(request) => raft.read(request).await,
         GroupRequest::Elect => raft.elect().await,
-        GroupRequest::Reconfigure { add, addr, remove } => {
-            raft.reconfigure(add, addr, remove).await
-        }
+        GroupRequest::Reconfigure(request) => raft.reconfigure(request).await,
         GroupRequest::Watch { .. } => PeerReply::error("a watch cannot be answered with one reply"),
         GroupRequest::ForwardBatch(commands) => {
             let count = commands.len();
