@@ -87,10 +87,19 @@ pub struct GroupEntry {
     pub joining: Option<NodeId>,
     /// The replica a move in progress takes out, if any.
     pub removing: Option<NodeId>,
-    /// Moves completed so far. 0: the group still has the replicas it was created
+    /// Moves ended so far (done or called off). 0: the group still has the replicas it was created
     /// with, and only then may its first replica initialize it (a replica added later
     /// always joins through the leader).
     pub generation: u64,
+}
+
+impl GroupEntry {
+    /// Clears the move in flight (done or called off): a new generation.
+    fn end_move(&mut self) {
+        self.joining = None;
+        self.removing = None;
+        self.generation += 1;
+    }
 }
 
 /// A change to the map, in the metadata group's log.
@@ -376,6 +385,27 @@ impl ClusterMap {
         self.hosted_by(node).len()
     }
 
+    /// `group`'s entry if it is moving a replica from `remove` to `add`; refused
+    /// otherwise (a late or repeated end of an earlier move).
+    fn move_in_flight(
+        &mut self,
+        group: GroupId,
+        add: NodeId,
+        remove: NodeId,
+    ) -> Result<&mut GroupEntry, Refusal> {
+        let refuse = |why: String| Refusal::new(RefusalCode::InvalidRequest, why);
+        let entry = self
+            .groups
+            .get_mut(&group)
+            .ok_or_else(|| refuse(format!("group {group} does not exist")))?;
+        if entry.joining != Some(add) || entry.removing != Some(remove) {
+            return Err(refuse(format!(
+                "group {group} is not moving a replica from node {remove} to node {add}"
+            )));
+        }
+        Ok(entry)
+    }
+
     /// Applies one change (the metadata group's state machine). Deterministic; a
     /// refused command changes nothing.
     pub fn apply(&mut self, command: MetaCommand) -> Result<(), Refusal> {
@@ -467,31 +497,12 @@ impl ClusterMap {
                 }
             }
             MetaCommand::MoveDone { group, add, remove } => {
-                let Some(entry) = self.groups.get_mut(&group) else {
-                    return refuse(format!("group {group} does not exist"));
-                };
-                if entry.joining != Some(add) || entry.removing != Some(remove) {
-                    return refuse(format!(
-                        "group {group} is not moving a replica from node {remove} to node {add}"
-                    ));
-                }
+                let entry = self.move_in_flight(group, add, remove)?;
                 entry.replicas = replaced(&entry.replicas, add, remove);
-                entry.joining = None;
-                entry.removing = None;
-                entry.generation += 1;
+                entry.end_move();
             }
             MetaCommand::MoveAbort { group, add, remove } => {
-                let Some(entry) = self.groups.get_mut(&group) else {
-                    return refuse(format!("group {group} does not exist"));
-                };
-                if entry.joining != Some(add) || entry.removing != Some(remove) {
-                    return refuse(format!(
-                        "group {group} is not moving a replica from node {remove} to node {add}"
-                    ));
-                }
-                entry.joining = None;
-                entry.removing = None;
-                entry.generation += 1;
+                self.move_in_flight(group, add, remove)?.end_move();
             }
             MetaCommand::SetPreferred { group, replicas } => {
                 let Some(entry) = self.groups.get_mut(&group) else {
