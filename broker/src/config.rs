@@ -55,6 +55,36 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Raft timing, snapshots and the log store.
     pub raft: RaftConfig,
+    /// Graceful shutdown (SIGTERM, `herald drain`).
+    pub drain: DrainConfig,
+}
+
+/// How a node drains before it stops (on SIGTERM or `herald drain`): it stops taking
+/// new sessions and reports not ready, hands the leadership of every group it leads
+/// to a caught-up replica, tells each session to move to another node at a random
+/// moment within `sessions_spread`, waits for them to go, and stops. Whatever is left
+/// when `timeout` ends is closed (clients then reconnect on their own).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DrainConfig {
+    /// The whole drain takes at most this long. An orchestrator's grace period must
+    /// be longer (Kubernetes: `terminationGracePeriodSeconds` ≥ this + 20 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Sessions are told to reconnect elsewhere at a random moment within this
+    /// window, so that 100 k sessions do not reconnect at once. Must be shorter
+    /// than `timeout`.
+    #[serde(with = "humantime_serde_compat")]
+    pub sessions_spread: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            timeout: Duration::from_secs(30),
+            sessions_spread: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Who is in the cluster and how nodes trust each other.
@@ -87,6 +117,9 @@ pub struct ClusterConfig {
     /// a group and waits until an operator adds it (`herald cluster add-node`); its id
     /// must not be among `members`, which may then be empty.
     pub join: bool,
+    /// Take the node id from the host name instead of `node_id`: one more than the
+    /// number after its last `-` (a Kubernetes StatefulSet's pod `herald-2` is node 3).
+    pub node_id_from_ordinal: bool,
 }
 
 /// Data groups per member when `cluster.groups` is 0.
@@ -220,6 +253,7 @@ impl Default for Config {
             limits: Limits::default(),
             cluster: ClusterConfig::default(),
             raft: RaftConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 }
@@ -234,6 +268,7 @@ impl Default for ClusterConfig {
             groups: 0,
             replication_factor: 3,
             join: false,
+            node_id_from_ordinal: false,
         }
     }
 }
@@ -255,6 +290,33 @@ impl Default for RaftConfig {
 }
 
 impl ClusterConfig {
+    /// With `node_id_from_ordinal`, sets `node_id` from `hostname` (`herald-2` → 3).
+    /// A node whose id is not among `members` (a StatefulSet scaled beyond its
+    /// initial members) is a joining node: `join` is set for it.
+    pub fn resolve_node_id(&mut self, hostname: &str) -> Result<(), String> {
+        if !self.node_id_from_ordinal {
+            return Ok(());
+        }
+        let hostname = hostname.trim();
+        let ordinal = hostname
+            .rsplit_once('-')
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "cluster.node_id_from_ordinal is set but the host name `{hostname}` does \
+                     not end in -N (as a StatefulSet pod's does, e.g. herald-0)"
+                )
+            })?;
+        self.node_id = ordinal
+            .checked_add(1)
+            .ok_or("the host name's ordinal is too large")?;
+        let members = self.parsed_members()?;
+        if !members.is_empty() && !members.iter().any(|(id, _)| *id == self.node_id) {
+            self.join = true;
+        }
+        Ok(())
+    }
+
     /// The initial voters as `(id, addr)`, parsed from `members`.
     pub fn parsed_members(&self) -> Result<Vec<(u64, String)>, String> {
         self.members
@@ -541,6 +603,13 @@ impl Config {
                 problems.push(format!("raft.{name} must be at least 1"));
             }
         }
+        let d = &self.drain;
+        if d.timeout.is_zero() || d.sessions_spread >= d.timeout {
+            problems.push(format!(
+                "drain.sessions_spread ({:?}) must be shorter than drain.timeout ({:?}), which must be above zero",
+                d.sessions_spread, d.timeout
+            ));
+        }
         match self.auth.token_algorithm.as_str() {
             "HS256" => {
                 if !self.auth.token_secret_file.is_file() {
@@ -580,7 +649,13 @@ impl Config {
 }
 
 /// `HERALD_*` variables read by client commands, not by the node config.
-const CLIENT_ENV: &[&str] = &["HERALD_TOKEN", "HERALD_ADDR", "HERALD_CA"];
+const CLIENT_ENV: &[&str] = &[
+    "HERALD_TOKEN",
+    "HERALD_TOKEN_FILE",
+    "HERALD_ADDR",
+    "HERALD_CA",
+    "HERALD_ADMIN",
+];
 
 fn leaf_paths(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     for (k, v) in table {
@@ -727,5 +802,36 @@ mod tests {
         config.cluster.members.clear();
         let err = config.check().unwrap_err().to_string();
         assert!(!err.contains("cluster."), "{err}");
+    }
+
+    #[test]
+    fn a_statefulset_pod_name_gives_the_node_id() {
+        let mut cluster = ClusterConfig {
+            node_id_from_ordinal: true,
+            ..ClusterConfig::default()
+        };
+        cluster.resolve_node_id("herald-2\n").unwrap();
+        assert_eq!(cluster.node_id, 3);
+        cluster.resolve_node_id("my-herald-0").unwrap();
+        assert_eq!(cluster.node_id, 1);
+        let err = cluster.resolve_node_id("herald").unwrap_err();
+        assert!(err.contains("does not end in -N"), "{err}");
+        cluster.members = vec!["1=herald-0:7400".into(), "2=herald-1:7400".into()];
+        cluster.resolve_node_id("herald-1").unwrap();
+        assert!(!cluster.join, "a listed member forms the cluster");
+        cluster.resolve_node_id("herald-4").unwrap();
+        assert_eq!(cluster.node_id, 5);
+        assert!(cluster.join, "a node beyond the members joins");
+        let mut fixed = ClusterConfig::default();
+        fixed.resolve_node_id("herald-7").unwrap();
+        assert_eq!(fixed.node_id, 1, "without the flag the configured id stays");
+    }
+
+    #[test]
+    fn the_drain_spread_must_fit_in_the_drain_timeout() {
+        let mut config = Config::default();
+        config.drain.sessions_spread = config.drain.timeout;
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("drain.sessions_spread"), "{err}");
     }
 }

@@ -56,6 +56,10 @@ enum Command {
     },
     /// Mint a token signed with the HS256 secret.
     Token(cli::node::TokenArgs),
+    /// Drain a running node before stopping it: it refuses new sessions, hands its
+    /// Raft leaderships to other replicas and tells its sessions to move (SIGTERM
+    /// does the same, then exits).
+    Drain(cli::node::DrainArgs),
     /// Create conversations and change their members (service token).
     #[command(subcommand)]
     Conv(ConvCommand),
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
             }
             Command::Checkconfig { config } => cli::node::checkconfig(config),
             Command::Token(args) => cli::node::token(args),
+            Command::Drain(args) => cli::node::drain(args).await,
             Command::Conv(ConvCommand::Create(args)) => cli::client::conv_create(args).await,
             Command::Conv(ConvCommand::AddMembers(args)) => {
                 cli::client::conv_members(args, true).await

@@ -21,6 +21,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// How a client handshake ended: `ok`, `refused`, `timeout` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// One of the four outcomes.
+    pub result: &'static str,
+}
+
 /// The Raft group a series belongs to (a small set: the groups this node hosts).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabel {
@@ -44,6 +51,10 @@ pub struct Metrics {
     pub connections_accepted: Counter,
     /// Connection attempts refused at the QUIC layer (limits, flood).
     pub connections_refused: Family<ReasonLabel, Counter>,
+    /// Client handshakes (QUIC + Hello) by outcome.
+    pub handshakes: Family<ResultLabel, Counter>,
+    /// Connection accepted → Welcome sent (or refused), seconds.
+    pub handshake_latency_seconds: Histogram,
     /// Sessions that completed Hello.
     pub sessions: Gauge,
     /// Active subscriptions over all sessions.
@@ -66,6 +77,15 @@ pub struct Metrics {
     pub sessions_lagged: Counter,
     /// Sessions disconnected by the broker, by reason.
     pub sessions_disconnected: Family<ReasonLabel, Counter>,
+    /// Sessions told to move to another node (drain).
+    pub sessions_moved: Counter,
+    /// 1 while the node drains (refuses sessions, hands leaderships away).
+    pub draining: Gauge,
+    /// A session's outbound queue length, observed at each delivery queued to it.
+    pub session_queue_len: Histogram,
+    /// Message stored by the group's leader (its timestamp) → written to a session on
+    /// this node, seconds. Across nodes it includes their clock difference.
+    pub fanout_latency_seconds: Histogram,
     /// Bytes received from clients on session streams.
     pub received_bytes: Counter,
     /// Bytes sent to clients on session streams.
@@ -88,6 +108,13 @@ pub struct Metrics {
     pub raft_last_log_index: Family<GroupLabel, Gauge>,
     /// Raft: the last index applied to the state machine.
     pub raft_applied_index: Family<GroupLabel, Gauge>,
+    /// Raft: entries held in the group's log on this node (not yet purged).
+    pub raft_log_entries: Family<GroupLabel, Gauge>,
+    /// Raft: a batch of writes handed to Raft on the leader → committed and applied,
+    /// seconds.
+    pub raft_commit_latency_seconds: Histogram,
+    /// Raft log store: each fsync, seconds.
+    pub raft_fsync_latency_seconds: Histogram,
     /// Raft log store: bytes in segment files.
     pub raft_log_bytes: Gauge,
     /// Raft log store: fsync/fdatasync calls.
@@ -106,6 +133,8 @@ impl Metrics {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_refused: Family::default(),
+            handshakes: Family::default(),
+            handshake_latency_seconds: Histogram::new(exponential_buckets(100e-6, 2.0, 18)),
             sessions: Gauge::default(),
             subscriptions: Gauge::default(),
             publishes: Counter::default(),
@@ -117,6 +146,12 @@ impl Metrics {
             replayed: Counter::default(),
             sessions_lagged: Counter::default(),
             sessions_disconnected: Family::default(),
+            sessions_moved: Counter::default(),
+            draining: Gauge::default(),
+            // 1 .. 65536 in 17 doubling buckets (the queue bound defaults to 1024).
+            session_queue_len: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
+            // 100 µs .. ~26 s in 19 doubling buckets.
+            fanout_latency_seconds: Histogram::new(exponential_buckets(100e-6, 2.0, 19)),
             received_bytes: Counter::default(),
             sent_bytes: Counter::default(),
             // 10 µs .. ~10 s in 21 doubling buckets.
@@ -129,6 +164,9 @@ impl Metrics {
             raft_leader_changes: Family::default(),
             raft_last_log_index: Family::default(),
             raft_applied_index: Family::default(),
+            raft_log_entries: Family::default(),
+            raft_commit_latency_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 21)),
+            raft_fsync_latency_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 18)),
             raft_log_bytes: Gauge::default(),
             raft_fsyncs: Counter::default(),
             raft_fsync_seconds: Counter::default(),
@@ -150,6 +188,51 @@ impl Metrics {
             "herald_connections_refused",
             "Connection attempts refused, by reason",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "herald_handshakes",
+            "Client handshakes by result (ok, refused, timeout, failed)",
+            m.handshakes.clone(),
+        );
+        r.register(
+            "herald_handshake_latency_seconds",
+            "Client connection accepted to Welcome (or refusal) sent",
+            m.handshake_latency_seconds.clone(),
+        );
+        r.register(
+            "herald_sessions_moved",
+            "Sessions told to move to another node (drain)",
+            m.sessions_moved.clone(),
+        );
+        r.register(
+            "herald_draining",
+            "1 while the node drains",
+            m.draining.clone(),
+        );
+        r.register(
+            "herald_session_queue_len",
+            "A session's outbound queue length at each delivery queued to it",
+            m.session_queue_len.clone(),
+        );
+        r.register(
+            "herald_fanout_latency_seconds",
+            "Message stored by the group leader to written to a session here",
+            m.fanout_latency_seconds.clone(),
+        );
+        r.register(
+            "herald_raft_log_entries",
+            "Entries held in the group's log here (not yet purged)",
+            m.raft_log_entries.clone(),
+        );
+        r.register(
+            "herald_raft_commit_latency_seconds",
+            "Batch handed to Raft on the leader to committed and applied",
+            m.raft_commit_latency_seconds.clone(),
+        );
+        r.register(
+            "herald_raft_fsync_latency_seconds",
+            "Each fsync of the log store",
+            m.raft_fsync_latency_seconds.clone(),
         );
         r.register(
             "herald_sessions",

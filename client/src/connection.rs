@@ -47,8 +47,8 @@ use crate::io::{FrameReader, FrameWriter, IoError};
 use crate::session::SessionEvent;
 use crate::watchdog::Watchdog;
 use crate::wire::{
-    self, Event, Frame, Hello, IdempotencyKey, Message, Principal, Refusal, Reply, Request,
-    SessionLimits, FRAME_BYTES_CEILING,
+    self, Event, Frame, Hello, IdempotencyKey, Message, MoveNotice, Principal, Refusal, Reply,
+    Request, SessionLimits, FRAME_BYTES_CEILING,
 };
 
 /// Commands queued beyond the in-flight bound (close requests). The command queue
@@ -206,6 +206,7 @@ impl Core {
             // A lost connection is retried at the next seed first: the node it was on
             // may be dead, and a dead address costs a whole connect timeout.
             next_start: (established.seed_index + 1) % config.addrs.len().max(1),
+            reconnect_now: false,
             config,
             state: Arc::clone(&state),
             cmd_rx,
@@ -348,6 +349,9 @@ enum Next {
     Fatal(Error),
     /// The connection is gone; reconnect.
     Lost(String),
+    /// The node asked us to move (it is draining) and we left it; reconnect at once,
+    /// to another seed first.
+    Moved(String),
 }
 
 enum Stop {
@@ -371,6 +375,9 @@ struct Driver {
     backoff: Backoff,
     /// Index in the seed list where the next reconnect pass starts.
     next_start: usize,
+    /// The next reconnect's first attempt goes without a backoff delay (after a
+    /// move: the node's notice already spread the sessions out in time).
+    reconnect_now: bool,
 }
 
 impl Driver {
@@ -398,15 +405,24 @@ impl Driver {
                     self.fail(error).await;
                     return;
                 }
-                Next::Lost(reason) => reason,
+                Next::Lost(reason) => {
+                    tracing::warn!(session_id, %addr, "herald connection lost, reconnecting: {reason}");
+                    // A node that served us (answered requests, or stayed up a while)
+                    // died: start the backoff afresh. One that accepted and dropped us
+                    // keeps growing it.
+                    let served = self.state.replies.load(Ordering::Relaxed) > replies_before;
+                    if served || connected_at.elapsed() >= STABLE_CONNECTION_AFTER {
+                        self.backoff.reset();
+                    }
+                    reason
+                }
+                Next::Moved(reason) => {
+                    tracing::info!(session_id, %addr, "herald client moving to another node: {reason}");
+                    self.backoff.reset();
+                    self.reconnect_now = true;
+                    reason
+                }
             };
-            tracing::warn!(session_id, %addr, "herald connection lost, reconnecting: {reason}");
-            // A node that served us (answered requests, or stayed up a while) died:
-            // start the backoff afresh. One that accepted and dropped us keeps growing it.
-            let served = self.state.replies.load(Ordering::Relaxed) > replies_before;
-            if served || connected_at.elapsed() >= STABLE_CONNECTION_AFTER {
-                self.backoff.reset();
-            }
             match self.reconnect(reason).await {
                 Ok(established) => {
                     tracing::info!(
@@ -429,7 +445,7 @@ impl Driver {
                     self.fail(error).await;
                     return;
                 }
-                Err(Next::Lost(reason)) => {
+                Err(Next::Lost(reason) | Next::Moved(reason)) => {
                     self.fail(Error::Disconnected { reason }).await;
                     return;
                 }
@@ -452,10 +468,13 @@ impl Driver {
             mut writer,
             info,
         } = established;
+        // At most one move notice matters per connection; later ones are dropped.
+        let (move_tx, mut move_rx) = mpsc::channel::<MoveNotice>(1);
         let ctx = ReaderCtx {
             state: Arc::clone(&self.state),
             events: self.events.clone(),
             session_id: info.session_id,
+            moves: move_tx,
         };
         let mut reader_task = tokio::spawn(read_loop(reader, ctx, reconnected_to));
         // Closes the connection if the node falls silent while replies are owed; its
@@ -476,8 +495,27 @@ impl Driver {
             return lost(format!("resending after connect failed: {e}"));
         }
 
+        // When set: the node asked us to move, and this is when we leave it.
+        let mut move_at: Option<(Instant, String)> = None;
         loop {
+            let leave_at = move_at.as_ref().map_or_else(Instant::now, |(at, _)| *at);
             tokio::select! {
+                Some(notice) = move_rx.recv(), if move_at.is_none() => {
+                    let delay = move_delay(notice.within_ms, &mut rand::rng());
+                    tracing::debug!(
+                        session_id = info.session_id,
+                        ?delay,
+                        "the node asked this session to move: {}",
+                        notice.detail
+                    );
+                    move_at = Some((Instant::now() + delay, notice.detail));
+                }
+                _ = tokio::time::sleep_until(leave_at), if move_at.is_some() => {
+                    stop_reader(reader_task).await;
+                    conn.close(quinn::VarInt::from_u32(0), b"moving to another node");
+                    let detail = move_at.take().map(|(_, d)| d).unwrap_or_default();
+                    return Next::Moved(detail);
+                }
                 end = &mut reader_task => {
                     conn.close(quinn::VarInt::from_u32(0), b"stream ended");
                     return match (reader_ended(end), watchdog.verdict()) {
@@ -647,7 +685,11 @@ impl Driver {
                     return Err(Next::Fatal(Error::ReconnectExhausted { attempts, last }));
                 }
             }
-            let delay = self.backoff.next_delay();
+            let delay = if std::mem::take(&mut self.reconnect_now) {
+                Duration::ZERO
+            } else {
+                self.backoff.next_delay()
+            };
             tracing::debug!(
                 ?delay,
                 attempt = attempts + 1,
@@ -764,6 +806,14 @@ struct ReaderCtx {
     state: Arc<State>,
     events: Option<mpsc::Sender<EventItem>>,
     session_id: u64,
+    /// Move notices, to the driver (which decides when to leave).
+    moves: mpsc::Sender<MoveNotice>,
+}
+
+/// When to leave a node that asked us to move: uniformly random within its window,
+/// so that the node's sessions spread their reconnects over that window.
+fn move_delay<R: rand::Rng + ?Sized>(within_ms: u32, rng: &mut R) -> Duration {
+    Duration::from_millis(rng.random_range(0..=u64::from(within_ms)))
 }
 
 async fn read_loop(
@@ -792,6 +842,10 @@ async fn read_loop(
             Frame::Deliver(message) => ctx.on_deliver(message).await,
             Frame::Event(event) => ctx.on_event(event).await,
             Frame::Goodbye(refusal) => return ReaderEnd::Goodbye(refusal),
+            // Full: a notice is already with the driver; this one adds nothing.
+            Frame::Move(notice) => {
+                let _ = ctx.moves.try_send(notice);
+            }
             other => {
                 reader.stop(STOP_CODE);
                 return ReaderEnd::Failed(Error::Protocol {

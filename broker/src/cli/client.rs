@@ -22,8 +22,17 @@ pub struct ClientFlags {
     #[arg(long, env = "HERALD_CA")]
     ca: Option<PathBuf>,
     /// Token (JWT); mint one with `herald token`.
-    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HERALD_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
+    /// A file holding the token (e.g. one `herald token --out` wrote, or a mounted
+    /// secret); surrounding whitespace is ignored.
+    #[arg(long, env = "HERALD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl ClientFlags {
@@ -38,8 +47,16 @@ impl ClientFlags {
                 default
             }
         };
-        let Some(token) = self.token.clone() else {
-            bail!("no token: pass --token JWT or set HERALD_TOKEN (mint one with `herald token`)");
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => bail!(
+                "no token: pass --token JWT or --token-file FILE, or set HERALD_TOKEN \
+                 (mint one with `herald token`)"
+            ),
         };
         Ok(ClientConfig::builder()
             .addrs(self.addr.iter().map(String::as_str))

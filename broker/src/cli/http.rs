@@ -16,7 +16,7 @@ const RESPONSE_BYTES_MAX: u64 = 16 << 20;
 
 /// `GET path`; the body of a 200 answer.
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let (status, body) = request(addr, "GET", path, None).await?;
+    let (status, body) = request(addr, "GET", path, None, ADMIN_TIMEOUT).await?;
     if status != 200 {
         bail!("{addr}{path} answered {status}: {}", body.trim());
     }
@@ -30,7 +30,18 @@ pub async fn post(
     path: &str,
     json: &serde_json::Value,
 ) -> anyhow::Result<(u16, String)> {
-    request(addr, "POST", path, Some(json.to_string())).await
+    request(addr, "POST", path, Some(json.to_string()), ADMIN_TIMEOUT).await
+}
+
+/// Like [`post`], waiting up to `answer_within` for the answer (a drain takes up to
+/// its timeout).
+pub async fn post_waiting(
+    addr: &str,
+    path: &str,
+    json: &serde_json::Value,
+    answer_within: Duration,
+) -> anyhow::Result<(u16, String)> {
+    request(addr, "POST", path, Some(json.to_string()), answer_within).await
 }
 
 async fn request(
@@ -38,6 +49,7 @@ async fn request(
     method: &str,
     path: &str,
     body: Option<String>,
+    answer_within: Duration,
 ) -> anyhow::Result<(u16, String)> {
     let mut stream = tokio::time::timeout(ADMIN_TIMEOUT, tokio::net::TcpStream::connect(addr))
         .await
@@ -57,7 +69,7 @@ async fn request(
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(
-        ADMIN_TIMEOUT,
+        answer_within,
         (&mut stream)
             .take(RESPONSE_BYTES_MAX)
             .read_to_end(&mut response),

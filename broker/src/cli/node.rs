@@ -1,4 +1,4 @@
-//! Node commands: `dev`, `serve`, `checkconfig`, `token`, `status`.
+//! Node commands: `dev`, `serve`, `checkconfig`, `token`, `status`, `drain`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,10 @@ pub struct TokenArgs {
     /// How long the token is valid (e.g. 1h, 30m, 7days).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// Write the token to this file (created or replaced, readable by its owner only)
+    /// instead of printing it.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 pub async fn dev(data_dir: PathBuf, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
@@ -208,9 +212,9 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         let text = toml::to_string_pretty(&config).context("cannot render a node config")?;
         let path = dir.join(format!("node{k}.toml"));
         let place = if on_hosts {
-            format!("on host {}", host(k))
+            format!(", on host {}", host(k))
         } else {
-            "local".to_owned()
+            String::new()
         };
         let role = if k > initial {
             "; it joins once added: herald cluster add-node"
@@ -220,7 +224,7 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         std::fs::write(
             &path,
             format!(
-                "# Node {k} of a {place} {}-node Herald cluster (herald dev-cluster{role}).\n\n{text}",
+                "# Node {k}{place} of a {}-node Herald cluster (herald dev-cluster{role}).\n\n{text}",
                 args.nodes
             ),
         )
@@ -325,8 +329,27 @@ fn ensure_host_certificate(files: &DevFiles, hosts: &[String]) -> anyhow::Result
     Ok(())
 }
 
+/// The config file, then `HERALD_*` variables, then the node id from the host name
+/// when `cluster.node_id_from_ordinal` asks for it. Returns the warnings too.
+fn load_config(path: &std::path::Path) -> anyhow::Result<(Config, Vec<String>)> {
+    let (mut config, warnings) = Config::load(path, std::env::vars())?;
+    if config.cluster.node_id_from_ordinal {
+        // Kubernetes and Docker set HOSTNAME; the kernel's name is the fallback.
+        let hostname = match std::env::var("HOSTNAME") {
+            Ok(name) if !name.trim().is_empty() => name,
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("cannot read the host name (cluster.node_id_from_ordinal)")?,
+        };
+        config
+            .cluster
+            .resolve_node_id(&hostname)
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok((config, warnings))
+}
+
 pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
-    let (config, warnings) = Config::load(&path, std::env::vars())?;
+    let (config, warnings) = load_config(&path)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -345,13 +368,58 @@ async fn run_until_signal(node: RunningNode) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    // Drain first (bounded by drain.timeout); a second signal stops at once.
+    tokio::select! {
+        _ = node.drain() => {}
+        _ = tokio::signal::ctrl_c() => tracing::warn!("second signal: stopping without finishing the drain"),
+        _ = term.recv() => tracing::warn!("second signal: stopping without finishing the drain"),
+    }
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
 }
 
+/// `herald drain`.
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The admin HTTP address of the node to drain (one node).
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    admin: String,
+    /// Give up waiting for the node's answer after this long (the node's own
+    /// `drain.timeout` bounds the drain itself).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// `herald drain --admin A`: asks the node to drain (`POST /drain`) and prints its
+/// report once done. The node then refuses sessions until it is stopped; a SIGTERM
+/// afterwards stops it at once. Kubernetes runs this as the `preStop` hook.
+pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let (status, body) =
+        super::http::post_waiting(&args.admin, "/drain", &serde_json::json!({}), args.timeout)
+            .await?;
+    if status != 200 {
+        bail!("{}/drain answered {status}: {}", args.admin, body.trim());
+    }
+    let report: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("{}/drain did not answer JSON: {body}", args.admin))?;
+    println!(
+        "node {} drained in {} ms: handed over {} group leadership(s){}, asked {} session(s) to move, {} still connected",
+        report["node_id"],
+        report["took_ms"],
+        report["handed_over"].as_array().map_or(0, Vec::len),
+        match report["still_leading"].as_array() {
+            Some(g) if !g.is_empty() => format!(" (still leading {g:?})"),
+            _ => String::new(),
+        },
+        report["sessions_asked"],
+        report["sessions_left"],
+    );
+    Ok(())
+}
+
 pub fn checkconfig(path: PathBuf) -> anyhow::Result<()> {
-    let (config, warnings) = Config::load(&path, std::env::vars())?;
+    let (config, warnings) = load_config(&path)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }
@@ -367,10 +435,23 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
         (None, Some(name)) if !name.is_empty() => Principal::Service(name),
         _ => bail!("give exactly one of --user ID or --service NAME"),
     };
-    println!(
-        "{}",
-        herald_broker::auth::mint_hs256(&secret, &principal, args.ttl)?
-    );
+    let token = herald_broker::auth::mint_hs256(&secret, &principal, args.ttl)?;
+    match args.out {
+        None => println!("{token}"),
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot write the token to {}", path.display()))?;
+            writeln!(file, "{token}")
+                .with_context(|| format!("cannot write the token to {}", path.display()))?;
+        }
+    }
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::handler::GroupHandler;
+use super::handler::{GroupHandler, Hosted};
 use super::pipeline::Pipeline;
 use crate::meta::state_machine::MetaStateMachine;
 use crate::raft::log_store::LogStore;
@@ -101,6 +101,8 @@ pub fn leads(raft: &crate::raft::Raft, me: NodeId) -> bool {
 pub struct GroupSet {
     groups: Arc<ArcSwap<BTreeMap<GroupId, Arc<Group>>>>,
     meta: Arc<std::sync::OnceLock<Arc<MetaGroup>>>,
+    /// Set once the node starts draining (peers' `Elect` is then refused).
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GroupSet {
@@ -110,7 +112,19 @@ impl GroupSet {
         GroupSet {
             groups: Arc::new(ArcSwap::from_pointee(map)),
             meta: Arc::default(),
+            draining: Arc::default(),
         }
+    }
+
+    /// Marks the node as draining, for good: its groups refuse to start elections.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// True once [`GroupSet::start_draining`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Sets the metadata group (once, when the node starts).
@@ -161,9 +175,14 @@ impl GroupResolver for GroupSet {
     type Handler = GroupHandler;
 
     fn group(&self, group: GroupId) -> Option<GroupHandler> {
-        if group == META_GROUP {
-            return self.meta().map(GroupHandler::Meta);
-        }
-        self.get(group).map(GroupHandler::Data)
+        let hosted = if group == META_GROUP {
+            Hosted::Meta(self.meta()?)
+        } else {
+            Hosted::Data(self.get(group)?)
+        };
+        Some(GroupHandler {
+            hosted,
+            draining: self.draining(),
+        })
     }
 }

@@ -24,7 +24,17 @@ use crate::store::Command;
 
 /// A hosted group, as a peer addresses it.
 #[derive(Clone)]
-pub enum GroupHandler {
+pub struct GroupHandler {
+    /// The group.
+    pub hosted: Hosted,
+    /// This node is draining: it refuses to start elections (it is handing its
+    /// leaderships away, and must not take them back).
+    pub draining: bool,
+}
+
+/// Which kind of group a [`GroupHandler`] serves.
+#[derive(Clone)]
+pub enum Hosted {
     /// A data group.
     Data(Arc<Group>),
     /// The metadata group.
@@ -33,9 +43,9 @@ pub enum GroupHandler {
 
 impl GroupHandler {
     fn raft(&self) -> &Raft {
-        match self {
-            GroupHandler::Data(g) => &g.raft,
-            GroupHandler::Meta(m) => &m.raft,
+        match &self.hosted {
+            Hosted::Data(g) => &g.raft,
+            Hosted::Meta(m) => &m.raft,
         }
     }
 }
@@ -74,13 +84,18 @@ impl PeerHandler for GroupHandler {
     }
 
     async fn read(&self, request: ReadRequest) -> PeerReply {
-        match self {
-            GroupHandler::Data(group) => read(group, request),
-            GroupHandler::Meta(_) => PeerReply::error("the metadata group holds no conversation"),
+        match &self.hosted {
+            Hosted::Data(group) => read(group, request),
+            Hosted::Meta(_) => PeerReply::error("the metadata group holds no conversation"),
         }
     }
 
     async fn elect(&self) -> PeerReply {
+        if self.draining {
+            return PeerReply::error(
+                "this node is draining (shutting down) and will not lead; pick another replica",
+            );
+        }
         match self.raft().trigger().elect().await {
             Ok(()) => PeerReply::Done,
             Err(fatal) => PeerReply::Fatal(WireFatal::from(&fatal)),
@@ -88,21 +103,21 @@ impl PeerHandler for GroupHandler {
     }
 
     async fn reconfigure(&self, request: MoveRequest) -> PeerReply {
-        match self {
-            GroupHandler::Data(group) => super::moves::reconfigure(group, request).await,
-            GroupHandler::Meta(_) => {
+        match &self.hosted {
+            Hosted::Data(group) => super::moves::reconfigure(group, request).await,
+            Hosted::Meta(_) => {
                 PeerReply::error("the metadata group's members are managed by its leader")
             }
         }
     }
 
     async fn watch(&self, convs: Vec<u64>, send: quinn::SendStream, recv: quinn::RecvStream) {
-        match self {
+        match &self.hosted {
             // The peer's id is not needed to serve it; 0 marks "a peer" in logs.
-            GroupHandler::Data(group) => {
+            Hosted::Data(group) => {
                 crate::fanout::watchers::serve_watch(group, 0, convs, send, recv).await
             }
-            GroupHandler::Meta(_) => {
+            Hosted::Meta(_) => {
                 let mut send = send;
                 crate::raft::network::server::send_reply(
                     &mut send,

@@ -334,11 +334,19 @@ async fn run(
             let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
             // Proposed here, in order; awaited in a task.
             let count = commands.len();
+            let proposed_at = Instant::now();
             let proposed = raft.client_write_ff(commands).await.ok();
             let retry_tx = retry_tx.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 let results = match proposed {
-                    Some(rx) => committed(rx, count).await,
+                    Some(rx) => {
+                        let results = committed(rx, count).await;
+                        metrics
+                            .raft_commit_latency_seconds
+                            .observe(proposed_at.elapsed().as_secs_f64());
+                        results
+                    }
                     None => vec![None; count],
                 };
                 let retry = answer(batch, results, None);

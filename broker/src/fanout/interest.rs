@@ -429,7 +429,9 @@ impl Inner {
                             if let Some(head) = watched.heads.get_mut(&m.conv) {
                                 *head = (*head).max(m.seq + 1);
                             }
-                            self.hub.deliver(&Arc::new(Delivery::new(m.conv, m.seq, Bytes::from(m.frame))));
+                            self.hub.deliver(&Arc::new(
+                                Delivery::new(m.conv, m.seq, Bytes::from(m.frame)).with_stored_ms(m.stored_ms),
+                            ));
                         }
                     }
                     Some(WatchEvent::Head { conv, next_seq }) => {

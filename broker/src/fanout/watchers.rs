@@ -172,6 +172,7 @@ impl PushBatch {
                 conv: delivery.conv,
                 seq: delivery.seq,
                 frame: delivery.frame.to_vec(),
+                stored_ms: delivery.stored_ms,
             });
             *bytes += delivery.frame.len() + 24;
             self.copies += 1;

@@ -61,12 +61,25 @@ pub struct Delivery {
     pub seq: u64,
     /// The complete frame: header and body, ready to write.
     pub frame: bytes::Bytes,
+    /// When the group's leader stored the message (its `timestamp_ms`), for the
+    /// fan-out latency metric; 0 when unknown.
+    pub stored_ms: u64,
 }
 
 impl Delivery {
     /// A delivery of `frame` (already encoded) for message `seq` of `conv`.
     pub fn new(conv: u64, seq: u64, frame: bytes::Bytes) -> Self {
-        Self { conv, seq, frame }
+        Self {
+            conv,
+            seq,
+            frame,
+            stored_ms: 0,
+        }
+    }
+
+    /// The same, stored by the leader at `stored_ms` (milliseconds since the epoch).
+    pub fn with_stored_ms(self, stored_ms: u64) -> Self {
+        Self { stored_ms, ..self }
     }
 
     /// A mark: every message of `conv` up to `upto` exists.
@@ -75,6 +88,7 @@ impl Delivery {
             conv,
             seq: upto,
             frame: bytes::Bytes::new(),
+            stored_ms: 0,
         }
     }
 

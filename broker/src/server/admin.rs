@@ -1,6 +1,8 @@
-//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/cluster`, and the two changes an
+//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/cluster`, the two changes an
 //! operator makes to a cluster: `POST /cluster/nodes` (a node joins) and
-//! `POST /cluster/nodes/{id}/leave` (a node is drained, then removed).
+//! `POST /cluster/nodes/{id}/leave` (a node is drained, then removed), and
+//! `POST /drain`: this node drains before it stops (see [`super::drain`]); the answer,
+//! once the drain is done, is its report.
 //!
 //! Owns: the node's TCP admin port. Must not: change state other than by proposing
 //! those two map changes to the metadata group (from any node: they are forwarded to
@@ -28,10 +30,15 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
         .route("/cluster", get(cluster))
         .route("/cluster/nodes", post(add_node))
         .route("/cluster/nodes/{id}/leave", post(leave_node))
+        .route("/drain", post(drain))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("admin HTTP stopped: {e}");
     }
+}
+
+async fn drain(State(ctx): State<Arc<NodeContext>>) -> Json<super::drain::DrainReport> {
+    Json(super::drain::drain(&ctx).await)
 }
 
 /// The body of `POST /cluster/nodes`.
@@ -123,6 +130,7 @@ async fn cluster(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
 /// node hosts carry their live Raft state as this replica sees it.
 pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
     let ready = ctx.ready.load(Ordering::Acquire);
+    let draining = ctx.engine.groups().draining();
     let me = ctx.config.cluster.node_id;
     let map = ctx.engine.map();
     let hosted = ctx.engine.groups().all();
@@ -138,6 +146,7 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
             });
             if *id == me {
                 entry["ready"] = serde_json::Value::Bool(ready);
+                entry["draining"] = serde_json::Value::Bool(draining);
             }
             entry
         })
@@ -165,6 +174,8 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
     serde_json::json!({
         "node_id": me,
         "ready": ready,
+        "draining": draining,
+        "sessions": ctx.sessions.len(),
         "map_version": map.version(),
         "moving": moving,
         "settled": settled,

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::NodeContext;
-use crate::engine::Group;
-use crate::raft::{GroupId, NodeId};
+use crate::engine::Pipeline;
+use crate::raft::{GroupId, NodeId, Raft};
 
 /// How often a node looks for groups to hand over.
 pub const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
@@ -45,6 +45,10 @@ pub async fn run(ctx: Arc<NodeContext>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if ctx.engine.groups().draining() {
+            // The drain hands every leadership away; balance would fight it.
+            return;
+        }
         let groups = ctx.engine.groups().all();
         leading_since.retain(|id, _| groups.get(id).is_some_and(|g| g.sm.is_leader()));
         let mut transfers = 0;
@@ -61,7 +65,9 @@ pub async fn run(ctx: Arc<NodeContext>) {
             else {
                 continue;
             };
-            if preferred == me || since.elapsed() < LEADING_FOR_MIN || !caught_up(group, preferred)
+            if preferred == me
+                || since.elapsed() < LEADING_FOR_MIN
+                || !caught_up(&group.raft, preferred)
             {
                 continue;
             }
@@ -70,7 +76,7 @@ pub async fn run(ctx: Arc<NodeContext>) {
             }
             transfers += 1;
             let started = Instant::now();
-            match hand_over(&ctx, group, preferred).await {
+            match hand_over(&ctx, group.id, &group.raft, &group.pipeline, preferred).await {
                 Ok(()) => tracing::info!(
                     group = group.id,
                     to = preferred,
@@ -88,9 +94,10 @@ pub async fn run(ctx: Arc<NodeContext>) {
     }
 }
 
-/// True when `node` (a voter of `group`) has every entry this leader has.
-fn caught_up(group: &Group, node: NodeId) -> bool {
-    let metrics = group.raft.metrics();
+/// True when `node` (a voter of the group `raft` leads here) has every entry this
+/// leader has.
+pub(super) fn caught_up(raft: &Raft, node: NodeId) -> bool {
+    let metrics = raft.metrics();
     let m = metrics.borrow();
     let last = m.last_log_index;
     let voter = m
@@ -106,15 +113,22 @@ fn caught_up(group: &Group, node: NodeId) -> bool {
     voter && last.is_some() && matched == last
 }
 
-/// Hands `group` over to `to` (see the module documentation).
-async fn hand_over(ctx: &NodeContext, group: &Group, to: NodeId) -> Result<(), String> {
+/// Hands the group `id` (its `raft` and write `pipeline` on this node, which leads it)
+/// over to `to` (see the module documentation).
+pub(super) async fn hand_over(
+    ctx: &NodeContext,
+    id: GroupId,
+    raft: &Raft,
+    pipeline: &Pipeline,
+    to: NodeId,
+) -> Result<(), String> {
     let me = ctx.config.cluster.node_id;
     let deadline = Instant::now() + HANDOVER_TIMEOUT;
-    group.pipeline.hold(deadline);
+    pipeline.hold(deadline);
     let result = async {
         // Entries already proposed finish replicating; none are added meanwhile.
-        let mut metrics = group.raft.metrics();
-        while !caught_up(group, to) {
+        let mut metrics = raft.metrics();
+        while !caught_up(raft, to) {
             if Instant::now() >= deadline {
                 return Err(format!(
                     "node {to} did not catch up in {HANDOVER_TIMEOUT:?}"
@@ -130,7 +144,7 @@ async fn hand_over(ctx: &NodeContext, group: &Group, to: NodeId) -> Result<(), S
             .to_owned();
         ctx.engine
             .peers()
-            .elect(group.id, to, &addr)
+            .elect(id, to, &addr)
             .await
             .map_err(|e| e.to_string())?;
         loop {
@@ -145,6 +159,6 @@ async fn hand_over(ctx: &NodeContext, group: &Group, to: NodeId) -> Result<(), S
         }
     }
     .await;
-    group.pipeline.release();
+    pipeline.release();
     result
 }

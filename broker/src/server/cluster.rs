@@ -156,6 +156,12 @@ pub async fn start(
         segment_bytes_max: config.raft.log_segment_bytes_max,
         cache_bytes_max: usize::try_from(config.raft.log_cache_bytes_max).unwrap_or(usize::MAX),
         simulate_power_loss,
+        fsync_observer: {
+            let histogram = metrics.raft_fsync_latency_seconds.clone();
+            crate::raft::log_store::FsyncObserver::new(move |took| {
+                histogram.observe(took.as_secs_f64())
+            })
+        },
     })
     .await
     .map_err(|e| NodeError::Storage(e.to_string()))?;

@@ -8,6 +8,7 @@
 pub mod admin;
 mod balance;
 pub mod cluster;
+pub mod drain;
 mod readiness;
 mod reconcile;
 pub mod session;
@@ -88,6 +89,8 @@ pub struct NodeContext {
     pub wal: crate::raft::log_store::Wal,
     /// Which of the node's groups are ready.
     pub readiness: readiness::Readiness,
+    /// The node's drain, once begun (at most one per process; see [`drain`]).
+    pub drain: tokio::sync::OnceCell<drain::DrainReport>,
     session_ids: AtomicU64,
     /// Held while anything of this node may still write to the data directory.
     _data_dir_lock: std::fs::File,
@@ -216,6 +219,7 @@ impl RunningNode {
             peer_server,
             wal,
             readiness: readiness::Readiness::default(),
+            drain: tokio::sync::OnceCell::new(),
             config,
             verifier,
             metrics,
@@ -261,6 +265,12 @@ impl RunningNode {
             endpoint,
             tasks,
         })
+    }
+
+    /// Drains the node (see [`drain`]): no new sessions, leaderships handed away,
+    /// sessions moved. The node keeps running (draining) until [`RunningNode::shutdown`].
+    pub async fn drain(&self) -> drain::DrainReport {
+        drain::drain(&self.context).await
     }
 
     /// Stops accepting, closes every connection, and waits (bounded) for them to go.

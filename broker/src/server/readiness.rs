@@ -69,7 +69,10 @@ pub fn recompute(ctx: &NodeContext) {
         .iter()
         .filter(|(_, g)| g.replicas.contains(&me))
         .all(|(id, _)| ctx.readiness.is_ready(*id));
-    let ready = !map.is_empty() && ctx.readiness.is_ready(META_GROUP) && replicas_ready;
+    let ready = !map.is_empty()
+        && ctx.readiness.is_ready(META_GROUP)
+        && replicas_ready
+        && !ctx.engine.groups().draining();
     if ctx.ready.swap(ready, Ordering::AcqRel) != ready {
         tracing::info!(ready, "readiness changed");
     }
@@ -156,6 +159,15 @@ fn export(
         .raft_last_log_index
         .get_or_create(&label)
         .set(gauge(m.last_log_index));
+    // Indexes from the first not purged through the last.
+    let first = m.purged.map_or(0, |p| p.index + 1);
+    let entries = m
+        .last_log_index
+        .map_or(0, |l| (l + 1).saturating_sub(first));
+    exported
+        .raft_log_entries
+        .get_or_create(&label)
+        .set(gauge(Some(entries)));
     exported
         .raft_applied_index
         .get_or_create(&label)

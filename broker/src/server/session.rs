@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use herald_client::io::{FrameReader, FrameWriter, IoError};
 use herald_client::wire::Principal;
 use herald_client::wire::{
-    Event, Frame, Hello, HistoryPage, Refusal, RefusalCode, Reply, Request, SessionLimits, Welcome,
-    WireError,
+    Event, Frame, Hello, HistoryPage, MoveNotice, Refusal, RefusalCode, Reply, Request,
+    SessionLimits, Welcome, WireError,
 };
 use tokio::sync::mpsc;
 
@@ -76,30 +76,69 @@ pub(crate) enum Control {
         reason: Refusal,
     },
     Goodbye(Refusal),
+    /// The node is draining: ask the client to move to another node.
+    Move(MoveNotice),
 }
 
-/// The live sessions of each user on this node, so that removing a member can end that
-/// user's subscriptions. Bounded by the number of open connections (`connections_max`).
+/// The live sessions on this node: all of them (a drain asks each to move), and each
+/// user's (removing a member ends that user's subscriptions). Bounded by the number of
+/// open connections (`connections_max`).
 #[derive(Default)]
 pub struct Registry {
     by_user: dashmap::DashMap<u64, Vec<(u64, mpsc::Sender<Control>)>>,
+    all: dashmap::DashMap<u64, mpsc::Sender<Control>>,
 }
 
 impl Registry {
-    fn register(&self, user: u64, session_id: u64, control: mpsc::Sender<Control>) {
-        self.by_user
-            .entry(user)
-            .or_default()
-            .push((session_id, control));
+    fn register(&self, principal: &Principal, session_id: u64, control: mpsc::Sender<Control>) {
+        if let Principal::User(user) = principal {
+            self.by_user
+                .entry(*user)
+                .or_default()
+                .push((session_id, control.clone()));
+        }
+        self.all.insert(session_id, control);
     }
 
-    fn unregister(&self, user: u64, session_id: u64) {
-        if let dashmap::Entry::Occupied(mut e) = self.by_user.entry(user) {
+    fn unregister(&self, principal: &Principal, session_id: u64) {
+        self.all.remove(&session_id);
+        let Principal::User(user) = principal else {
+            return;
+        };
+        if let dashmap::Entry::Occupied(mut e) = self.by_user.entry(*user) {
             e.get_mut().retain(|(id, _)| *id != session_id);
             if e.get().is_empty() {
                 e.remove();
             }
         }
+    }
+
+    /// Sessions open on this node.
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// True when no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// Asks every open session to move (see [`MoveNotice`]); returns how many were
+    /// asked. A session whose control queue is full is asked by a task of its own, so
+    /// a drain never waits on one slow session.
+    pub(crate) fn move_all(&self, notice: &MoveNotice) -> usize {
+        let sessions: Vec<mpsc::Sender<Control>> =
+            self.all.iter().map(|e| e.value().clone()).collect();
+        for control in &sessions {
+            let message = Control::Move(notice.clone());
+            if let Err(mpsc::error::TrySendError::Full(message)) = control.try_send(message) {
+                let control = control.clone();
+                tokio::spawn(async move {
+                    let _ = control.send(message).await;
+                });
+            }
+        }
+        sessions.len()
     }
 
     /// Ends `users`' subscriptions to `conv` on this node.
@@ -137,16 +176,29 @@ pub async fn serve_connection(
     handshake_done: impl FnOnce(),
 ) {
     let remote = connecting.remote_address();
+    let started = Instant::now();
+    // Counts how the handshake (QUIC, then Hello → Welcome) ended, and how long it took.
+    let handshake_ended = |result: &'static str| {
+        ctx.metrics
+            .handshakes
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
+        ctx.metrics
+            .handshake_latency_seconds
+            .observe(started.elapsed().as_secs_f64());
+    };
     let handshake = tokio::time::timeout(ctx.config.limits.handshake_timeout, connecting).await;
     handshake_done();
     let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "QUIC handshake failed: {e}");
+            handshake_ended("failed");
             return;
         }
         Err(_) => {
             tracing::debug!(%remote, "QUIC handshake timed out");
+            handshake_ended("timeout");
             return;
         }
     };
@@ -165,6 +217,7 @@ pub async fn serve_connection(
         return;
     }
     if alpn.as_deref() != Some(herald_client::wire::ALPN_CLIENT) {
+        handshake_ended("refused");
         conn.close(
             quinn::VarInt::from_u32(close_code::REFUSED),
             b"unknown ALPN: clients speak herald/1, nodes herald-peer/1",
@@ -176,6 +229,7 @@ pub async fn serve_connection(
     let (send, recv) = match stream {
         Ok(Ok(s)) => s,
         _ => {
+            handshake_ended("timeout");
             conn.close(
                 quinn::VarInt::from_u32(close_code::PROTOCOL_ERROR),
                 b"no stream opened within the handshake timeout",
@@ -200,9 +254,13 @@ pub async fn serve_connection(
                 "the first frame must be Hello".into(),
             )
             .await;
+            handshake_ended("refused");
             return;
         }
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => {
+            handshake_ended("failed");
+            return;
+        }
         Ok(Err(IoError::Wire(e @ WireError::UnsupportedVersion { .. }))) => {
             refuse(
                 &conn,
@@ -211,6 +269,7 @@ pub async fn serve_connection(
                 e.to_string(),
             )
             .await;
+            handshake_ended("refused");
             return;
         }
         Ok(Err(IoError::Wire(e))) => {
@@ -221,9 +280,13 @@ pub async fn serve_connection(
                 e.to_string(),
             )
             .await;
+            handshake_ended("refused");
             return;
         }
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => {
+            handshake_ended("failed");
+            return;
+        }
         Err(_) => {
             refuse(
                 &conn,
@@ -232,6 +295,7 @@ pub async fn serve_connection(
                 "no Hello within the handshake timeout".into(),
             )
             .await;
+            handshake_ended("timeout");
             return;
         }
     };
@@ -243,6 +307,7 @@ pub async fn serve_connection(
             let _ = writer.send(&Frame::Goodbye(refusal.clone())).await;
             let _ = writer.finish().await;
             close_after_flush(&conn, close_code::REFUSED, &refusal.detail).await;
+            handshake_ended("refused");
             return;
         }
     };
@@ -257,8 +322,10 @@ pub async fn serve_connection(
         },
     });
     if writer.write_preamble().await.is_err() || writer.send(&welcome).await.is_err() {
+        handshake_ended("failed");
         return;
     }
+    handshake_ended("ok");
     ctx.metrics.sessions.inc();
     tracing::debug!(session_id, %principal, %remote, connection_id = conn.stable_id(), "session started");
 
@@ -279,8 +346,11 @@ pub async fn serve_connection(
         principal: principal.clone(),
     };
     let writer_task = tokio::spawn(session_writer.run());
-    if let Principal::User(user) = principal {
-        ctx.sessions.register(user, session_id, control_tx.clone());
+    ctx.sessions
+        .register(&principal, session_id, control_tx.clone());
+    if ctx.engine.groups().draining() {
+        // Began draining while this session shook hands: it missed the notice.
+        let _ = control_tx.try_send(Control::Move(super::drain::notice(&ctx)));
     }
 
     let reason = read_requests(&ctx, &principal, &mut reader, &control_tx).await;
@@ -289,9 +359,7 @@ pub async fn serve_connection(
         ctx.metrics.disconnected("ProtocolError");
         let _ = control_tx.send(Control::Goodbye(refusal)).await;
     }
-    if let Principal::User(user) = principal {
-        ctx.sessions.unregister(user, session_id);
-    }
+    ctx.sessions.unregister(&principal, session_id);
     drop(control_tx);
     let _ = writer_task.await;
     ctx.metrics.sessions.dec();
@@ -522,6 +590,15 @@ async fn execute_read(ctx: &NodeContext, principal: &Principal, id: u64, body: R
 }
 
 fn authenticate(ctx: &NodeContext, hello: &Hello) -> Result<Principal, Refusal> {
+    if ctx.engine.groups().draining() {
+        return Err(Refusal::new(
+            RefusalCode::Unavailable,
+            format!(
+                "node {} is draining (shutting down); connect to another node",
+                ctx.config.cluster.node_id
+            ),
+        ));
+    }
     ctx.verifier.verify(&hello.token).map_err(|e| e.refusal())
 }
 
@@ -601,6 +678,10 @@ impl SessionWriter {
             }
             // 3. Live deliveries, coalesced into one write.
             self.batch.clear();
+            let queued = self.outbox.len();
+            if queued > 0 {
+                self.ctx.metrics.session_queue_len.observe(queued as f64);
+            }
             self.outbox.drain_into(&mut self.batch, DRAIN_BATCH_LEN_MAX);
             let batch = std::mem::take(&mut self.batch);
             let mut sent = 0;
@@ -617,8 +698,17 @@ impl SessionWriter {
                     }
                 }
             }
-            // One shared-counter update per batch, not per delivery.
+            // One shared-counter update per batch, not per delivery; the fan-out
+            // latency of the batch's oldest message stands for the batch.
             self.ctx.metrics.deliveries.inc_by(sent);
+            if let Some(oldest) = batch.iter().find(|d| d.stored_ms > 0) {
+                let now_ms = crate::engine::now_ms();
+                let latency_ms = now_ms.saturating_sub(oldest.stored_ms);
+                self.ctx
+                    .metrics
+                    .fanout_latency_seconds
+                    .observe(latency_ms as f64 / 1e3);
+            }
             self.batch = batch;
             if let Err(stop) = self.flush().await {
                 return stop;
@@ -670,6 +760,10 @@ impl SessionWriter {
                     self.queue(&Frame::Event(Event::Unsubscribed { conv, reason }))?;
                 }
                 Ok(())
+            }
+            Control::Move(notice) => {
+                self.ctx.metrics.sessions_moved.inc();
+                self.queue(&Frame::Move(notice))
             }
             Control::Goodbye(refusal) => {
                 self.queue(&Frame::Goodbye(refusal.clone()))?;

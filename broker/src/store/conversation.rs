@@ -328,6 +328,7 @@ impl StoredMessage {
             conv: message.conv,
             seq: message.seq,
             frame: Bytes::from(bytes),
+            stored_ms: message.timestamp_ms,
         };
         Ok(StoredMessage {
             message,

@@ -35,6 +35,10 @@ pub enum Frame {
     Event(Event),
     /// The broker is closing the connection and says why.
     Goodbye(Refusal),
+    /// The node is draining (shutting down on purpose): the session should reconnect
+    /// to another node, with its cursors, at a random moment within
+    /// [`MoveNotice::within_ms`]. Until then the node keeps serving it.
+    Move(MoveNotice),
 }
 
 impl Frame {
@@ -48,6 +52,7 @@ impl Frame {
             Frame::Deliver(_) => "Deliver",
             Frame::Event(_) => "Event",
             Frame::Goodbye(_) => "Goodbye",
+            Frame::Move(_) => "Move",
         }
     }
 }
@@ -305,6 +310,21 @@ pub struct Message {
     pub timestamp_ms: u64,
     /// Opaque bytes.
     pub payload: Vec<u8>,
+}
+
+/// "Please move to another node": sent by a draining node to each of its sessions.
+///
+/// The client picks a uniformly random delay in `0..within_ms` (so that many sessions
+/// do not all reconnect in the same instant), keeps using this connection until then,
+/// then reconnects to another seed and resubscribes from its cursors (no gap, no
+/// duplicate). A node stops serving the session once its drain timeout ends, whether
+/// the client moved or not.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MoveNotice {
+    /// Reconnect within this many milliseconds.
+    pub within_ms: u32,
+    /// Why (for logs), e.g. "node 2 is draining".
+    pub detail: String,
 }
 
 /// Something the broker tells a session unasked.

@@ -34,7 +34,7 @@
 //! The first frame from a client must be [`Frame::Hello`]; the broker answers with
 //! [`Frame::Welcome`] or [`Frame::Goodbye`]. After that, the client sends
 //! [`Frame::Request`]s and the broker sends [`Frame::Reply`], [`Frame::Deliver`] and
-//! [`Frame::Event`] frames. A broker pre-encodes each message's `Deliver` frame once
+//! [`Frame::Event`] frames, and a draining broker [`Frame::Move`]. A broker pre-encodes each message's `Deliver` frame once
 //! and writes the same bytes to every subscribed session.
 
 mod frame;
@@ -414,6 +414,10 @@ mod tests {
                 reason: refusal.clone(),
             }),
             Frame::Goodbye(refusal),
+            Frame::Move(MoveNotice {
+                within_ms: 10_000,
+                detail: "node 2 is draining".into(),
+            }),
         ];
         frames.extend(
             requests

@@ -137,6 +137,36 @@ pub struct LogStoreConfig {
     pub cache_bytes_max: usize,
     /// Test-only power-loss simulation (see the module documentation).
     pub simulate_power_loss: bool,
+    /// Told the duration of every fsync (the node feeds its latency histogram).
+    pub fsync_observer: FsyncObserver,
+}
+
+/// A callback told how long each fsync took; it runs on the writer thread, so it must
+/// be quick (a histogram observation). The default does nothing.
+#[derive(Clone, Default)]
+pub struct FsyncObserver(Option<Arc<dyn Fn(Duration) + Send + Sync>>);
+
+impl FsyncObserver {
+    /// An observer calling `f` with each fsync's duration.
+    pub fn new(f: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        FsyncObserver(Some(Arc::new(f)))
+    }
+
+    fn observe(&self, took: Duration) {
+        if let Some(f) = &self.0 {
+            f(took);
+        }
+    }
+}
+
+impl std::fmt::Debug for FsyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "FsyncObserver(set)"
+        } else {
+            "FsyncObserver(none)"
+        })
+    }
 }
 
 impl Default for LogStoreConfig {
@@ -146,6 +176,7 @@ impl Default for LogStoreConfig {
             segment_bytes_max: 64 << 20,
             cache_bytes_max: 64 << 20,
             simulate_power_loss: false,
+            fsync_observer: FsyncObserver::default(),
         }
     }
 }
@@ -190,11 +221,13 @@ struct Stats {
     appended: AtomicU64,
     /// Bound: the last [`RECENT_FSYNCS`] durations in µs (oldest dropped).
     recent: Mutex<VecDeque<u64>>,
+    observer: FsyncObserver,
 }
 
 impl Stats {
     /// Counts one fsync that took `took`.
     fn record_fsync(&self, took: Duration) {
+        self.observer.observe(took);
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.fsync_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -483,7 +516,10 @@ impl Wal {
         }
         let cfg = config.clone();
         let recovered = tokio::task::spawn_blocking(move || {
-            let stats = Stats::default();
+            let stats = Stats {
+                observer: cfg.fsync_observer.clone(),
+                ..Stats::default()
+            };
             recovery::recover(&cfg, &stats).map(|loaded| (loaded, stats))
         })
         .await

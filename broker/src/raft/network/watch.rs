@@ -72,6 +72,8 @@ pub struct PushedMessage {
     /// The client `Frame::Deliver` of the message, header and body, exactly as sessions
     /// receive it (the watching node forwards these bytes unchanged).
     pub frame: Vec<u8>,
+    /// When the leader stored it (ms since the epoch; the fan-out latency metric).
+    pub stored_ms: u64,
 }
 
 /// What the leader tells a watcher.
@@ -154,11 +156,13 @@ mod tests {
                     conv: 1,
                     seq: 2,
                     frame: vec![9; 300],
+                    stored_ms: 1_700_000_000_000,
                 },
                 PushedMessage {
                     conv: 1,
                     seq: 3,
                     frame: Vec::new(),
+                    stored_ms: 0,
                 },
             ]),
             WatchEvent::Head {

@@ -29,6 +29,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDirGuard> for Builder 
             segment_bytes_max: self.segment_bytes_max,
             cache_bytes_max: self.cache_bytes_max,
             simulate_power_loss: false,
+            ..LogStoreConfig::default()
         })
         .await
         .map_err(LogStoreError::write_logs)?;
