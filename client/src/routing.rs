@@ -13,6 +13,11 @@
 //! | [`MAP_NODES_MAX`], [`MAP_GROUPS_MAX`] | size of a map accepted | the map is ignored (no routing) |
 //! | [`REFRESH_AFTER`] | age of the map | it is fetched again in the background |
 //! | [`DOWN_FOR`] | after a node could not be reached | writes for it go through the seed connection |
+//!
+//! A route is opened in the background: the write that first needs it goes through the
+//! seed connection, so opening a route (which may try every seed, each up to the
+//! connect timeout, when the leader's address is unreachable from here) never delays a
+//! write.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +52,8 @@ struct Routing {
 
 enum Route {
     Up(Arc<Core>),
+    /// Being opened by a background task.
+    Opening,
     Down(Instant),
 }
 
@@ -107,38 +114,45 @@ impl Routes {
         }
     }
 
-    /// The connection to `node`, opened on first use; `None` when it cannot be had
-    /// (unknown, recently unreachable, or too many routes): use the seed connection.
-    pub(crate) async fn core_for(&self, node: u64) -> Option<Arc<Core>> {
+    /// The connection to `node` when it is open; `None` when it is not (unknown,
+    /// recently unreachable, too many routes, or being opened — the first use starts
+    /// opening it in the background): use the seed connection meanwhile.
+    pub(crate) async fn core_for(self: &Arc<Self>, node: u64) -> Option<Arc<Core>> {
         let addr = lock(&self.map).as_ref()?.addrs.get(&node)?.clone();
         let mut routes = self.routes.lock().await;
         match routes.get(&node) {
             Some(Route::Up(core)) => return Some(core.clone()),
+            Some(Route::Opening) => return None,
             Some(Route::Down(since)) if since.elapsed() < DOWN_FOR => return None,
             _ => {}
         }
         if routes.len() >= ROUTES_MAX && !routes.contains_key(&node) {
             return None;
         }
-        let config = match self.config_for(&addr) {
-            Ok(config) => config,
-            Err(_) => {
-                routes.insert(node, Route::Down(Instant::now()));
-                return None;
-            }
+        let Ok(config) = self.config_for(&addr) else {
+            routes.insert(node, Route::Down(Instant::now()));
+            return None;
         };
-        match Core::connect(config, None).await {
-            Ok(core) => {
-                let core = Arc::new(core);
-                routes.insert(node, Route::Up(core.clone()));
-                Some(core)
+        routes.insert(node, Route::Opening);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let route = match Core::connect(config, None).await {
+                Ok(core) => Route::Up(Arc::new(core)),
+                Err(e) => {
+                    tracing::debug!(node, %addr, "cannot open a route to the leader: {e}");
+                    Route::Down(Instant::now())
+                }
+            };
+            let mut routes = this.routes.lock().await;
+            // Closed meanwhile (`close` took every route): do not leave a connection.
+            if matches!(routes.get(&node), Some(Route::Opening)) {
+                routes.insert(node, route);
+            } else if let Route::Up(core) = route {
+                drop(routes);
+                core.close().await;
             }
-            Err(e) => {
-                tracing::debug!(node, %addr, "cannot open a route to the leader: {e}");
-                routes.insert(node, Route::Down(Instant::now()));
-                None
-            }
-        }
+        });
+        None
     }
 
     /// The publisher's config, with `addr` tried first (then the seeds, for

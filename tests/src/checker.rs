@@ -15,6 +15,10 @@
 //!   with the history, and reaches at least the last acked seq.
 //!
 //! A message whose publish was never acked may be stored (at most once) or not.
+//!
+//! It runs against any cluster that implements [`Nodes`]: local processes
+//! ([`Cluster`](crate::cluster::Cluster)) or containers
+//! ([`Compose`](crate::compose::Compose)).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +29,7 @@ use anyhow::{bail, Context};
 use herald_client::{ConvKind, IdempotencyKey, Message, Publisher, Session, SessionEvent};
 use tokio::task::JoinHandle;
 
-use crate::cluster::Cluster;
+use crate::target::Nodes;
 use crate::DEADLINE;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -447,8 +451,8 @@ async fn receive(
 
 /// Reads the whole history of `conv` from node `k` alone, paging from seq 1, and waits
 /// (within `deadline`) until it reaches at least `at_least`.
-pub async fn read_history(
-    cluster: &Cluster,
+pub async fn read_history<N: Nodes + ?Sized>(
+    cluster: &N,
     k: u16,
     conv: u64,
     at_least: u64,
@@ -547,8 +551,8 @@ impl Checker {
     /// Creates group `conv` with members 1..=len(subscriber_nodes), starts the steady
     /// publisher (seeds: every node) and one subscriber per entry of `subscriber_nodes`
     /// (user i on that node, reconnecting to any node).
-    pub async fn start(
-        cluster: &Cluster,
+    pub async fn start<N: Nodes + ?Sized>(
+        cluster: &N,
         conv: u64,
         subscriber_nodes: &[u16],
         keys: Keys,
@@ -558,8 +562,8 @@ impl Checker {
 
     /// Like [`Checker::start`], with the publisher's seeds limited to `publisher_seeds`
     /// (e.g. to keep it off a node that will be paused).
-    pub async fn start_with(
-        cluster: &Cluster,
+    pub async fn start_with<N: Nodes + ?Sized>(
+        cluster: &N,
         conv: u64,
         subscriber_nodes: &[u16],
         keys: Keys,
@@ -605,7 +609,11 @@ impl Checker {
 
     /// Stops publishing, then verifies every rule (see the module docs) on `nodes`
     /// (each read alone) and on every subscriber; stops the subscribers.
-    pub async fn check(&mut self, cluster: &Cluster, nodes: &[u16]) -> anyhow::Result<Summary> {
+    pub async fn check<N: Nodes + ?Sized>(
+        &mut self,
+        cluster: &N,
+        nodes: &[u16],
+    ) -> anyhow::Result<Summary> {
         self.publisher.stop().await?;
         let acked = self.publisher.acked();
         anyhow::ensure!(!acked.is_empty(), "nothing was acked");

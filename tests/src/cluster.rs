@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::target::{test_client_config, Nodes};
 use crate::{herald_binary, DEADLINE};
 
 /// How long one admin HTTP request may take (a paused node never answers).
@@ -758,29 +759,15 @@ impl Cluster {
         crate::mint_token(&self.secret_path(), who)
     }
 
-    /// A client config with `token` and the seeds `seeds` (node ids, in that order).
-    /// Reconnect backoff is 50 ms .. 1 s and requests wait up to 20 s, so a client rides
-    /// out a failover or a whole-cluster restart. The QUIC idle timeout is 5 s
-    /// (keep-alive 1 s) instead of the default 30 s: a node killed with `kill -9` sends
-    /// no close, so this is how soon its clients notice and move to another seed.
+    /// A client config with `token` and the seeds `seeds` (node ids, in that order):
+    /// the settings of [`test_client_config`] (reconnect backoff 50 ms .. 1 s, requests
+    /// wait up to 20 s, QUIC idle timeout 5 s so a client notices a `kill -9`ed node).
     pub fn client_config(
         &self,
         token: &str,
         seeds: &[u16],
     ) -> anyhow::Result<herald_client::ClientConfig> {
-        Ok(herald_client::ClientConfig::builder()
-            .addrs(self.addrs_of(seeds))
-            .ca_file(self.ca_path())
-            .token(token.to_owned())
-            .client_name("herald-tests")
-            .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(1))
-            .request_timeout(Duration::from_secs(20))
-            .transport_limits(herald_client::io::TransportLimits {
-                idle_timeout: Duration::from_secs(5),
-                keep_alive_interval: Duration::from_secs(1),
-                ..herald_client::io::TransportLimits::default()
-            })
-            .build()?)
+        test_client_config(self.addrs_of(seeds), &self.ca_path(), token)
     }
 
     /// A `herald` CLI command aimed at node `k` (`HERALD_ADDR` its QUIC address,
@@ -838,6 +825,32 @@ impl Cluster {
     /// `cluster.finish(body(&cluster).await)`.
     pub fn finish<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         result.map_err(|e| self.with_logs(e))
+    }
+}
+
+impl Nodes for Cluster {
+    fn ids(&self) -> Vec<u16> {
+        Cluster::ids(self)
+    }
+
+    fn addr(&self, k: u16) -> SocketAddr {
+        Cluster::addr(self, k)
+    }
+
+    fn client_config(
+        &self,
+        token: &str,
+        seeds: &[u16],
+    ) -> anyhow::Result<herald_client::ClientConfig> {
+        Cluster::client_config(self, token, seeds)
+    }
+
+    fn service_token(&self, name: &str) -> anyhow::Result<String> {
+        Cluster::service_token(self, name)
+    }
+
+    fn user_token(&self, user: u64) -> anyhow::Result<String> {
+        Cluster::user_token(self, user)
     }
 }
 

@@ -20,8 +20,10 @@ use herald_client::wire::{self, Frame, Hello, Request};
 
 pub mod checker;
 pub mod cluster;
+pub mod compose;
 pub mod scaling;
 pub mod shards;
+pub mod target;
 
 /// Rounds of a fault loop: `HERALD_FAULT_ITERATIONS` (the long runs `.ci/run` does
 /// when time allows use 20), else 3.
@@ -93,7 +95,13 @@ fn build_herald() -> anyhow::Result<PathBuf> {
 
 /// Mints a token with `herald token --secret-file SECRET WHO…` (e.g. `--service x`).
 pub fn mint_token(secret: &Path, who: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(herald_binary()?)
+    mint_token_with(&herald_binary()?, secret, who)
+}
+
+/// Like [`mint_token`], with the `herald` binary at `herald` (e.g. the static one the
+/// container image holds).
+pub fn mint_token_with(herald: &Path, secret: &Path, who: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(herald)
         .arg("token")
         .arg("--secret-file")
         .arg(secret)

@@ -10,6 +10,7 @@ use anyhow::Context;
 use herald_tests::checker::{Checker, Keys};
 use herald_tests::cluster::Cluster;
 use herald_tests::shards::{conversations_in, group_of};
+use herald_tests::DEADLINE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twelve_groups_on_three_nodes_each_carry_their_conversations() -> anyhow::Result<()> {
@@ -247,9 +248,22 @@ async fn publishes_go_straight_to_the_group_leader() -> anyhow::Result<()> {
             }
             anyhow::Ok(total)
         };
-        // Warm up: the map arrives, routes open.
-        for conv in &convs {
-            publisher.publish(*conv, "warm-up").await?;
+        // Warm up: the map arrives and routes open (in the background, while the
+        // first writes for each leader go through the seed connection); wait until a
+        // whole round goes out without a forward.
+        let warm_until = std::time::Instant::now() + DEADLINE;
+        loop {
+            let start = forwarded().await?;
+            for conv in &convs {
+                publisher.publish(*conv, "warm-up").await?;
+            }
+            if forwarded().await? == start {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < warm_until,
+                "routes to the leaders never opened: publishes still forwarded after {DEADLINE:?}"
+            );
         }
         let before = forwarded().await?;
         for round in 0..20 {
