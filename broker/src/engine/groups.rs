@@ -8,7 +8,9 @@
 //! sessions.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -32,6 +34,48 @@ pub struct Group {
     pub log: LogStore,
     /// Its write pipeline.
     pub pipeline: Pipeline,
+    /// What this replica last heard from the group's leader (readiness).
+    pub contact: LeaderContact,
+}
+
+/// What a replica last heard from its group's leader, recorded on every AppendEntries
+/// the replica accepts: the leader's commit index and when. Readiness uses it, because
+/// a restarted replica knows a leader from its saved vote and its own log's end before
+/// it has heard from anyone — neither says it has caught up.
+#[derive(Debug, Default)]
+pub struct LeaderContact {
+    /// The leader's commit index in its latest accepted AppendEntries.
+    commit_index: AtomicU64,
+    /// When that arrived: milliseconds since [`contact_epoch`], plus one (0: never).
+    heard_at_ms: AtomicU64,
+}
+
+/// The process-wide start of [`LeaderContact`] times.
+fn contact_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl LeaderContact {
+    /// Records an AppendEntries from the leader, which had committed `commit_index`.
+    pub fn heard(&self, commit_index: u64) {
+        self.commit_index.fetch_max(commit_index, Ordering::Relaxed);
+        let ms = u64::try_from(contact_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heard_at_ms
+            .store(ms.saturating_add(1), Ordering::Release);
+    }
+
+    /// The leader's commit index, if it was heard from within `within_ms`.
+    pub fn commit_if_heard_within(&self, within_ms: u64) -> Option<u64> {
+        let heard = self.heard_at_ms.load(Ordering::Acquire);
+        if heard == 0 {
+            return None;
+        }
+        let now = u64::try_from(contact_epoch().elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        (now.saturating_sub(heard) <= within_ms).then(|| self.commit_index.load(Ordering::Relaxed))
+    }
 }
 
 impl Group {
@@ -80,6 +124,8 @@ pub struct MetaGroup {
     pub log: LogStore,
     /// Its write pipeline (map changes go to the metadata leader through it).
     pub pipeline: Pipeline,
+    /// What this node last heard from the metadata leader (readiness).
+    pub contact: LeaderContact,
 }
 
 impl MetaGroup {

@@ -42,6 +42,13 @@ pub enum Hosted {
 }
 
 impl GroupHandler {
+    fn contact(&self) -> &super::groups::LeaderContact {
+        match &self.hosted {
+            Hosted::Data(g) => &g.contact,
+            Hosted::Meta(m) => &m.contact,
+        }
+    }
+
     fn raft(&self) -> &Raft {
         match &self.hosted {
             Hosted::Data(g) => &g.raft,
@@ -55,7 +62,19 @@ impl PeerHandler for GroupHandler {
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        self.raft().append_entries(rpc).await
+        let commit_index = rpc.leader_commit.map_or(0, |l| l.index);
+        let response = self.raft().append_entries(rpc).await;
+        // Accepted from the current leader (a conflict is still contact with it; a
+        // higher vote means the sender is not the leader).
+        if matches!(
+            response,
+            Ok(AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict)
+        ) {
+            self.contact().heard(commit_index);
+        }
+        response
     }
 
     async fn vote(

@@ -42,7 +42,7 @@ use crate::raft::network::{PeerNetwork, PeerReply, ReadRequest};
 use crate::raft::{GroupId, NodeId, Outcome};
 use crate::routing::Router;
 use crate::store::{Action, Command, History, StoredMessage};
-pub use groups::{leads, Group, GroupSet, MetaGroup};
+pub use groups::{leads, Group, GroupSet, LeaderContact, MetaGroup};
 pub use handler::GroupHandler;
 pub use leaders::Leaders;
 pub use moves::CATCH_UP_TIMEOUT;

@@ -255,6 +255,7 @@ pub async fn start(
         raft: meta_raft,
         sm: meta_sm.clone(),
         log: meta_log,
+        contact: Default::default(),
     });
     let map: SharedMap = Arc::new(arc_swap::ArcSwap::new(meta_sm.map()));
     let peer_server = Arc::new(PeerServerContext {
@@ -346,6 +347,7 @@ impl GroupFactory {
             raft,
             sm,
             log,
+            contact: Default::default(),
         })
     }
 

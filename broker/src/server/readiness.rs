@@ -9,10 +9,18 @@
 //! Must not: change Raft state; it only observes.
 //!
 //! A group is ready on this node when the node knows its leader, has applied its log to
-//! within [`READY_APPLY_LAG_MAX`] entries of its last entry, and — if this node is the
-//! leader — has heard from a quorum within [`READY_QUORUM_ACK_MS_MAX`] (a lone node
-//! restored as leader from its saved vote is not ready). A replica still joining (a
-//! move in progress) does not count.
+//! within [`READY_APPLY_LAG_MAX`] entries of its last entry, and
+//! * if this node is the leader: has heard from a quorum within
+//!   [`READY_QUORUM_ACK_MS_MAX`] (a lone node restored as leader from its saved vote is
+//!   not ready);
+//! * if it is a follower or learner: has accepted an AppendEntries from the leader within
+//!   [`READY_QUORUM_ACK_MS_MAX`] and applied to within [`READY_APPLY_LAG_MAX`] of the
+//!   leader's commit index it carried. A restarted replica knows a leader from its saved
+//!   vote and the end of its own log at once; only the leader's word says it caught up.
+//!
+//! The rule is checked on every change of the group's metrics and at least every
+//! [`RECHECK_INTERVAL`] (contact ages without any metrics change). A replica still
+//! joining (a move in progress) does not count.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -26,8 +34,12 @@ use crate::raft::{GroupId, NodeId, Raft, META_GROUP};
 /// How long ago a leader may have last heard from a quorum and still call itself ready.
 pub const READY_QUORUM_ACK_MS_MAX: u64 = 2_000;
 
-/// How far behind its last log entry a group may apply and still count as caught up.
+/// How far behind its last log entry (and a follower behind its leader's commit index)
+/// a group may apply and still count as caught up.
 pub const READY_APPLY_LAG_MAX: u64 = 1000;
+
+/// The readiness of a group is checked at least this often.
+pub const RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Which running groups are ready (the metadata group as group 0).
 #[derive(Default)]
@@ -84,20 +96,26 @@ pub fn track_meta(ctx: Arc<NodeContext>) {
         return;
     };
     tokio::spawn(async move {
-        watch(&ctx, META_GROUP, &meta.raft, None).await;
+        watch(&ctx, META_GROUP, &meta.raft, &meta.contact, None).await;
     });
 }
 
 /// Watches a data group until it stops running.
 pub fn track(ctx: Arc<NodeContext>, group: Arc<Group>) {
     tokio::spawn(async move {
-        watch(&ctx, group.id, &group.raft, Some(&group)).await;
+        watch(&ctx, group.id, &group.raft, &group.contact, Some(&group)).await;
         ctx.readiness.forget(group.id);
         recompute(&ctx);
     });
 }
 
-async fn watch(ctx: &NodeContext, id: GroupId, raft: &Raft, data: Option<&Group>) {
+async fn watch(
+    ctx: &NodeContext,
+    id: GroupId,
+    raft: &Raft,
+    contact: &crate::engine::LeaderContact,
+    data: Option<&Group>,
+) {
     let mut metrics = raft.metrics();
     let mut leader_seen = None;
     loop {
@@ -107,10 +125,16 @@ async fn watch(ctx: &NodeContext, id: GroupId, raft: &Raft, data: Option<&Group>
             let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
             let last = m.last_log_index.unwrap_or(0);
             let voters = m.membership_config.membership().voter_ids().count();
-            let leader_confirmed = m.state != openraft::ServerState::Leader
-                || voters <= 1
-                || m.millis_since_quorum_ack
-                    .is_some_and(|ms| ms <= READY_QUORUM_ACK_MS_MAX);
+            let leads = m.state == openraft::ServerState::Leader;
+            let leader_confirmed = if leads {
+                voters <= 1
+                    || m.millis_since_quorum_ack
+                        .is_some_and(|ms| ms <= READY_QUORUM_ACK_MS_MAX)
+            } else {
+                contact
+                    .commit_if_heard_within(READY_QUORUM_ACK_MS_MAX)
+                    .is_some_and(|commit| commit.saturating_sub(applied) <= READY_APPLY_LAG_MAX)
+            };
             let ready = m.current_leader.is_some()
                 && leader_confirmed
                 && last.saturating_sub(applied) <= READY_APPLY_LAG_MAX;
@@ -123,7 +147,9 @@ async fn watch(ctx: &NodeContext, id: GroupId, raft: &Raft, data: Option<&Group>
         }
         ctx.readiness.set(id, ready);
         recompute(ctx);
-        if metrics.changed().await.is_err() {
+        // A change, or the recheck (a follower's contact with its leader ages silently).
+        let changed = tokio::time::timeout(RECHECK_INTERVAL, metrics.changed()).await;
+        if matches!(changed, Ok(Err(_))) {
             if let Some(group) = data {
                 group.sm.set_leader(false);
             }
