@@ -525,6 +525,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends node `k` `SIGTERM`: it drains, then exits on its own.
+    pub fn terminate(&self, k: u16) -> anyhow::Result<()> {
+        self.signal(k, "-TERM")
+    }
+
     /// Resumes a paused node with `SIGCONT`.
     pub fn resume(&self, k: u16) -> anyhow::Result<()> {
         self.signal(k, "-CONT")?;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use crate::cluster::admin_get_at;
-use crate::shards::{group_of, GroupInfo};
+use crate::shards::{group_of, leaders_in, GroupInfo};
 use crate::target::{test_client_config, Nodes};
 use crate::DEADLINE;
 
@@ -532,24 +532,13 @@ impl Compose {
     /// The leader of every group, as the nodes that answer see it: for each group,
     /// the node that reports itself its `Leader` with the highest term.
     pub async fn group_leaders(&self) -> BTreeMap<u64, u16> {
-        let mut best: BTreeMap<u64, (u64, u16)> = BTreeMap::new();
+        let mut views = Vec::new();
         for k in 1..=NODES {
-            let Ok(status) = self.status(k).await else {
-                continue;
-            };
-            for g in status["groups"].as_array().into_iter().flatten() {
-                let (Some(id), term) = (g["id"].as_u64(), g["term"].as_u64().unwrap_or(0)) else {
-                    continue;
-                };
-                if g["state"] == "Leader"
-                    && g["leader"].as_u64() == Some(u64::from(k))
-                    && best.get(&id).is_none_or(|(t, _)| term > *t)
-                {
-                    best.insert(id, (term, k));
-                }
+            if let Ok(status) = self.status(k).await {
+                views.push((k, status));
             }
         }
-        best.into_iter().map(|(id, (_, k))| (id, k)).collect()
+        leaders_in(&views)
     }
 
     /// Waits until every one of the `groups` data groups has a leader; returns them.

@@ -24,6 +24,26 @@ pub struct GroupInfo {
     pub slots: std::ops::Range<u32>,
 }
 
+/// The leader of every group in the `/cluster` views of the nodes `(k, view)`: for each
+/// group, the node that reports itself its `Leader` with the highest term.
+pub fn leaders_in(views: &[(u16, serde_json::Value)]) -> BTreeMap<u64, u16> {
+    let mut best: BTreeMap<u64, (u64, u16)> = BTreeMap::new();
+    for (k, status) in views {
+        for g in status["groups"].as_array().into_iter().flatten() {
+            let (Some(id), term) = (g["id"].as_u64(), g["term"].as_u64().unwrap_or(0)) else {
+                continue;
+            };
+            if g["state"] == "Leader"
+                && g["leader"].as_u64() == Some(u64::from(*k))
+                && best.get(&id).is_none_or(|(t, _)| term > *t)
+            {
+                best.insert(id, (term, *k));
+            }
+        }
+    }
+    best.into_iter().map(|(id, (_, k))| (id, k)).collect()
+}
+
 impl Cluster {
     /// The data groups of the map, from the first live node that answers.
     pub async fn groups(&self) -> anyhow::Result<Vec<GroupInfo>> {
@@ -54,24 +74,13 @@ impl Cluster {
     /// The leader of every group, as the live nodes see it: for each group, the node
     /// that reports itself its `Leader` with the highest term.
     pub async fn group_leaders(&self) -> BTreeMap<u64, u16> {
-        let mut best: BTreeMap<u64, (u64, u16)> = BTreeMap::new();
+        let mut views = Vec::new();
         for k in self.live() {
-            let Ok(status) = self.status(k).await else {
-                continue;
-            };
-            for g in status["groups"].as_array().into_iter().flatten() {
-                let (Some(id), term) = (g["id"].as_u64(), g["term"].as_u64().unwrap_or(0)) else {
-                    continue;
-                };
-                if g["state"] == "Leader"
-                    && g["leader"].as_u64() == Some(u64::from(k))
-                    && best.get(&id).is_none_or(|(t, _)| term > *t)
-                {
-                    best.insert(id, (term, k));
-                }
+            if let Ok(status) = self.status(k).await {
+                views.push((k, status));
             }
         }
-        best.into_iter().map(|(id, (_, k))| (id, k)).collect()
+        leaders_in(&views)
     }
 
     /// Waits until every one of the `groups` data groups has a leader; returns them.

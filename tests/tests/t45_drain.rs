@@ -34,6 +34,11 @@ async fn groups_led_by(cluster: &Cluster, k: u16) -> anyhow::Result<Vec<u64>> {
         .collect())
 }
 
+/// Every node of `cluster` but `k`.
+fn all_but(cluster: &Cluster, k: u16) -> Vec<u16> {
+    cluster.ids().into_iter().filter(|n| *n != k).collect()
+}
+
 /// Waits until node `k`'s process has exited (it is then reaped with `kill9`).
 async fn wait_exited(cluster: &Cluster, k: u16, within: Duration) -> anyhow::Result<Duration> {
     let pid = cluster.pid(k).context("the node is not running")?;
@@ -93,11 +98,7 @@ async fn herald_drain_hands_over_refuses_sessions_and_moves_them_without_a_gap(
             "no node leads a group:\n{}",
             cluster.views().await
         );
-        let others: Vec<u16> = cluster
-            .ids()
-            .into_iter()
-            .filter(|k| *k != drained)
-            .collect();
+        let others = all_but(&cluster, drained);
 
         let started = Instant::now();
         let output = Command::new(herald_binary()?)
@@ -155,11 +156,7 @@ async fn herald_drain_hands_over_refuses_sessions_and_moves_them_without_a_gap(
 
         // Publishing went on, and goes on; the node then stops at once on SIGTERM.
         checker.wait_more_acks(30).await?;
-        let pid = cluster.pid(drained).context("the drained node is gone")?;
-        let term = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(term.success(), "kill -TERM failed");
+        cluster.terminate(drained)?;
         let took = wait_exited(&cluster, drained, Duration::from_secs(10)).await?;
         println!("t45 drained node exited {took:?} after SIGTERM");
         checker.wait_more_acks(30).await?;
@@ -185,17 +182,9 @@ async fn sigterm_drains_a_leader_and_exits_within_the_drain_timeout() -> anyhow:
         checker.wait_more_acks(30).await?;
         // A node that leads groups (the one `wait_leader` names).
         let drained = cluster.wait_leader().await?;
-        let others: Vec<u16> = cluster
-            .ids()
-            .into_iter()
-            .filter(|k| *k != drained)
-            .collect();
+        let others = all_but(&cluster, drained);
         let started = Instant::now();
-        let pid = cluster.pid(drained).context("the node is not running")?;
-        let term = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(term.success(), "kill -TERM failed");
+        cluster.terminate(drained)?;
         // drain.timeout is 15 s; the node must be gone by then (plus the stop itself).
         let took = wait_exited(&cluster, drained, Duration::from_secs(20)).await?;
         let log = cluster.log_tail(drained, 40);

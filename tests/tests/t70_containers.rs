@@ -54,6 +54,27 @@ struct Report {
     summary: Summary,
 }
 
+impl Report {
+    /// Ends a fault that began at `from`: the longest ack gap from then until now, and
+    /// the checker's verdict on every node.
+    async fn finish(
+        fault: &'static str,
+        cluster: &Compose,
+        checker: &mut Checker,
+        from: Instant,
+        detail: serde_json::Value,
+    ) -> anyhow::Result<Report> {
+        let max_unavailable = max_ack_gap(&checker.publisher.acked(), from, Instant::now());
+        let summary = checker.check(cluster, &cluster.ids()).await?;
+        Ok(Report {
+            fault,
+            max_unavailable,
+            detail,
+            summary,
+        })
+    }
+}
+
 /// The wall-clock time of day (UTC, `HH:MM:SS.mmm`), to find a moment in `docker logs`.
 fn utc_now() -> String {
     let since_epoch = std::time::SystemTime::now()
@@ -184,22 +205,15 @@ async fn kill_leader(cluster: &Compose, conv: u64) -> anyhow::Result<Report> {
     let start = Instant::now();
     cluster.start(victim).await?;
     let (ready, balanced) = recover(cluster, &checker, victim, start).await?;
-    let to = Instant::now();
-    let max = max_ack_gap(&checker.publisher.acked(), from, to);
-    let summary = checker.check(cluster, &cluster.ids()).await?;
-    Ok(Report {
-        fault: "kill-leader",
-        max_unavailable: max,
-        detail: serde_json::json!({
-            "node": victim,
-            "group": group,
-            "first_ack_after_kill_ms": ms(first_ack),
-            "down_ms": ms(down_for),
-            "ready_after_start_ms": ms(ready),
-            "balanced_after_ready_ms": ms(balanced),
-        }),
-        summary,
-    })
+    let detail = serde_json::json!({
+        "node": victim,
+        "group": group,
+        "first_ack_after_kill_ms": ms(first_ack),
+        "down_ms": ms(down_for),
+        "ready_after_start_ms": ms(ready),
+        "balanced_after_ready_ms": ms(balanced),
+    });
+    Report::finish("kill-leader", cluster, &mut checker, from, detail).await
 }
 
 async fn partition(cluster: &Compose, conv: u64) -> anyhow::Result<Report> {
@@ -240,23 +254,16 @@ async fn partition(cluster: &Compose, conv: u64) -> anyhow::Result<Report> {
     cluster.connect(victim).await?;
     let healed = Instant::now();
     let (ready, balanced) = recover(cluster, &checker, victim, healed).await?;
-    let to = Instant::now();
-    let max = max_ack_gap(&checker.publisher.acked(), from, to);
-    let summary = checker.check(cluster, &cluster.ids()).await?;
-    Ok(Report {
-        fault: "partition",
-        max_unavailable: max,
-        detail: serde_json::json!({
-            "node": victim,
-            "group": group,
-            "cut_ms": ms(healed.duration_since(from)),
-            "new_leader_after_ms": new_leader.map(|(_, at)| ms(at.duration_since(from))),
-            "first_ack_after_cut_ms": first_ack.map(|(_, d)| ms(d)),
-            "ready_after_heal_ms": ms(ready),
-            "balanced_after_ready_ms": ms(balanced),
-        }),
-        summary,
-    })
+    let detail = serde_json::json!({
+        "node": victim,
+        "group": group,
+        "cut_ms": ms(healed.duration_since(from)),
+        "new_leader_after_ms": new_leader.map(|(_, at)| ms(at.duration_since(from))),
+        "first_ack_after_cut_ms": first_ack.map(|(_, d)| ms(d)),
+        "ready_after_heal_ms": ms(ready),
+        "balanced_after_ready_ms": ms(balanced),
+    });
+    Report::finish("partition", cluster, &mut checker, from, detail).await
 }
 
 async fn rolling_restart(cluster: &Compose, conv: u64) -> anyhow::Result<Report> {
@@ -296,15 +303,8 @@ async fn rolling_restart(cluster: &Compose, conv: u64) -> anyhow::Result<Report>
             "max_publish_gap": gap_json(gap),
         }));
     }
-    let to = Instant::now();
-    let max = max_ack_gap(&checker.publisher.acked(), from, to);
-    let summary = checker.check(cluster, &cluster.ids()).await?;
-    Ok(Report {
-        fault: "rolling-restart",
-        max_unavailable: max,
-        detail: serde_json::json!({ "steps": steps }),
-        summary,
-    })
+    let detail = serde_json::json!({ "steps": steps });
+    Report::finish("rolling-restart", cluster, &mut checker, from, detail).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

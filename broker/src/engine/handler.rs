@@ -165,16 +165,7 @@ fn read(group: &Group, request: ReadRequest) -> PeerReply {
         ),
         ReadRequest::History { conv, from, limit } => {
             PeerReply::History(group.sm.read(conv, from.max(1), limit as usize).map(|h| {
-                let mut bytes = 0;
-                let messages = h
-                    .messages
-                    .iter()
-                    .take_while(|m| {
-                        bytes += m.delivery.frame.len();
-                        bytes <= HISTORY_REPLY_BYTES_MAX
-                    })
-                    .map(|m| m.message.clone())
-                    .collect();
+                let messages = h.messages_within(HISTORY_REPLY_BYTES_MAX);
                 WireHistory {
                     messages,
                     first_seq: h.first_seq,

@@ -553,17 +553,7 @@ async fn execute_read(ctx: &NodeContext, principal: &Principal, id: u64, body: R
                 // A page must fit one frame: stop before the encoded messages would
                 // exceed half the frame maximum (rkyv's envelope is small; half leaves
                 // ample room). The client asks again from the last seq it got.
-                let budget = ctx.config.limits.frame_bytes_max as usize / 2;
-                let mut used = 0;
-                let messages = h
-                    .messages
-                    .iter()
-                    .take_while(|m| {
-                        used += m.delivery.frame.len();
-                        used <= budget
-                    })
-                    .map(|m| m.message.clone())
-                    .collect();
+                let messages = h.messages_within(ctx.config.limits.frame_bytes_max as usize / 2);
                 Reply::History(HistoryPage {
                     messages,
                     first_seq: h.first_seq,

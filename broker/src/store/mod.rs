@@ -263,6 +263,22 @@ pub struct History {
     pub next_seq: u64,
 }
 
+impl History {
+    /// The messages from the first, as many as fit in `bytes_max` of encoded frames
+    /// (a reply must fit one frame; the reader asks again from the last seq it got).
+    pub fn messages_within(&self, bytes_max: usize) -> Vec<herald_client::wire::Message> {
+        let mut used = 0;
+        self.messages
+            .iter()
+            .take_while(|m| {
+                used += m.delivery.frame.len();
+                used <= bytes_max
+            })
+            .map(|m| m.message.clone())
+            .collect()
+    }
+}
+
 /// All conversations of one store (later: one Raft group's state machine).
 #[derive(Debug, Clone)]
 pub struct ConversationStore {
