@@ -173,9 +173,14 @@ async fn killed_subscriber_restarted_with_its_cursor_gets_exactly_what_it_missed
 
 #[tokio::test]
 async fn a_subscriber_that_never_reads_does_not_stop_the_others() -> anyhow::Result<()> {
+    // The session lags when its queue overflows while its writer is blocked, and is
+    // disconnected when the writer made no progress for the slow-consumer timeout. The
+    // test sees both only if the queue overflows first: 16 messages must be published
+    // within the 10 s timeout. With 64 and 2 s a loaded CI machine (~14 publishes/s)
+    // disconnected the session before it ever overflowed.
     let node = DevNode::start_with_env(&[
-        ("HERALD_LIMITS_SESSION_QUEUE_LEN_MAX", "64"),
-        ("HERALD_LIMITS_SLOW_CONSUMER_TIMEOUT", "2s"),
+        ("HERALD_LIMITS_SESSION_QUEUE_LEN_MAX", "16"),
+        ("HERALD_LIMITS_SLOW_CONSUMER_TIMEOUT", "10s"),
     ])?;
     let publisher = Publisher::connect(node.client_config(&node.service_token("svc")?)?).await?;
     publisher
