@@ -1,14 +1,15 @@
 # A local cluster of release `herald serve` processes for the measurement scripts
 # (sourced, not run). Sets: herald, bench, dir; functions: write_cluster, start,
 # wait_ready, admin, quic. Every process it starts is killed on exit; the directory is
-# removed unless HERALD_BENCH_KEEP is set.
+# removed unless HERALD_BENCH_KEEP is set. Nodes are stopped with SIGKILL: a measurement
+# cluster is thrown away, and SIGTERM would wait out the graceful drain (up to 30 s).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 base=${HERALD_BENCH_BASE_PORT:-7610}
 dir=$(mktemp -d -t herald-bench-XXXXXX)
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     if [[ -z ${HERALD_BENCH_KEEP:-} ]]; then rm -rf "$dir"; else echo "kept $dir"; fi
 }
@@ -35,7 +36,7 @@ start() {
 
 # stop_all: kills every node started so far.
 stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     pids=()
 }
