@@ -513,15 +513,18 @@ fi
 if "$docker" start "$victim" >/dev/null 2>"$work/err"; then
     admin[$victim]=""
     t_restart=$(now)
-    # Its /cluster from the moment the admin port answers until it says ready: the first
-    # answer shows the Raft logs it read back from its volume, the first ready one how
-    # far behind it was when it told the kubelet it was ready.
-    body="" ready_body=""
+    # Its /cluster from the moment the admin port answers until it says ready: the
+    # answers before ready show the Raft logs it read back from its volume (each group
+    # once its replica has started: the admin port can answer a few ms before that,
+    # with the map's groups but no Raft state), the first ready one how far behind it
+    # was when it told the kubelet it was ready.
+    answers=0 ready_body=""
     while (($(awk -v s="$(since "$t_restart")" -v d="$ready_timeout" 'BEGIN { print (s < d) }'))); do
         [[ -z ${admin[$victim]} ]] && admin_port "$victim"
         b=$(curl -s --max-time 2 "http://${admin[$victim]}/cluster" 2>/dev/null)
         if [[ -n $b ]]; then
-            [[ -z $body ]] && body=$b
+            answers=$((answers + 1))
+            printf '%s' "$b" >"$work/after-start-$answers.json"
             if [[ $b == *'"ready":true'* ]]; then
                 ready_body=$b
                 ready_after=$(since "$t_restart")
@@ -553,21 +556,29 @@ print(f"at most {worst} entries behind the other nodes")
             blame[$victim]=1
         fi
     fi
-    if out=$(printf '%s' "$body" | "$py" -c '
+    if out=$("$py" -c '
 import json, sys
 before = {g["id"]: g for g in json.load(open(sys.argv[1]))["groups"]}
-after = {g["id"]: g for g in json.load(sys.stdin)["groups"]}
+# Each group as the restarted node first showed it with its replica started (a "term").
+first = {}
+for path in sys.argv[2:]:
+    for g in json.load(open(path))["groups"]:
+        if "term" in g:
+            first.setdefault(g["id"], g)
 bad, entries = [], 0
 for i, g in before.items():
-    was, now = (g.get("last_log_index") or 0, g.get("term") or 0), after.get(i, {})
-    now = (now.get("last_log_index") or 0, now.get("term") or 0)
+    was = (g.get("last_log_index") or 0, g.get("term") or 0)
     entries += was[0]
+    if i not in first:
+        bad.append(f"group {i}: no replica started before the node said ready")
+        continue
+    now = (first[i].get("last_log_index") or 0, first[i].get("term") or 0)
     if now[0] < was[0] or now[1] < was[1]:
         bad.append(f"group {i}: last log index, term {was} before the stop, {now} after")
 if bad or not before:
     print("; ".join(bad) or "no groups before the stop"); sys.exit(1)
 print(f"{len(before)} groups, {entries} log entries in all")
-' "$work/before-stop.json" 2>&1); then
+' "$work/before-stop.json" $(for n in $(seq 1 "$answers"); do echo "$work/after-start-$n.json"; done) 2>&1); then
         ok "$victim restarted from its volume: every group's Raft log and term at least where they were ($out)"
     else
         fail "$victim did not restart from its volume: $out"
