@@ -7,7 +7,10 @@
 //! cargo bench -p herald-bench --bench store
 //! ```
 //!
-//! Criterion's `elements/s` is publishes applied per second.
+//! Criterion's `elements/s` is publishes applied per second. Cases: `producer_keys` (a
+//! publisher's counter, every publish to this conversation), `producer_keys_12_
+//! conversations` (the same publisher writing to 12 conversations in turn, so its
+//! counter has gaps here), `caller_keys` (`payment-…` strings).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -80,6 +83,13 @@ fn store_apply(c: &mut Criterion) {
     bench_keys(c, "producer_keys", &|seq| IdempotencyKey::Producer {
         producer_id: 0x5eed,
         producer_seq: seq,
+    });
+    // One publisher writing to 12 conversations in turn: its counter has gaps here.
+    bench_keys(c, "producer_keys_12_conversations", &|seq| {
+        IdempotencyKey::Producer {
+            producer_id: 0x5eed,
+            producer_seq: seq * 12,
+        }
     });
     bench_keys(c, "caller_keys", &|seq| {
         IdempotencyKey::Caller(format!("payment-{seq:012}"))
