@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use crate::cluster::admin_get_at;
-use crate::shards::{group_of, leaders_in, GroupInfo};
+use crate::shards::{group_of, leaders_in, wait_until_led, GroupInfo};
 use crate::target::{test_client_config, Nodes};
 use crate::DEADLINE;
 
@@ -543,20 +543,7 @@ impl Compose {
 
     /// Waits until every one of the `groups` data groups has a leader; returns them.
     pub async fn wait_every_group_led(&self, groups: usize) -> anyhow::Result<BTreeMap<u64, u16>> {
-        let until = Instant::now() + DEADLINE;
-        loop {
-            let leaders = self.group_leaders().await;
-            if leaders.len() == groups {
-                return Ok(leaders);
-            }
-            if Instant::now() > until {
-                bail!(
-                    "after {DEADLINE:?} only {} of {groups} groups have a leader: {leaders:?}",
-                    leaders.len()
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        wait_until_led(groups, POLL, || self.group_leaders()).await
     }
 
     /// The group that owns conversation `conv` and the node leading it (waits until

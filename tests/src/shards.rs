@@ -24,6 +24,33 @@ pub struct GroupInfo {
     pub slots: std::ops::Range<u32>,
 }
 
+/// Polls `leaders` every `poll` until all `groups` data groups have one, up to
+/// [`DEADLINE`]; returns them. Serves the process cluster and the compose cluster.
+pub async fn wait_until_led<F, Fut>(
+    groups: usize,
+    poll: Duration,
+    mut leaders: F,
+) -> anyhow::Result<BTreeMap<u64, u16>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = BTreeMap<u64, u16>>,
+{
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let leaders = leaders().await;
+        if leaders.len() == groups {
+            return Ok(leaders);
+        }
+        if Instant::now() > until {
+            bail!(
+                "after {DEADLINE:?} only {} of {groups} groups have a leader: {leaders:?}",
+                leaders.len()
+            );
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// The leader of every group in the `/cluster` views of the nodes `(k, view)`: for each
 /// group, the node that reports itself its `Leader` with the highest term.
 pub fn leaders_in(views: &[(u16, serde_json::Value)]) -> BTreeMap<u64, u16> {
@@ -85,20 +112,7 @@ impl Cluster {
 
     /// Waits until every one of the `groups` data groups has a leader; returns them.
     pub async fn wait_every_group_led(&self, groups: usize) -> anyhow::Result<BTreeMap<u64, u16>> {
-        let until = Instant::now() + DEADLINE;
-        loop {
-            let leaders = self.group_leaders().await;
-            if leaders.len() == groups {
-                return Ok(leaders);
-            }
-            if Instant::now() > until {
-                bail!(
-                    "after {DEADLINE:?} only {} of {groups} groups have a leader: {leaders:?}",
-                    leaders.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_until_led(groups, Duration::from_millis(25), || self.group_leaders()).await
     }
 }
 
