@@ -146,8 +146,12 @@ pub struct RaftConfig {
     /// Election timing. openraft first honours the leader's lease, which lasts
     /// `election_timeout_max` from the last heartbeat, and then waits a random time
     /// between these (drawn once per start); so a follower starts an election after
-    /// `max + random(min..max)` of silence (450–600 ms with the defaults), and a
-    /// node that lost its last election to a longer log waits another `2 × max`.
+    /// `max + random(min..max)` of silence (350–400 ms with the defaults, checked on
+    /// openraft's tick of 1.5 heartbeats), and a node that lost an election to a longer
+    /// log waits another `2 × max`. openraft 0.9 forgets that loss only at its next
+    /// election, so the `2 × max` can also hold back a node in a later failover, when it
+    /// has the longest log: `max` is kept short (200 ms) so that this case, too, elects
+    /// within about a second.
     #[serde(with = "humantime_serde_compat")]
     pub election_timeout_min: Duration,
     /// See `election_timeout_min`.
@@ -278,7 +282,7 @@ impl Default for RaftConfig {
         RaftConfig {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(200),
             write_timeout: Duration::from_secs(10),
             snapshot_logs_since_last: 100_000,
             log_segment_bytes_max: 64 * 1024 * 1024,

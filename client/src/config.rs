@@ -304,8 +304,11 @@ impl ClientConfigBuilder {
     /// While a reply is owed and the node has said nothing for 100 ms, the client
     /// sends a 1-byte QUIC datagram, which a live node's QUIC stack acknowledges at
     /// once however long the reply itself takes (an election, say); a dead node
-    /// answers nothing. Idle connections send nothing extra; they rely on the QUIC
-    /// idle timeout.
+    /// answers nothing. A session's idle connection sends nothing extra (it relies on
+    /// the QUIC idle timeout); a publisher's connections are probed while idle too,
+    /// so a write routed to one of them never waits out a timeout of its own. A node
+    /// found dead by one connection is dead for every connection of the process to
+    /// the same address opened before its silence began.
     pub fn liveness_timeout(mut self, timeout: Duration) -> Self {
         self.liveness_timeout = timeout;
         self

@@ -45,7 +45,7 @@ use crate::cursor::{Cursors, Verdict};
 use crate::error::{goodbye_means_reconnect, refusal_is_transient, Error};
 use crate::io::{FrameReader, FrameWriter, IoError};
 use crate::session::SessionEvent;
-use crate::watchdog::Watchdog;
+use crate::watchdog::{Watch, Watchdog};
 use crate::wire::{
     self, Event, Frame, Hello, IdempotencyKey, Message, MoveNotice, Principal, Refusal, Reply,
     Request, SessionLimits, FRAME_BYTES_CEILING,
@@ -349,6 +349,11 @@ enum Next {
     Fatal(Error),
     /// The connection is gone; reconnect.
     Lost(String),
+    /// The watchdog found the node silent (dead, or cut off): reconnect, with the
+    /// backoff started afresh. The node did not drop us, it died, and the next
+    /// attempt goes to the next seed; a backoff grown over earlier failovers would
+    /// only delay it (measured: 650 ms of a 1.38 s leader-kill failover).
+    Died(String),
     /// The node asked us to move (it is draining) and we left it; reconnect at once,
     /// to another seed first.
     Moved(String),
@@ -416,6 +421,11 @@ impl Driver {
                     }
                     reason
                 }
+                Next::Died(reason) => {
+                    tracing::warn!(session_id, %addr, "herald connection lost, reconnecting: {reason}");
+                    self.backoff.reset();
+                    reason
+                }
                 Next::Moved(reason) => {
                     tracing::info!(session_id, %addr, "herald client moving to another node: {reason}");
                     self.backoff.reset();
@@ -445,7 +455,7 @@ impl Driver {
                     self.fail(error).await;
                     return;
                 }
-                Err(Next::Lost(reason) | Next::Moved(reason)) => {
+                Err(Next::Lost(reason) | Next::Moved(reason) | Next::Died(reason)) => {
                     self.fail(Error::Disconnected { reason }).await;
                     return;
                 }
@@ -484,8 +494,17 @@ impl Driver {
             Arc::clone(&self.state),
             generation,
             self.config.liveness_timeout,
+            // A publisher has no event queue; its idle connections are watched too.
+            if self.events.is_some() {
+                Watch::WhileOwed
+            } else {
+                Watch::Always
+            },
         );
-        let lost = |reason: String| Next::Lost(watchdog.verdict().unwrap_or(reason));
+        let lost = |reason: String| match watchdog.verdict() {
+            Some(verdict) => Next::Died(verdict),
+            None => Next::Lost(reason),
+        };
 
         let swept = self.sweep(&mut writer, generation).await;
         watchdog.request_sent();
@@ -519,7 +538,7 @@ impl Driver {
                 end = &mut reader_task => {
                     conn.close(quinn::VarInt::from_u32(0), b"stream ended");
                     return match (reader_ended(end), watchdog.verdict()) {
-                        (Next::Lost(_), Some(reason)) => Next::Lost(reason),
+                        (Next::Lost(_), Some(verdict)) => Next::Died(verdict),
                         (next, _) => next,
                     };
                 }

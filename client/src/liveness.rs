@@ -17,10 +17,11 @@
 //! means the node (or the path to it) is gone: the driver drops the connection and
 //! reconnects to the next seed, re-sending what is owed (publishes keep their keys).
 //!
-//! Cost: nothing while no reply is owed (the watchdog sleeps until a request goes out,
-//! so idle sessions neither wake nor send), and while one is owed, a check per
-//! [`LIVENESS_TICK`] and one 1-byte datagram per tick only when the node has been
-//! silent for that long.
+//! Cost: for a session, nothing while no reply is owed (the watchdog sleeps until a
+//! request goes out, so idle sessions neither wake nor send), and while one is owed, a
+//! check per [`LIVENESS_TICK`] and one 1-byte datagram per tick only when the node has
+//! been silent for that long. A publisher's connections are watched as if a reply
+//! were always owed (see `watchdog.rs` for why), at that per-tick cost.
 //!
 //! Two guards against calling a live node dead: the timeout is at least three round
 //! trips (a slow path is not a dead node), and after a gap between checks (this

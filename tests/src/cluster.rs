@@ -98,6 +98,7 @@ impl Cluster {
             (1..=total).contains(&initial),
             "{initial} initial nodes of {total}"
         );
+        crate::init_client_log();
         let mut last = None;
         for _ in 0..3 {
             let cluster = Self::write(total, initial, groups, env)?;

@@ -35,6 +35,22 @@ pub fn fault_iterations() -> usize {
         .unwrap_or(3)
 }
 
+/// Logs the test process's own client (publishers, sessions) to stderr, with
+/// `HERALD_TEST_CLIENT_LOG` as the filter (e.g. `herald_client=debug`); does nothing
+/// when it is unset. The nodes' logs are set apart, by `HERALD_TEST_RUST_LOG`.
+pub fn init_client_log() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if let Ok(filter) = std::env::var("HERALD_TEST_CLIENT_LOG") {
+            // A second subscriber (another harness set one) is not an error here.
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    });
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

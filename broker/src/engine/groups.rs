@@ -90,6 +90,19 @@ impl Group {
         leads(&self.raft, me)
     }
 
+    /// True while this replica leads the group and has applied an entry of its own
+    /// term: everything committed before it (every message ever acknowledged in the
+    /// group) is then applied here too. A leader just elected is not there yet: it
+    /// applies its predecessors' last entries only once its own first entry commits.
+    pub fn leads_caught_up(&self, me: NodeId) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.current_leader == Some(me)
+            && m.state == openraft::ServerState::Leader
+            && m.last_applied
+                .is_some_and(|applied| applied.leader_id.term == m.current_term)
+    }
+
     /// The leader this replica knows of, with its address (for `NotLeader` hints).
     pub fn leader_addr(&self) -> Option<(NodeId, String)> {
         let metrics = self.raft.metrics();

@@ -355,11 +355,13 @@ impl Engine {
         }
     }
 
-    /// True while this node leads the group of `conv`.
-    pub fn is_leader_of(&self, conv: u64) -> bool {
+    /// True when this node leads `conv`'s group and its replica holds every message
+    /// ever acknowledged there (see [`Group::leads_caught_up`]): its head is then the
+    /// group's true head, and a cursor beyond it names messages the group never had.
+    pub fn holds_every_ack_of(&self, conv: u64) -> bool {
         self.groups
             .get(self.group_of(conv))
-            .is_some_and(|g| g.is_leader(self.node_id))
+            .is_some_and(|g| g.leads_caught_up(self.node_id))
     }
 
     /// Checks that `principal` may do `action` in `conv`: on this node's replica of

@@ -794,6 +794,9 @@ impl SessionWriter {
         // Into the router first, then the head: every message from the head on reaches
         // the outbox, everything before it is in history.
         let new = self.ctx.engine.router().subscribe(conv, &self.outbox);
+        // Asked before the head is read, so that the head is at least as new as the
+        // state this answer describes.
+        let head_is_final = self.ctx.engine.holds_every_ack_of(conv);
         let next_seq = match self.ctx.engine.watch(conv).await {
             Ok(n) => n,
             Err(r) => {
@@ -808,11 +811,14 @@ impl SessionWriter {
             }
         };
         let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
-        if start > next_seq && self.ctx.engine.is_leader_of(conv) {
+        if start > next_seq && head_is_final {
             // The client claims messages the leader never had (e.g. state lost with a
             // restart): say so instead of silently skipping seqs below its cursor. On
-            // another node the head may trail the node the client saw them on: there the
-            // subscription waits at the cursor (live deliveries up to it are skipped).
+            // another node the head may trail the node the client saw them on, and so
+            // may it on a leader just elected, until it has applied an entry of its own
+            // term (a subscriber reconnecting at a failover meets exactly that; t50
+            // caught it): there the subscription waits at the cursor (live deliveries
+            // up to it are skipped).
             if new && !self.cursors.contains_key(&conv) {
                 self.ctx.engine.router().unsubscribe(conv, self.session_id);
                 self.ctx.engine.unwatch(conv);
