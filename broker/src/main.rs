@@ -45,6 +45,9 @@ enum Command {
         config: PathBuf,
     },
     /// Write everything a local N-node cluster needs and print the commands that start it.
+    ///
+    /// Without `--hosts` the nodes share this machine, and each config gets its share
+    /// of the cores (`worker_threads` = cores ÷ nodes, at least 1).
     DevCluster(cli::node::DevClusterArgs),
     /// Print the default configuration as TOML.
     Defaultconfig,
@@ -106,6 +109,19 @@ struct StatusArgs {
     json: bool,
 }
 
+/// The runtime threads `herald serve` asks for in its config (`worker_threads`, or
+/// `HERALD_WORKER_THREADS`); `None` for the default (one per core), for other
+/// commands, and for a config that does not load (`serve` then reports why).
+fn worker_threads(command: &Command) -> Option<usize> {
+    let Command::Serve { config } = command else {
+        return None;
+    };
+    let (config, _) = herald_broker::config::Config::load(config, std::env::vars()).ok()?;
+    (1..=herald_broker::config::WORKER_THREADS_MAX)
+        .contains(&config.worker_threads)
+        .then_some(config.worker_threads)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -114,10 +130,12 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = worker_threads(&cli.command) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -44,6 +44,17 @@ fn follower_of(cluster: &Cluster, leader: u16) -> Vec<u16> {
 async fn three_nodes_form_one_cluster_that_status_shows() -> anyhow::Result<()> {
     let cluster = Cluster::start(3, &[]).await?;
     let result = async {
+        // The three nodes share this machine's cores: dev-cluster gives each its share
+        // of runtime threads (one per core each would steal and park against the others).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = format!("worker_threads = {}", (cores / 3).max(1));
+        for k in cluster.ids() {
+            let text = std::fs::read_to_string(cluster.config_path(k))?;
+            anyhow::ensure!(
+                text.contains(&share),
+                "node {k}'s config lacks `{share}`:\n{text}"
+            );
+        }
         let leader = cluster.wait_leader().await?;
         let mut terms = Vec::new();
         let mut leaders_seen = Vec::new();

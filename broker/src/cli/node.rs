@@ -191,12 +191,21 @@ pub fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
     } else {
         [127, 0, 0, 1]
     };
+    // Nodes on this one machine share its cores: one runtime thread per core each
+    // would have them steal and park against each other (see `Config::worker_threads`).
+    let worker_threads = if on_hosts {
+        0
+    } else {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / usize::from(args.nodes)).max(1)
+    };
     let mut commands = Vec::new();
     for k in 1..=args.nodes {
         let mut config = Config {
             listen: SocketAddr::from((ip, quic_port(k))),
             admin_listen: SocketAddr::from((ip, quic_port(k) + 1)),
             data_dir: dir.join(format!("node{k}")),
+            worker_threads,
             ..Config::default()
         };
         config.tls.cert_file = files.node_cert.clone();
