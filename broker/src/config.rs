@@ -152,8 +152,8 @@ pub struct RaftConfig {
     /// Election timing. openraft first honours the leader's lease, which lasts
     /// `election_timeout_max` from the last heartbeat, and then waits a random time
     /// between these (drawn once per start); so a follower starts an election after
-    /// `max + random(min..max)` of silence (350–400 ms with the defaults, checked on
-    /// openraft's tick of 1.5 heartbeats), and a node that lost an election to a longer
+    /// `max + random(min..max)` of silence (350–400 ms with the defaults, plus up to one
+    /// of openraft's ticks of 1.5 heartbeats: 350–475 ms with 50 ms heartbeats), and a node that lost an election to a longer
     /// log waits another `2 × max`. openraft 0.9 forgets that loss only at its next
     /// election, so the `2 × max` can also hold back a node in a later failover, when it
     /// has the longest log: `max` is kept short (200 ms) so that this case, too, elects
@@ -290,7 +290,7 @@ impl Default for ClusterConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_interval: Duration::from_millis(100),
+            heartbeat_interval: Duration::from_millis(50),
             election_timeout_min: Duration::from_millis(150),
             election_timeout_max: Duration::from_millis(200),
             write_timeout: Duration::from_secs(10),

@@ -78,8 +78,9 @@ impl Liveness {
         }
     }
 
-    /// Takes in the connection's count of received frames, whether any reply is owed,
-    /// and the current round-trip estimate.
+    /// Takes in the connection's count of received frames, whether any reply is owed
+    /// (or, for a connection watched all the time, true), and the current round-trip
+    /// estimate.
     pub fn observe(
         &mut self,
         now: Instant,

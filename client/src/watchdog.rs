@@ -1,4 +1,5 @@
-//! The task that watches one connection for a dead node while replies are owed.
+//! The task that watches one connection for a dead node: while replies are owed
+//! (sessions) or always (publishers).
 //!
 //! Owns: the I/O side of [`Liveness`](crate::liveness::Liveness): reading the
 //! connection's counters, sending the probes, and closing the connection when the node
@@ -23,9 +24,14 @@
 //! leader), often two to the same node. Without the notice, the idle one learns of the
 //! death only when the next write, routed to it, has waited out a liveness timeout of
 //! its own — a second timeout in a row (measured: leader kill -9 → first ack went from
-//! ~1.2 s to ~2.0 s in those rounds). A connection opened after the silence began
-//! heard from the node since (its handshake), so it may be talking to a restarted
-//! process on the same address, and it is left alone.
+//! ~1.2 s to ~2.0 s in those rounds). Before closing, the other watchdog sends a
+//! probe of its own and waits a tick plus three round trips: only the node, not one
+//! connection's path, is judged dead for all. A connection opened after the silence
+//! began heard from the node since (its handshake), so it may be talking to a
+//! restarted process on the same address, and it is left alone. Each notice wakes
+//! every watchdog of the process once (idle sessions included): a cost paid per node
+//! death, not per message. Must not: re-broadcast a notice it received, or close a
+//! connection on a notice without its own unanswered probe.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -140,20 +146,24 @@ async fn watch(
     sent: Arc<Notify>,
     verdict: Arc<Mutex<Option<String>>>,
 ) {
-    let reply_owed = || when == Watch::Always || state.reply_owed(generation);
+    let watched = || when == Watch::Always || state.reply_owed(generation);
     let opened_at = Instant::now();
     let addr = conn.remote_address();
     // Subscribed before looking at anything, so no notice sent from now on is missed.
     let mut notices = deaths().subscribe();
     let mut liveness = Liveness::new(timeout, opened_at, frames_rx(&conn));
+    // One steady tick, not a sleep per pass: a notice about another node must not
+    // push this connection's next check back.
+    let mut tick = tokio::time::interval(LIVENESS_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let owed = reply_owed();
+        let owed = watched();
         if !owed {
             liveness.observe(Instant::now(), frames_rx(&conn), false, conn.rtt());
         }
         let notice = tokio::select! {
             _ = sent.notified(), if !owed => continue,
-            _ = tokio::time::sleep(LIVENESS_TICK), if owed => None,
+            _ = tick.tick(), if owed => None,
             notice = notices.recv() => match notice {
                 Ok(notice) => Some(notice),
                 // Missed some: the ones that mattered are found out the slow way.
@@ -162,10 +172,10 @@ async fn watch(
             },
         };
         if let Some(notice) = notice {
-            if concerns(&notice, addr, opened_at) {
+            if concerns(&notice, addr, opened_at) && !answers_a_probe(&conn).await {
                 let reason = format!(
-                    "another connection to {addr} found the node silent for {} ms; \
-                     counting it as dead",
+                    "another connection to {addr} found the node silent for {} ms, and \
+                     this one's probe went unanswered; counting it as dead",
                     notice.silent_since.elapsed().as_millis()
                 );
                 *lock(&verdict) = Some(reason);
@@ -174,21 +184,12 @@ async fn watch(
             }
             continue;
         }
-        let owed = reply_owed();
+        let owed = watched();
         match liveness.observe(Instant::now(), frames_rx(&conn), owed, conn.rtt()) {
             Verdict::Alive => {}
             Verdict::Probe => {
-                match conn.send_datagram(bytes::Bytes::from_static(PROBE)) {
-                    Ok(()) => {}
-                    // A node that takes no datagrams cannot be probed: without probes,
-                    // silence proves nothing, so leave it to the QUIC idle timeout.
-                    Err(quinn::SendDatagramError::UnsupportedByPeer)
-                    | Err(quinn::SendDatagramError::Disabled) => {
-                        tracing::debug!("the node takes no datagrams; liveness probing is off");
-                        return;
-                    }
-                    // Gone already: the driver hears it from the connection itself.
-                    Err(_) => return,
+                if !send_probe(&conn) {
+                    return;
                 }
             }
             Verdict::Dead(silent) => {
@@ -209,6 +210,36 @@ async fn watch(
             }
         }
     }
+}
+
+/// Sends one probe; false when this connection cannot be probed (then silence proves
+/// nothing, and the watchdog stops, leaving it to the QUIC idle timeout) or is gone
+/// already (the driver hears that from the connection itself).
+fn send_probe(conn: &quinn::Connection) -> bool {
+    match conn.send_datagram(bytes::Bytes::from_static(PROBE)) {
+        Ok(()) => true,
+        Err(quinn::SendDatagramError::UnsupportedByPeer)
+        | Err(quinn::SendDatagramError::Disabled) => {
+            tracing::debug!("the node takes no datagrams; liveness probing is off");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether the node behind `conn` still answers: a probe, then up to a tick plus three
+/// round trips for anything from it (a live node's QUIC stack acknowledges within its
+/// ACK delay, 25 ms). Asked before acting on another connection's verdict, because
+/// that connection's own path may be what failed (each connection has its own UDP
+/// socket). A connection that cannot be probed counts as answering: no verdict is
+/// taken on it without evidence of its own.
+async fn answers_a_probe(conn: &quinn::Connection) -> bool {
+    let before = frames_rx(conn);
+    if !send_probe(conn) {
+        return true;
+    }
+    tokio::time::sleep(LIVENESS_TICK + 3 * conn.rtt()).await;
+    frames_rx(conn) != before
 }
 
 #[cfg(test)]

@@ -355,13 +355,16 @@ impl Engine {
         }
     }
 
-    /// True when this node leads `conv`'s group and its replica holds every message
-    /// ever acknowledged there (see [`Group::leads_caught_up`]): its head is then the
-    /// group's true head, and a cursor beyond it names messages the group never had.
-    pub fn holds_every_ack_of(&self, conv: u64) -> bool {
-        self.groups
-            .get(self.group_of(conv))
-            .is_some_and(|g| g.leads_caught_up(self.node_id))
+    /// `conv`'s true head (the seq its next message gets) when this node leads its
+    /// group and its replica holds every message ever acknowledged there (see
+    /// [`Group::leads_caught_up`]): a cursor beyond it names messages the group never
+    /// had. `None` elsewhere, and on a leader not caught up yet. The head is read from
+    /// the replica after the check, never from a cache that may trail it.
+    pub fn true_head_of(&self, conv: u64) -> Option<u64> {
+        let group = self.groups.get(self.group_of(conv))?;
+        group
+            .leads_caught_up(self.node_id)
+            .then(|| group.next_seq(conv))
     }
 
     /// Checks that `principal` may do `action` in `conv`: on this node's replica of

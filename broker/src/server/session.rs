@@ -794,9 +794,6 @@ impl SessionWriter {
         // Into the router first, then the head: every message from the head on reaches
         // the outbox, everything before it is in history.
         let new = self.ctx.engine.router().subscribe(conv, &self.outbox);
-        // Asked before the head is read, so that the head is at least as new as the
-        // state this answer describes.
-        let head_is_final = self.ctx.engine.holds_every_ack_of(conv);
         let next_seq = match self.ctx.engine.watch(conv).await {
             Ok(n) => n,
             Err(r) => {
@@ -811,7 +808,11 @@ impl SessionWriter {
             }
         };
         let start = from.map(|f| f.max(1)).unwrap_or(next_seq);
-        if start > next_seq && head_is_final {
+        // The watch's head can come from a cache of what an earlier leader pushed
+        // (this node may have been elected a moment ago), so the refusal compares with
+        // the replica's own head, and only where that head is final.
+        let true_head = self.ctx.engine.true_head_of(conv);
+        if let Some(next_seq) = true_head.filter(|head| start > *head) {
             // The client claims messages the leader never had (e.g. state lost with a
             // restart): say so instead of silently skipping seqs below its cursor. On
             // another node the head may trail the node the client saw them on, and so

@@ -43,7 +43,7 @@ pub const PEER_CONNECTIONS_MAX: usize = 256;
 /// First wait after openraft sees `Unreachable`; doubles per failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between attempts to reach an unreachable peer. Below a follower's
-/// shortest election wait (lease + `election_timeout_min`, 450 ms by default), so a
+/// shortest election wait (lease + `election_timeout_min`, 350 ms by default), so a
 /// restarted node hears its leader before it starts an election it cannot win (and
 /// which would delay its next one: openraft holds back a node that lost to a longer log).
 pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
