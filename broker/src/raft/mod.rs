@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod log_store;
 pub mod network;
+pub mod reelect;
 pub mod state_machine;
 
 use std::io::Cursor;

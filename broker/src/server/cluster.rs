@@ -226,15 +226,18 @@ pub async fn start(
     let meta_log = wal.group(META_GROUP);
     let meta_sm = MetaStateMachine::open(raft_dir.join("meta/snapshot"))
         .map_err(|e| NodeError::Storage(format!("metadata group: {e}")))?;
+    let meta_network = peers.for_group(META_GROUP);
+    let meta_outvoted = meta_network.outvoted();
     let meta_raft = Raft::new(
         node_id,
         meta_config,
-        peers.for_group(META_GROUP),
+        meta_network,
         meta_log.clone(),
         meta_sm.clone(),
     )
     .await
     .map_err(|e| NodeError::Storage(format!("cannot start the metadata group: {e}")))?;
+    crate::raft::reelect::spawn(meta_raft.clone(), meta_outvoted, META_GROUP);
     let voters: BTreeMap<NodeId, BasicNode> = members
         .iter()
         .take(crate::meta::voters_wanted(members.len()))
@@ -308,15 +311,18 @@ impl GroupFactory {
             Arc::new(log.reader()),
         )
         .map_err(|e| NodeError::Storage(format!("group {group}: {e}")))?;
+        let network = self.peers.for_group(group);
+        let outvoted = network.outvoted();
         let raft = Raft::new(
             self.node_id,
             self.raft_config.clone(),
-            self.peers.for_group(group),
+            network,
             log.clone(),
             sm.clone(),
         )
         .await
         .map_err(|e| NodeError::Storage(format!("cannot start raft for group {group}: {e}")))?;
+        crate::raft::reelect::spawn(raft.clone(), outvoted, group);
         if let Some(entry) = map.group(group) {
             if entry.generation == 0 && entry.replicas.first() == Some(&self.node_id) {
                 let members: BTreeMap<NodeId, BasicNode> = entry

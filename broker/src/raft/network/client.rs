@@ -882,6 +882,7 @@ fn fatal(f: WireFatal) -> Fatal<NodeId> {
 pub struct GroupNetwork {
     network: PeerNetwork,
     group: GroupId,
+    outvoted: crate::raft::reelect::Outvoted,
 }
 
 impl PeerNetwork {
@@ -890,7 +891,18 @@ impl PeerNetwork {
         GroupNetwork {
             network: self.clone(),
             group,
+            outvoted: crate::raft::reelect::Outvoted::new(),
         }
+    }
+}
+
+impl GroupNetwork {
+    /// Takes the signal raised when this node's candidacy was refused by a peer that
+    /// voted for another candidate in the same term and whose log is shorter than
+    /// ours (see [`crate::raft::reelect`], which stands again at once). `None` after
+    /// the first call.
+    pub fn outvoted(&self) -> Option<crate::raft::reelect::OutvotedRx> {
+        self.outvoted.take_receiver()
     }
 }
 
@@ -903,6 +915,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
             group: self.group,
             target,
             node: node.clone(),
+            outvoted: self.outvoted.clone(),
         }
     }
 }
@@ -914,6 +927,7 @@ pub struct PeerClient {
     group: GroupId,
     target: NodeId,
     node: BasicNode,
+    outvoted: crate::raft::reelect::Outvoted,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -1077,6 +1091,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
+        let asked = rpc.clone();
         let bytes = encode_frame(
             &GroupRequest::from(rpc).to(self.group),
             "request",
@@ -1094,7 +1109,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 vote,
                 vote_granted,
                 last_log_id,
-            } => Ok(frame::vote_response(vote, vote_granted, last_log_id)),
+            } => {
+                let response = frame::vote_response(vote, vote_granted, last_log_id);
+                if crate::raft::reelect::outvoted_by_a_shorter_log(&asked, &response) {
+                    self.outvoted.raise();
+                }
+                Ok(response)
+            }
             other => Err(self.other_reply("Vote", other)),
         }
     }
