@@ -109,14 +109,10 @@ struct StatusArgs {
     json: bool,
 }
 
-/// The runtime threads `herald serve` asks for in its config (`worker_threads`, or
-/// `HERALD_WORKER_THREADS`); `None` for the default (one per core), for other
-/// commands, and for a config that does not load (`serve` then reports why).
-fn worker_threads(command: &Command) -> Option<usize> {
-    let Command::Serve { config } = command else {
-        return None;
-    };
-    let (config, _) = herald_broker::config::Config::load(config, std::env::vars()).ok()?;
+/// The runtime threads a loaded `herald serve` config asks for (`worker_threads`, or
+/// `HERALD_WORKER_THREADS`); `None` for the default (one per core), and for a value
+/// out of bounds (the config check then reports it).
+fn worker_threads(config: &herald_broker::config::Config) -> Option<usize> {
     (1..=herald_broker::config::WORKER_THREADS_MAX)
         .contains(&config.worker_threads)
         .then_some(config.worker_threads)
@@ -130,9 +126,18 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // `herald serve`'s config is read once, here: it sizes the runtime.
+    let mut serve_config = match &cli.command {
+        Command::Serve { config } => Some(cli::node::load_config(config)),
+        _ => None,
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Some(n) = worker_threads(&cli.command) {
+    if let Some(n) = serve_config
+        .as_ref()
+        .and_then(|loaded| loaded.as_ref().ok())
+        .and_then(|(config, _)| worker_threads(config))
+    {
         builder.worker_threads(n);
     }
     let runtime = match builder.build() {
@@ -149,7 +154,11 @@ fn main() -> ExitCode {
                 listen,
                 admin,
             } => cli::node::dev(data_dir, listen, admin).await,
-            Command::Serve { config } => cli::node::serve(config).await,
+            Command::Serve { config } => match serve_config.take() {
+                Some(loaded) => cli::node::serve(loaded).await,
+                // Loaded above for every `serve`; kept total rather than assumed.
+                None => cli::node::serve(cli::node::load_config(&config)).await,
+            },
             Command::DevCluster(args) => cli::node::dev_cluster(args),
             Command::Defaultconfig => {
                 print!("{}", herald_broker::config::Config::default_toml());

@@ -340,7 +340,9 @@ fn ensure_host_certificate(files: &DevFiles, hosts: &[String]) -> anyhow::Result
 
 /// The config file, then `HERALD_*` variables, then the node id from the host name
 /// when `cluster.node_id_from_ordinal` asks for it. Returns the warnings too.
-fn load_config(path: &std::path::Path) -> anyhow::Result<(Config, Vec<String>)> {
+/// A node's config file with `HERALD_*` overrides applied and the node id resolved,
+/// and the warnings to log.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<(Config, Vec<String>)> {
     let (mut config, warnings) = Config::load(path, std::env::vars())?;
     if config.cluster.node_id_from_ordinal {
         // Kubernetes and Docker set HOSTNAME; the kernel's name is the fallback.
@@ -357,8 +359,10 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<(Config, Vec<String>)> 
     Ok((config, warnings))
 }
 
-pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
-    let (config, warnings) = load_config(&path)?;
+/// Runs a node from its loaded config (`load_config`, done before the runtime starts
+/// because the config sizes the runtime).
+pub async fn serve(loaded: anyhow::Result<(Config, Vec<String>)>) -> anyhow::Result<()> {
+    let (config, warnings) = loaded?;
     for w in warnings {
         tracing::warn!("{w}");
     }

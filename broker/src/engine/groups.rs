@@ -97,8 +97,7 @@ impl Group {
     pub fn leads_caught_up(&self, me: NodeId) -> bool {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
-        m.current_leader == Some(me)
-            && m.state == openraft::ServerState::Leader
+        names_itself_leader(&m, me)
             && m.last_applied
                 .is_some_and(|applied| applied.leader_id.term == m.current_term)
     }
@@ -150,8 +149,11 @@ impl MetaGroup {
 
 /// True while `me` is `raft`'s leader: it names itself and is in the leader state.
 pub fn leads(raft: &crate::raft::Raft, me: NodeId) -> bool {
-    let metrics = raft.metrics();
-    let m = metrics.borrow();
+    names_itself_leader(&raft.metrics().borrow(), me)
+}
+
+/// The test of [`leads`], on metrics already borrowed.
+fn names_itself_leader(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, me: NodeId) -> bool {
     m.current_leader == Some(me) && m.state == openraft::ServerState::Leader
 }
 
