@@ -364,6 +364,53 @@ async fn acked_entries_survive_a_simulated_power_loss() {
     assert_holds(&wal.group(1), 1, 21);
 }
 
+/// A committed hint costs no fsync of its own: the writer writes it and the next
+/// append's fsync makes it durable (openraft saves the committed id after every commit;
+/// an fsync per hint doubled the node's fsyncs and made appends wait behind them).
+#[tokio::test]
+async fn a_committed_hint_rides_on_the_next_appends_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogStoreConfig {
+        simulate_power_loss: true,
+        ..config(dir.path())
+    };
+    let wal = open(&config).await;
+    let a = wal.group(1);
+    append(&a, entries(1, 5)).await;
+    // What one append costs alone (power-loss mode also fsyncs its manifest).
+    let fsyncs_before = wal.stats().fsyncs_total;
+    append(&a, entries(6, 6)).await;
+    let append_fsyncs = wal.stats().fsyncs_total - fsyncs_before;
+    let fsyncs_before = wal.stats().fsyncs_total;
+    let path = segment_path(&config, 1);
+    let len_before = std::fs::metadata(&path).unwrap().len();
+    a.clone().save_committed(Some(log_id(1, 5))).await.unwrap();
+    // The hint is alone in the writer's queue: wait until its bytes are in the file.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(&path).unwrap().len() == len_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the committed hint was never written"
+        );
+        tokio::task::yield_now().await;
+    }
+    append(&a, entries(7, 7)).await;
+    assert_eq!(
+        wal.stats().fsyncs_total - fsyncs_before,
+        append_fsyncs,
+        "the hint and the append after it should share one fsync"
+    );
+    // Durable with that append: it survives a simulated power cut.
+    drop((wal, a));
+    let wal = open(&config).await;
+    let a = wal.group(1);
+    assert_holds(&a, 1, 7);
+    assert_eq!(
+        a.clone().read_committed().await.unwrap(),
+        Some(log_id(1, 5))
+    );
+}
+
 /// One fsync covers the appends of many groups: 16 groups append concurrently, each
 /// waiting for its own durability, and the log fsyncs far fewer times than it appends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
