@@ -71,6 +71,8 @@ enum Scenario {
 }
 
 fn main() -> ExitCode {
+    // As the `herald` binary does: the load generator shares the machine's cores.
+    herald_broker::memory::disable_transparent_huge_pages();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

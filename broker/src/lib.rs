@@ -9,6 +9,7 @@ pub mod cluster_map;
 pub mod config;
 pub mod engine;
 pub mod fanout;
+pub mod memory;
 pub mod meta;
 pub mod metrics;
 pub mod raft;

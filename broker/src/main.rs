@@ -119,6 +119,7 @@ fn worker_threads(config: &herald_broker::config::Config) -> Option<usize> {
 }
 
 fn main() -> ExitCode {
+    herald_broker::memory::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
