@@ -48,6 +48,11 @@ pub use leaders::Leaders;
 pub use moves::CATCH_UP_TIMEOUT;
 pub use pipeline::Pipeline;
 
+/// How long [`Engine::true_head_of`] waits for a quorum to confirm this node's
+/// leadership: a few heartbeat rounds on a healthy cluster. Past it the head is not
+/// final, and a subscription beyond it waits at its cursor instead of being refused.
+pub const TRUE_HEAD_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The groups, the cluster map and the metrics of one node.
 pub struct Engine {
     groups: GroupSet,
@@ -357,14 +362,27 @@ impl Engine {
 
     /// `conv`'s true head (the seq its next message gets) when this node leads its
     /// group and its replica holds every message ever acknowledged there (see
-    /// [`Group::leads_caught_up`]): a cursor beyond it names messages the group never
-    /// had. `None` elsewhere, and on a leader not caught up yet. The head is read from
-    /// the replica after the check, never from a cache that may trail it.
-    pub fn true_head_of(&self, conv: u64) -> Option<u64> {
+    /// [`Group::leads_caught_up`]), confirmed by a quorum (openraft's
+    /// `ensure_linearizable`: an old leader cut off by a partition still names itself
+    /// leader and caught up on its own metrics, and its head may trail the new
+    /// leader's): a cursor beyond it names messages the group never had. `None`
+    /// elsewhere, on a leader not caught up yet, and when no quorum confirms within
+    /// [`TRUE_HEAD_CONFIRM_WAIT`]. The head is read from the replica after the check,
+    /// never from a cache that may trail it. Costs a heartbeat round: for the rare
+    /// "cursor beyond the head" path only.
+    pub async fn true_head_of(&self, conv: u64) -> Option<u64> {
         let group = self.groups.get(self.group_of(conv))?;
-        group
-            .leads_caught_up(self.node_id)
-            .then(|| group.next_seq(conv))
+        if !group.leads_caught_up(self.node_id) {
+            return None;
+        }
+        match tokio::time::timeout(TRUE_HEAD_CONFIRM_WAIT, group.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Some(group.next_seq(conv)),
+            Ok(Err(e)) => {
+                tracing::debug!(conv, error = %e, "leadership not confirmed; the head is not final here");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Checks that `principal` may do `action` in `conv`: on this node's replica of

@@ -811,7 +811,12 @@ impl SessionWriter {
         // The watch's head can come from a cache of what an earlier leader pushed
         // (this node may have been elected a moment ago), so the refusal compares with
         // the replica's own head, and only where that head is final.
-        let true_head = self.ctx.engine.true_head_of(conv);
+        // Only a cursor beyond the head pays the quorum round of `true_head_of`.
+        let true_head = if start > next_seq {
+            self.ctx.engine.true_head_of(conv).await
+        } else {
+            None
+        };
         if let Some(next_seq) = true_head.filter(|head| start > *head) {
             // The client claims messages the leader never had (e.g. state lost with a
             // restart): say so instead of silently skipping seqs below its cursor. On
