@@ -119,7 +119,8 @@ fn worker_threads(config: &herald_broker::config::Config) -> Option<usize> {
 }
 
 fn main() -> ExitCode {
-    herald_broker::memory::disable_transparent_huge_pages();
+    // First, before the allocator has mapped much (see `memory`).
+    let thp = herald_broker::memory::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
@@ -127,6 +128,9 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = thp {
+        tracing::info!(error = %e, "cannot turn transparent huge pages off; keeping the kernel's default");
+    }
     // `herald serve`'s config is read once, here: it sizes the runtime.
     let mut serve_config = match &cli.command {
         Command::Serve { config } => Some(cli::node::load_config(config)),

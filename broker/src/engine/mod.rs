@@ -381,7 +381,13 @@ impl Engine {
                 tracing::debug!(conv, error = %e, "leadership not confirmed; the head is not final here");
                 None
             }
-            Err(_) => None,
+            Err(_) => {
+                tracing::debug!(
+                    conv,
+                    "no quorum confirmed the leadership within {TRUE_HEAD_CONFIRM_WAIT:?}; the head is not final here"
+                );
+                None
+            }
         }
     }
 

@@ -13,7 +13,8 @@
 //! cost each replica a second fsync, and an append queued behind that fsync waited for it.
 //! On an I/O error every operation of the batch, and every later one, fails: the store
 //! can no longer say what is durable, so the node must stop.
-//! Must not: complete an operation before its bytes are fsync'ed; reorder operations
+//! Must not: complete an operation someone waits for before its bytes are fsync'ed (a
+//! hint's "completion" tells nobody); reorder operations
 //! (openraft requires a group's log and vote I/O to be serialized, and the shared log's
 //! offsets were assigned in queue order); decide offsets (the placement did).
 
@@ -157,6 +158,12 @@ impl Writer {
                 }
             }
             self.process(batch);
+        }
+        // Hints written since the last fsync: durable on a clean stop too.
+        if self.shared.failure().is_none() {
+            if let Err(e) = self.sync() {
+                tracing::warn!(error = %e, "cannot fsync the log's last committed hint at stop");
+            }
         }
         tracing::debug!(dir = %self.dir.display(), "log writer stopped");
     }
