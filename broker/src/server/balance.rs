@@ -17,7 +17,8 @@
 //! (balance is never worth a burst of elections).
 //!
 //! Writes to a group wait during its handover: ~tens of ms (the replica is caught up
-//! before the election starts), at most [`HANDOVER_TIMEOUT`].
+//! before the election starts), at most [`HANDOVER_TIMEOUT`]. When the candidate loses
+//! and this node is elected again (its term rose), the hold ends at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -124,6 +125,7 @@ pub(super) async fn hand_over(
 ) -> Result<(), String> {
     let me = ctx.config.cluster.node_id;
     let deadline = Instant::now() + HANDOVER_TIMEOUT;
+    let term_at_start = raft.metrics().borrow().current_term;
     pipeline.hold(deadline);
     let result = async {
         // Entries already proposed finish replicating; none are added meanwhile.
@@ -148,9 +150,21 @@ pub(super) async fn hand_over(
             .await
             .map_err(|e| e.to_string())?;
         loop {
-            let leader = metrics.borrow_and_update().current_leader;
+            let (leader, term) = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.current_term)
+            };
             if leader.is_some_and(|l| l != me) {
                 return Ok(());
+            }
+            // The candidate lost and this node won a later election (seen in t70: the
+            // candidate's term made this leader step down, and it was elected again
+            // ~200 ms later): the handover is over, so stop holding writes now instead
+            // of at the deadline.
+            if leader == Some(me) && term > term_at_start {
+                return Err(format!(
+                    "node {to} was not elected; this node leads again (term {term})"
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(format!("no new leader within {HANDOVER_TIMEOUT:?}"));
