@@ -92,14 +92,24 @@ impl PeerHandler for GroupHandler {
     }
 
     async fn client_write(&self, command: Command) -> Result<Response, ClientWriteRaftError> {
-        PeerHandler::client_write(self.raft(), command).await
+        let propose = PeerHandler::client_write(self.raft(), command);
+        match &self.hosted {
+            // Held during a handover of the group (see `engine::pipeline`).
+            Hosted::Data(group) => group.pipeline.propose_forwarded(propose).await,
+            Hosted::Meta(_) => propose.await,
+        }
     }
 
     async fn client_write_batch(
         &self,
         commands: Vec<Command>,
     ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
-        self.raft().client_write_batch(commands).await
+        let propose = self.raft().client_write_batch(commands);
+        match &self.hosted {
+            // Held during a handover of the group (see `engine::pipeline`).
+            Hosted::Data(group) => group.pipeline.propose_forwarded(propose).await,
+            Hosted::Meta(_) => propose.await,
+        }
     }
 
     async fn read(&self, request: ReadRequest) -> PeerReply {

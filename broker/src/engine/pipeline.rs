@@ -32,8 +32,17 @@
 //! | [`BATCH_LEN_MAX`] | writes per batch | the rest wait for the next batch |
 //! | [`BATCH_BYTES_MAX`] | payload bytes per batch | the rest wait for the next batch |
 //! | a hold ([`Pipeline::hold`]) | until its deadline | local proposals resume |
+//! | [`FORWARDED_IN_FLIGHT_MAX`] | batches forwarded to this node (the leader) being proposed | the next forwarded batch waits |
+//!
+//! A handover ([`Pipeline::hold`], then [`Pipeline::settle`]) needs the leader's log to
+//! stop growing: a batch still on its way into Raft when the candidate's vote request
+//! arrives makes the leader's log longer than the candidate's, the vote is refused, and
+//! the old leader is elected again (seen in t70: the hand-back of a restarted node's
+//! group failed and writes stayed held). So a hold stops local proposals *and* batches
+//! forwarded here by other nodes, and `settle` waits for every batch already proposed.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +66,9 @@ pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// local fsync overlap the previous batch's replication (openraft 0.9 appends one
 /// entry at a time, waiting for each to be durable).
 pub const LOCAL_BATCHES_IN_FLIGHT: usize = 2;
+/// Batches other nodes forwarded to this node being proposed here at once (one per
+/// forwarding node and group at a time, so this is only a backstop).
+pub const FORWARDED_IN_FLIGHT_MAX: usize = 256;
 /// Pause before retrying writes that found no usable leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
@@ -81,6 +93,10 @@ pub struct Pipeline {
     /// While set (and in the future), this node proposes nothing locally: writes wait
     /// (leadership is being handed over; see `server::balance`).
     hold: Arc<watch::Sender<Option<Instant>>>,
+    /// Local batches proposed and not yet settled ([`LOCAL_BATCHES_IN_FLIGHT`] permits).
+    in_flight: Arc<Semaphore>,
+    /// Forwarded batches being proposed ([`FORWARDED_IN_FLIGHT_MAX`] permits).
+    forwarded: Arc<Semaphore>,
 }
 
 impl Pipeline {
@@ -123,19 +139,25 @@ impl Pipeline {
         let (queue, rx) = mpsc::channel(QUEUE_LEN_MAX);
         let hold = Arc::new(watch::channel(None).0);
         let source = Arc::new(watch::channel(source).0);
+        let in_flight = Arc::new(Semaphore::new(LOCAL_BATCHES_IN_FLIGHT));
         tokio::spawn(run(
             rx,
             group,
             source.subscribe(),
             peers,
             node_id,
-            hold.subscribe(),
+            LocalGate {
+                hold: hold.subscribe(),
+                in_flight: in_flight.clone(),
+            },
             metrics,
         ));
         Pipeline {
             queue,
             source,
             hold,
+            in_flight,
+            forwarded: Arc::new(Semaphore::new(FORWARDED_IN_FLIGHT_MAX)),
         }
     }
 
@@ -162,6 +184,41 @@ impl Pipeline {
     /// Ends a [`Pipeline::hold`].
     pub fn release(&self) {
         self.hold.send_replace(None);
+    }
+
+    /// During a hold: waits until every batch proposed here (local or forwarded) has its
+    /// outcome, so the group's log no longer grows; `false` if `deadline` came first.
+    pub async fn settle(&self, deadline: Instant) -> bool {
+        let all = async {
+            let local = self
+                .in_flight
+                .acquire_many(LOCAL_BATCHES_IN_FLIGHT as u32)
+                .await;
+            let forwarded = self
+                .forwarded
+                .acquire_many(FORWARDED_IN_FLIGHT_MAX as u32)
+                .await;
+            drop((local, forwarded));
+        };
+        tokio::time::timeout_at(deadline.into(), all).await.is_ok()
+    }
+
+    /// Proposes a batch another node forwarded here with `propose`, once no hold is
+    /// on (a hold ends by its deadline, so the wait is bounded).
+    pub async fn propose_forwarded<T>(&self, propose: impl Future<Output = T>) -> T {
+        let mut hold = self.hold.subscribe();
+        let permit = loop {
+            wait_unheld(&mut hold).await;
+            let permit = self.forwarded.clone().acquire_owned().await;
+            // Checked again with the permit: a hold set meanwhile waits for this
+            // batch (in `settle`) or this batch waits for it, never neither.
+            if !is_held(&hold) {
+                break permit;
+            }
+        };
+        let result = propose.await;
+        drop(permit);
+        result
     }
 
     /// Queues `command` (waiting while the queue is full) and returns where its
@@ -250,21 +307,30 @@ impl LeaderSource {
     }
 }
 
+/// What lets the pipeline task propose locally: no hold, and a free slot.
+struct LocalGate {
+    hold: watch::Receiver<Option<Instant>>,
+    in_flight: Arc<Semaphore>,
+}
+
 async fn run(
     mut rx: mpsc::Receiver<Pending>,
     group: GroupId,
     mut sources: watch::Receiver<LeaderSource>,
     peers: PeerNetwork,
     node_id: NodeId,
-    mut hold: watch::Receiver<Option<Instant>>,
+    gate: LocalGate,
     metrics: Arc<Metrics>,
 ) {
+    let LocalGate {
+        mut hold,
+        in_flight,
+    } = gate;
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     // Batches proposed on this node (the leader) are awaited in tasks, at most
     // LOCAL_BATCHES_IN_FLIGHT at once; what they could not commit comes back here.
     // Unbounded, but it only ever holds writes already counted in QUEUE_LEN_MAX.
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Vec<Pending>>();
-    let in_flight = Arc::new(Semaphore::new(LOCAL_BATCHES_IN_FLIGHT));
     let mut next_order = 0u64;
     loop {
         if waiting.is_empty() {
@@ -309,18 +375,20 @@ async fn run(
         if let Some(raft) = local_raft {
             // A hold (leadership handover): wait until it ends, then look again at who
             // leads.
-            let held = *hold.borrow_and_update();
-            if let Some(until) = held.filter(|u| *u > Instant::now()) {
-                tokio::select! {
-                    () = tokio::time::sleep_until(until.into()) => {}
-                    _ = hold.changed() => {}
-                }
+            if is_held(&hold) {
+                wait_unheld(&mut hold).await;
                 continue;
             }
             // Wait for a slot before taking the batch, so it grows meanwhile.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };
+            // Checked again with the slot: a hold set meanwhile either sees this batch
+            // in flight (and `settle` waits for it) or stops it here.
+            if is_held(&hold) {
+                drop(permit);
+                continue;
+            }
             while waiting.len() < BATCH_LEN_MAX {
                 match rx.try_recv() {
                     Ok(p) => admit(&mut waiting, p, &mut next_order),
@@ -460,6 +528,25 @@ fn requeue(waiting: &mut VecDeque<Pending>, retry: Vec<Pending>) {
 
 /// Waits until no batch proposed here is in flight (each has been answered or sent
 /// back to retry).
+/// A hold is on (and not past its deadline).
+fn is_held(hold: &watch::Receiver<Option<Instant>>) -> bool {
+    hold.borrow().is_some_and(|until| until > Instant::now())
+}
+
+/// Returns once no hold is on.
+async fn wait_unheld(hold: &mut watch::Receiver<Option<Instant>>) {
+    loop {
+        let held = *hold.borrow_and_update();
+        let Some(until) = held.filter(|u| *u > Instant::now()) else {
+            return;
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(until.into()) => {}
+            _ = hold.changed() => {}
+        }
+    }
+}
+
 async fn settle(in_flight: &Semaphore) {
     if let Ok(all) = in_flight.acquire_many(LOCAL_BATCHES_IN_FLIGHT as u32).await {
         drop(all);

@@ -6,14 +6,17 @@
 //! Owns: one task per node that, every [`BALANCE_INTERVAL`], looks at the groups this
 //! node leads but does not prefer to, and hands at most [`TRANSFERS_PER_ROUND_MAX`] of
 //! them over. openraft 0.9 has no leader transfer; a handover here is: hold the group's
-//! pipeline (no new local proposals), wait until the preferred replica has every entry,
+//! pipeline (no new local or forwarded proposals), wait until every batch already
+//! proposed is in the log ([`Pipeline::settle`]) and the preferred replica has every entry,
 //! ask it to start an election (`GroupRequest::Elect`), and release the hold once
 //! leadership moved (or after [`HANDOVER_TIMEOUT`]). The old leader grants the vote (its
 //! own lease ran out long ago, and the candidate's log is as long as its own), so the
 //! candidate wins with two of three votes even while the other follower still hears
 //! heartbeats.
-//! Must not: hand over a group whose preferred replica lags (it would lose the
-//! election and bump the term for nothing), or more than one group per node and round
+//! Must not: start a handover to a replica more than [`HANDOVER_LAG_MAX`] entries
+//! behind (catching it up could outlast the hold), ask for the election before the
+//! replica has every entry (it would lose the election and bump the term for nothing),
+//! or hand over more than one group per node and round
 //! (balance is never worth a burst of elections).
 //!
 //! Writes to a group wait during its handover: ~tens of ms (the replica is caught up
@@ -37,6 +40,12 @@ pub const LEADING_FOR_MIN: Duration = Duration::from_secs(2);
 pub const TRANSFERS_PER_ROUND_MAX: usize = 1;
 /// Longest wait for a handover (catch-up plus election); then the hold ends anyway.
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A handover starts only when the preferred replica lags by at most this many
+/// entries (batches of writes). Not zero: while writes keep coming a follower is always
+/// a batch or two behind, so "fully caught up" is never seen between rounds (seen in
+/// t60: under steady load a returned node never got its group back). The hold stops the
+/// log, and the replica catches up exactly before the election starts.
+pub const HANDOVER_LAG_MAX: u64 = 64;
 
 /// Runs the balancer of this node until the node stops.
 pub async fn run(ctx: Arc<NodeContext>) {
@@ -68,7 +77,7 @@ pub async fn run(ctx: Arc<NodeContext>) {
             };
             if preferred == me
                 || since.elapsed() < LEADING_FOR_MIN
-                || !caught_up(&group.raft, preferred)
+                || !nearly_caught_up(&group.raft, preferred)
             {
                 continue;
             }
@@ -97,10 +106,21 @@ pub async fn run(ctx: Arc<NodeContext>) {
 
 /// True when `node` (a voter of the group `raft` leads here) has every entry this
 /// leader has.
-pub(super) fn caught_up(raft: &Raft, node: NodeId) -> bool {
+fn caught_up(raft: &Raft, node: NodeId) -> bool {
+    lag(raft, node) == Some(0)
+}
+
+/// Whether `node` is a voter of the group `raft` leads, at most [`HANDOVER_LAG_MAX`]
+/// entries behind.
+pub(super) fn nearly_caught_up(raft: &Raft, node: NodeId) -> bool {
+    lag(raft, node).is_some_and(|lag| lag <= HANDOVER_LAG_MAX)
+}
+
+/// How many entries of this leader's log voter `node` lacks; `None` when it is no
+/// voter or its progress is unknown (this node does not lead, or nothing matched yet).
+fn lag(raft: &Raft, node: NodeId) -> Option<u64> {
     let metrics = raft.metrics();
     let m = metrics.borrow();
-    let last = m.last_log_index;
     let voter = m
         .membership_config
         .membership()
@@ -109,9 +129,10 @@ pub(super) fn caught_up(raft: &Raft, node: NodeId) -> bool {
     let matched = m
         .replication
         .as_ref()
-        .and_then(|r| r.get(&node).copied().flatten())
-        .map(|l| l.index);
-    voter && last.is_some() && matched == last
+        .and_then(|r| r.get(&node).copied().flatten())?
+        .index;
+    let last = m.last_log_index?;
+    voter.then(|| last.saturating_sub(matched))
 }
 
 /// Hands the group `id` (its `raft` and write `pipeline` on this node, which leads it)
@@ -128,7 +149,15 @@ pub(super) async fn hand_over(
     let term_at_start = raft.metrics().borrow().current_term;
     pipeline.hold(deadline);
     let result = async {
-        // Entries already proposed finish replicating; none are added meanwhile.
+        // Batches already on their way into the log get there (a batch appended after
+        // the candidate's vote request makes this log longer than the candidate's, and
+        // the vote is refused); none are added meanwhile.
+        if !pipeline.settle(deadline).await {
+            return Err(format!(
+                "writes proposed before the hold did not finish in {HANDOVER_TIMEOUT:?}"
+            ));
+        }
+        // They finish replicating.
         let mut metrics = raft.metrics();
         while !caught_up(raft, to) {
             if Instant::now() >= deadline {
