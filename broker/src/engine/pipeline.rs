@@ -37,9 +37,11 @@
 //! A handover ([`Pipeline::hold`], then [`Pipeline::settle`]) needs the leader's log to
 //! stop growing: a batch still on its way into Raft when the candidate's vote request
 //! arrives makes the leader's log longer than the candidate's, the vote is refused, and
-//! the old leader is elected again (seen in t70: the hand-back of a restarted node's
-//! group failed and writes stayed held). So a hold stops local proposals *and* batches
-//! forwarded here by other nodes, and `settle` waits for every batch already proposed.
+//! the old leader is elected again. A race by construction (the handover reads "caught
+//! up" from Raft's metrics, which do not count batches still queued in Raft), and one
+//! possible cause of the failed hand-backs seen in t70; no test reproduced it. So a hold
+//! stops local proposals *and* batches forwarded here by other nodes, and `settle`
+//! waits for every batch already proposed.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -44,13 +44,19 @@ pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 /// entries (batches of writes). Not zero: while writes keep coming a follower is always
 /// a batch or two behind, so "fully caught up" is never seen between rounds (seen in
 /// t60: under steady load a returned node never got its group back). The hold stops the
-/// log, and the replica catches up exactly before the election starts.
+/// log, and the replica catches up exactly before the election starts. A replica that
+/// lags at all must also have made progress since the previous round: a node that just
+/// died keeps the progress it last had, and holding writes for it would stall the group
+/// for the whole handover timeout every round (seen in t61 with the lag rule alone).
 pub const HANDOVER_LAG_MAX: u64 = 64;
 
 /// Runs the balancer of this node until the node stops.
 pub async fn run(ctx: Arc<NodeContext>) {
     let me = ctx.config.cluster.node_id;
     let mut leading_since: HashMap<GroupId, Instant> = HashMap::new();
+    // What each preferred replica had matched at the previous round (bounded by the
+    // groups this node leads).
+    let mut matched_before: HashMap<GroupId, u64> = HashMap::new();
     let mut tick = tokio::time::interval(BALANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -61,6 +67,7 @@ pub async fn run(ctx: Arc<NodeContext>) {
         }
         let groups = ctx.engine.groups().all();
         leading_since.retain(|id, _| groups.get(id).is_some_and(|g| g.sm.is_leader()));
+        matched_before.retain(|id, _| leading_since.contains_key(id));
         let mut transfers = 0;
         for group in groups.values() {
             if !group.sm.is_leader() {
@@ -75,10 +82,18 @@ pub async fn run(ctx: Arc<NodeContext>) {
             else {
                 continue;
             };
-            if preferred == me
-                || since.elapsed() < LEADING_FOR_MIN
-                || !nearly_caught_up(&group.raft, preferred)
-            {
+            if preferred == me {
+                continue;
+            }
+            let progress = Progress::of(&group.raft, preferred);
+            let before = match progress {
+                Some(p) => matched_before.insert(group.id, p.matched),
+                None => matched_before.remove(&group.id),
+            };
+            let ready = progress.is_some_and(|p| {
+                p.lag == 0 || (p.lag <= HANDOVER_LAG_MAX && before.is_some_and(|b| p.matched > b))
+            });
+            if since.elapsed() < LEADING_FOR_MIN || !ready {
                 continue;
             }
             if transfers >= TRANSFERS_PER_ROUND_MAX {
@@ -106,33 +121,41 @@ pub async fn run(ctx: Arc<NodeContext>) {
 
 /// True when `node` (a voter of the group `raft` leads here) has every entry this
 /// leader has.
-fn caught_up(raft: &Raft, node: NodeId) -> bool {
-    lag(raft, node) == Some(0)
+pub(super) fn caught_up(raft: &Raft, node: NodeId) -> bool {
+    Progress::of(raft, node).is_some_and(|p| p.lag == 0)
 }
 
-/// Whether `node` is a voter of the group `raft` leads, at most [`HANDOVER_LAG_MAX`]
-/// entries behind.
-pub(super) fn nearly_caught_up(raft: &Raft, node: NodeId) -> bool {
-    lag(raft, node).is_some_and(|lag| lag <= HANDOVER_LAG_MAX)
+/// Where voter `node` stands in the log of the group `raft` leads here.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// The last index it has.
+    matched: u64,
+    /// How many entries of this leader's log it lacks.
+    lag: u64,
 }
 
-/// How many entries of this leader's log voter `node` lacks; `None` when it is no
-/// voter or its progress is unknown (this node does not lead, or nothing matched yet).
-fn lag(raft: &Raft, node: NodeId) -> Option<u64> {
-    let metrics = raft.metrics();
-    let m = metrics.borrow();
-    let voter = m
-        .membership_config
-        .membership()
-        .voter_ids()
-        .any(|v| v == node);
-    let matched = m
-        .replication
-        .as_ref()
-        .and_then(|r| r.get(&node).copied().flatten())?
-        .index;
-    let last = m.last_log_index?;
-    voter.then(|| last.saturating_sub(matched))
+impl Progress {
+    /// `None` when `node` is no voter or its progress is unknown (this node does not
+    /// lead, or nothing matched yet).
+    fn of(raft: &Raft, node: NodeId) -> Option<Progress> {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == node);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&node).copied().flatten())?
+            .index;
+        let last = m.last_log_index?;
+        voter.then(|| Progress {
+            matched,
+            lag: last.saturating_sub(matched),
+        })
+    }
 }
 
 /// Hands the group `id` (its `raft` and write `pipeline` on this node, which leads it)

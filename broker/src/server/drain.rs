@@ -197,12 +197,12 @@ async fn hand_over_all(ctx: &NodeContext, phase_end: Instant) -> (Vec<GroupId>, 
     }
 }
 
-/// The replica to hand `g` to: its preferred leader when (nearly) caught up, else any
-/// such voter but us (the handover catches it up exactly under its hold).
+/// The replica to hand `g` to: its preferred leader when caught up, else any
+/// caught-up voter but us.
 fn target(g: &Led<'_>, me: NodeId) -> Option<NodeId> {
     if let Some(p) = g
         .preferred
-        .filter(|p| super::balance::nearly_caught_up(g.raft, *p))
+        .filter(|p| super::balance::caught_up(g.raft, *p))
     {
         return Some(p);
     }
@@ -217,5 +217,5 @@ fn target(g: &Led<'_>, me: NodeId) -> Option<NodeId> {
         .collect();
     voters
         .into_iter()
-        .find(|v| super::balance::nearly_caught_up(g.raft, *v))
+        .find(|v| super::balance::caught_up(g.raft, *v))
 }
