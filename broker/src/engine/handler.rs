@@ -49,6 +49,15 @@ impl GroupHandler {
         }
     }
 
+    /// Runs `propose`, a write another node forwarded here; a data group's is held
+    /// during a handover of the group (see `engine::pipeline`).
+    async fn forwarded<T>(&self, propose: impl std::future::Future<Output = T>) -> T {
+        match &self.hosted {
+            Hosted::Data(group) => group.pipeline.propose_forwarded(propose).await,
+            Hosted::Meta(_) => propose.await,
+        }
+    }
+
     fn raft(&self) -> &Raft {
         match &self.hosted {
             Hosted::Data(g) => &g.raft,
@@ -92,24 +101,16 @@ impl PeerHandler for GroupHandler {
     }
 
     async fn client_write(&self, command: Command) -> Result<Response, ClientWriteRaftError> {
-        let propose = PeerHandler::client_write(self.raft(), command);
-        match &self.hosted {
-            // Held during a handover of the group (see `engine::pipeline`).
-            Hosted::Data(group) => group.pipeline.propose_forwarded(propose).await,
-            Hosted::Meta(_) => propose.await,
-        }
+        self.forwarded(PeerHandler::client_write(self.raft(), command))
+            .await
     }
 
     async fn client_write_batch(
         &self,
         commands: Vec<Command>,
     ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
-        let propose = self.raft().client_write_batch(commands);
-        match &self.hosted {
-            // Held during a handover of the group (see `engine::pipeline`).
-            Hosted::Data(group) => group.pipeline.propose_forwarded(propose).await,
-            Hosted::Meta(_) => propose.await,
-        }
+        self.forwarded(self.raft().client_write_batch(commands))
+            .await
     }
 
     async fn read(&self, request: ReadRequest) -> PeerReply {

@@ -192,15 +192,12 @@ impl Pipeline {
     /// outcome, so the group's log no longer grows; `false` if `deadline` came first.
     pub async fn settle(&self, deadline: Instant) -> bool {
         let all = async {
-            let local = self
-                .in_flight
-                .acquire_many(LOCAL_BATCHES_IN_FLIGHT as u32)
-                .await;
+            settle(&self.in_flight).await;
             let forwarded = self
                 .forwarded
                 .acquire_many(FORWARDED_IN_FLIGHT_MAX as u32)
                 .await;
-            drop((local, forwarded));
+            drop(forwarded);
         };
         tokio::time::timeout_at(deadline.into(), all).await.is_ok()
     }
@@ -379,6 +376,7 @@ async fn run(
             // leads.
             if is_held(&hold) {
                 wait_unheld(&mut hold).await;
+                // Leadership may have moved meanwhile.
                 continue;
             }
             // Wait for a slot before taking the batch, so it grows meanwhile.
@@ -528,18 +526,21 @@ fn requeue(waiting: &mut VecDeque<Pending>, retry: Vec<Pending>) {
     *waiting = merged;
 }
 
-/// Waits until no batch proposed here is in flight (each has been answered or sent
-/// back to retry).
-/// A hold is on (and not past its deadline).
+/// The end of the hold `hold` says is on, if it has not passed.
+fn hold_end(hold: Option<Instant>) -> Option<Instant> {
+    hold.filter(|until| *until > Instant::now())
+}
+
+/// A hold is on.
 fn is_held(hold: &watch::Receiver<Option<Instant>>) -> bool {
-    hold.borrow().is_some_and(|until| until > Instant::now())
+    hold_end(*hold.borrow()).is_some()
 }
 
 /// Returns once no hold is on.
 async fn wait_unheld(hold: &mut watch::Receiver<Option<Instant>>) {
     loop {
         let held = *hold.borrow_and_update();
-        let Some(until) = held.filter(|u| *u > Instant::now()) else {
+        let Some(until) = hold_end(held) else {
             return;
         };
         tokio::select! {
@@ -549,6 +550,8 @@ async fn wait_unheld(hold: &mut watch::Receiver<Option<Instant>>) {
     }
 }
 
+/// Waits until no batch proposed here is in flight (each has been answered or sent
+/// back to retry).
 async fn settle(in_flight: &Semaphore) {
     if let Ok(all) = in_flight.acquire_many(LOCAL_BATCHES_IN_FLIGHT as u32).await {
         drop(all);
