@@ -107,7 +107,7 @@ impl PeerHandler for GroupHandler {
 
     async fn client_write_batch(
         &self,
-        commands: Vec<Command>,
+        commands: crate::raft::Batch,
     ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
         self.forwarded(self.raft().client_write_batch(commands))
             .await

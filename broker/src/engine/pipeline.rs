@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use super::Leaders;
 use crate::metrics::Metrics;
 use crate::raft::network::{ForwardBatchReply, PeerError, PeerNetwork};
-use crate::raft::{GroupId, NodeId, Raft, Response};
+use crate::raft::{Batch, GroupId, NodeId, Raft, Response};
 use crate::store::Command;
 
 /// Writes waiting for a batch, over all sessions of the node.
@@ -77,6 +77,14 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// One write waiting to be committed.
 struct Pending {
     command: Command,
+    waiter: Waiter,
+}
+
+/// Who waits for a write, and until when: a [`Pending`] without its command, while
+/// the command is in a batch being committed (the batch owns the commands, shared
+/// with Raft, so proposing one copies nothing; a write that must be retried gets a
+/// copy of its command back, see [`answer`]).
+struct Waiter {
     deadline: Instant,
     reply: oneshot::Sender<Response>,
     /// Why the last attempt failed, for the refusal at the deadline.
@@ -227,10 +235,12 @@ impl Pipeline {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             command,
-            deadline,
-            reply,
-            problem: None,
-            order: 0,
+            waiter: Waiter {
+                deadline,
+                reply,
+                problem: None,
+                order: 0,
+            },
         };
         if self.queue.send(pending).await.is_err() {
             let (reply, answer) = oneshot::channel();
@@ -399,11 +409,11 @@ async fn run(
             if batch.is_empty() {
                 continue;
             }
-            let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
+            let (commands, waiters) = split(batch);
             // Proposed here, in order; awaited in a task.
             let count = commands.len();
             let proposed_at = Instant::now();
-            let proposed = raft.client_write_ff(commands).await.ok();
+            let proposed = raft.client_write_ff(commands.clone()).await.ok();
             let retry_tx = retry_tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
@@ -417,7 +427,7 @@ async fn run(
                     }
                     None => vec![None; count],
                 };
-                let retry = answer(batch, results, None);
+                let retry = answer(waiters, &commands, results, None);
                 if !retry.is_empty() {
                     let _ = retry_tx.send(retry);
                 }
@@ -435,7 +445,7 @@ async fn run(
         if batch.is_empty() {
             continue;
         }
-        let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
+        let (commands, waiters) = split(batch);
         metrics.writes_forwarded.inc_by(commands.len() as u64);
         let (results, problem) = match (leader, addr) {
             (Some(id), Some(addr)) => {
@@ -444,7 +454,7 @@ async fn run(
                 // the retry is safe, every command being idempotent.
                 let forwarded_at = Instant::now();
                 tokio::select! {
-                    reply = peers.forward_batch(group, id, &addr, commands) => match reply {
+                    reply = peers.forward_batch(group, id, &addr, commands.clone()) => match reply {
                         Ok(ForwardBatchReply::Done(results)) => (results, None),
                         Ok(ForwardBatchReply::NotLeader(hint)) => {
                             source.redirect(group, id, hint.map(|(h, _)| h));
@@ -492,11 +502,11 @@ async fn run(
         if let Some(problem) = &problem {
             tracing::debug!(
                 group,
-                writes = batch.len(),
+                writes = waiters.len(),
                 "forwarding a batch failed: {problem}"
             );
         }
-        let retry = answer(batch, results, problem);
+        let retry = answer(waiters, &commands, results, problem);
         if !retry.is_empty() {
             requeue(&mut waiting, retry);
             tokio::time::sleep(RETRY_PAUSE).await;
@@ -506,7 +516,7 @@ async fn run(
 
 /// Takes a write from the queue: it is the newest.
 fn admit(waiting: &mut VecDeque<Pending>, mut pending: Pending, next_order: &mut u64) {
-    pending.order = *next_order;
+    pending.waiter.order = *next_order;
     *next_order += 1;
     waiting.push_back(pending);
 }
@@ -517,7 +527,7 @@ fn requeue(waiting: &mut VecDeque<Pending>, retry: Vec<Pending>) {
     let mut retry = retry.into_iter().peekable();
     let mut merged = VecDeque::with_capacity(waiting.len() + retry.len());
     for pending in waiting.drain(..) {
-        while let Some(earlier) = retry.next_if(|r| r.order < pending.order) {
+        while let Some(earlier) = retry.next_if(|r| r.waiter.order < pending.waiter.order) {
             merged.push_back(earlier);
         }
         merged.push_back(pending);
@@ -560,41 +570,53 @@ async fn settle(in_flight: &Semaphore) {
 
 /// Answers each write that got a result; returns the others, to retry.
 fn answer(
-    batch: Vec<Pending>,
+    waiters: Vec<Waiter>,
+    commands: &Batch,
     results: Vec<Option<Response>>,
     problem: Option<String>,
 ) -> Vec<Pending> {
     let mut results = results.into_iter();
     let mut retry = Vec::new();
-    for mut pending in batch {
+    for (mut waiter, command) in waiters.into_iter().zip(commands.iter()) {
         match results.next().flatten() {
             Some(response) => {
-                let _ = pending.reply.send(response);
+                let _ = waiter.reply.send(response);
             }
             None => {
-                pending.problem = problem
+                waiter.problem = problem
                     .clone()
                     .or_else(|| Some("leadership moved while the write was in flight".into()));
-                retry.push(pending);
+                retry.push(Pending {
+                    command: command.clone(),
+                    waiter,
+                });
             }
         }
     }
     retry
 }
 
+/// A batch's commands (shared, ready to propose) and their waiters, in order.
+fn split(batch: Vec<Pending>) -> (Batch, Vec<Waiter>) {
+    let (commands, waiters): (Vec<Command>, Vec<Waiter>) =
+        batch.into_iter().map(|p| (p.command, p.waiter)).unzip();
+    (Batch::new(commands), waiters)
+}
+
 /// Answers writes whose deadline passed.
 fn expire(waiting: &mut VecDeque<Pending>) {
     let now = Instant::now();
-    if !waiting.iter().any(|p| p.deadline <= now) {
+    if !waiting.iter().any(|p| p.waiter.deadline <= now) {
         return;
     }
     let mut kept = VecDeque::with_capacity(waiting.len());
     for pending in waiting.drain(..) {
-        if pending.deadline <= now {
+        if pending.waiter.deadline <= now {
             let problem = pending
+                .waiter
                 .problem
                 .unwrap_or_else(|| "the node could not keep up".into());
-            let _ = pending.reply.send(Err(Refusal::new(
+            let _ = pending.waiter.reply.send(Err(Refusal::new(
                 RefusalCode::Unavailable,
                 format!(
                     "the write was not committed in time ({problem}); the cluster may have lost its quorum; retry with the same idempotency key"

@@ -240,7 +240,8 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
                     vec![Ok(Outcome::Changed)]
                 }
                 EntryPayload::Normal(commands) => commands
-                    .into_iter()
+                    .iter()
+                    .cloned()
                     .map(|command| match command {
                         Command::Meta(change) => state.map.apply(change).map(|()| Outcome::Changed),
                         _ => Err(Refusal::new(
@@ -311,7 +312,7 @@ mod tests {
     fn entry(index: u64, command: MetaCommand) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(vec![Command::Meta(command)]),
+            payload: EntryPayload::Normal(crate::raft::Batch::new(vec![Command::Meta(command)])),
         }
     }
 

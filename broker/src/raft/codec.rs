@@ -15,7 +15,6 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::{Entry, LogId, NodeId, Vote};
-use crate::store::Command;
 
 /// Encoding or decoding failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +132,9 @@ pub struct WireStoredMembership {
 pub enum WirePayload {
     /// A new leader's first entry.
     Blank,
-    /// Conversation commands, applied in order.
-    Normal(Vec<Command>),
+    /// Conversation commands, applied in order (shared with the entry it encodes:
+    /// encoding copies nothing first; archived as rkyv's shared pointer to a vec).
+    Normal(super::Batch),
     /// A membership change.
     Membership(WireMembership),
 }
@@ -273,6 +273,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Command;
     use herald_client::wire::{IdempotencyKey, Principal};
 
     #[test]
@@ -297,13 +298,13 @@ mod tests {
             },
             Entry {
                 log_id: LogId::new(CommittedLeaderId::new(2, 3), 3),
-                payload: EntryPayload::Normal(vec![Command::Publish {
+                payload: EntryPayload::Normal(crate::raft::Batch::new(vec![Command::Publish {
                     conv: 7,
                     sender: Principal::Service("svc".into()),
                     key: IdempotencyKey::Caller("k".into()),
                     payload: b"hello".to_vec(),
                     timestamp_ms: 42,
-                }]),
+                }])),
             },
         ];
         for entry in entries {

@@ -342,14 +342,11 @@ impl StateMachine {
         match r.location {
             Location::Log { index, slot } => match self.shared.log.entry(index) {
                 Ok(Some(Entry {
-                    payload: EntryPayload::Normal(mut commands),
+                    payload: EntryPayload::Normal(commands),
                     ..
                 })) => {
                     let slot = usize::try_from(slot).ok()?;
-                    if slot >= commands.len() {
-                        return None;
-                    }
-                    let command = commands.swap_remove(slot);
+                    let command = commands.get(slot)?.clone();
                     StoredMessage::from_publish(command, seq, r.timestamp_ms, frame_bytes_max)
                         .filter(|m| m.message.conv == conv)
                 }
@@ -397,7 +394,9 @@ impl StateMachine {
             EntryPayload::Normal(commands) => {
                 // Only the leader fans out: one batch per watching node for the entry.
                 let mut push = self.is_leader().then(PushBatch::default);
-                let responses = commands
+                // The log store's cache still shares the batch, so this copies it
+                // once: the commands' parts move into the store and the deliveries.
+                let responses = Arc::unwrap_or_clone(commands)
                     .into_iter()
                     .enumerate()
                     .map(|(slot, command)| {

@@ -390,8 +390,9 @@ impl PeerNetwork {
         group: GroupId,
         target: NodeId,
         addr: &str,
-        commands: Vec<Command>,
+        commands: impl Into<crate::raft::Batch>,
     ) -> Result<ForwardBatchReply, PeerError> {
+        let commands = commands.into();
         let sent = commands.len();
         if sent > FORWARD_BATCH_COMMANDS_MAX {
             return Err(PeerError::BatchTooLarge {

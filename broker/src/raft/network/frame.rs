@@ -292,7 +292,7 @@ pub enum GroupRequest {
     Forward(Command),
     /// A node forwards several client writes to the group's leader, to be proposed in
     /// this order (at most [`FORWARD_BATCH_COMMANDS_MAX`]).
-    ForwardBatch(Vec<Command>),
+    ForwardBatch(crate::raft::Batch),
     /// A node with no replica of the group (or whose replica may lag) reads from the
     /// group's leader. Answered with [`PeerReply::Authorized`] or [`PeerReply::History`].
     Read(ReadRequest),
@@ -1072,13 +1072,13 @@ mod tests {
     fn publish_entry(index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
-            payload: EntryPayload::Normal(vec![Command::Publish {
+            payload: EntryPayload::Normal(crate::raft::Batch::new(vec![Command::Publish {
                 conv: 9,
                 sender: Principal::Service("backend".into()),
                 key: IdempotencyKey::Caller("k-1".into()),
                 payload: b"hello over raft".to_vec(),
                 timestamp_ms: 1_700_000_000_000,
-            }]),
+            }])),
         }
     }
 
@@ -1249,18 +1249,18 @@ mod tests {
             .map(|n| match n % 2 {
                 0 => Command::Trim { now_ms: n },
                 _ => match publish_entry(n).payload {
-                    EntryPayload::Normal(mut commands) => commands.remove(0),
+                    EntryPayload::Normal(commands) => commands[0].clone(),
                     _ => unreachable!(),
                 },
             })
             .collect();
-        let request = GroupRequest::ForwardBatch(commands.clone());
+        let request = GroupRequest::ForwardBatch(commands.clone().into());
         assert_eq!(request.kind(), "ForwardBatch");
         assert_eq!(request.clone().to(7).kind(), "ForwardBatch");
         assert_eq!(group_round_trip(request.clone()), request);
         assert_eq!(
-            group_round_trip(GroupRequest::ForwardBatch(Vec::new())),
-            GroupRequest::ForwardBatch(Vec::new())
+            group_round_trip(GroupRequest::ForwardBatch(Default::default())),
+            GroupRequest::ForwardBatch(Default::default())
         );
 
         let results = vec![

@@ -24,7 +24,7 @@ use super::frame::{
     CLOSE_AUTH_FAILED, CLOSE_PROTOCOL, FORWARD_BATCH_COMMANDS_MAX, HELLO_FRAME_BYTES_MAX,
     PEER_FRAME_BYTES_MAX, STREAM_MALFORMED, WATCH_CONVS_MAX,
 };
-use crate::raft::{GroupId, NodeId, Raft, Response, TypeConfig};
+use crate::raft::{Batch, GroupId, NodeId, Raft, Response, TypeConfig};
 use crate::store::Command;
 
 /// The first stream of a connection (the hello) must arrive and be read within this.
@@ -82,7 +82,7 @@ pub trait PeerHandler: Send + Sync + 'static {
     /// moved; `Err(Fatal)` when Raft has stopped before the first proposal.
     fn client_write_batch(
         &self,
-        commands: Vec<Command>,
+        commands: crate::raft::Batch,
     ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send;
 
     /// Moves one replica of the group this node leads (see
@@ -147,7 +147,9 @@ impl PeerHandler for Raft {
         &self,
         command: Command,
     ) -> Result<Response, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
-        let mut responses = Raft::client_write(self, vec![command]).await?.data;
+        let mut responses = Raft::client_write(self, Batch::new(vec![command]))
+            .await?
+            .data;
         Ok(responses.pop().unwrap_or_else(|| {
             Err(herald_client::wire::Refusal::new(
                 herald_client::wire::RefusalCode::Internal,
@@ -158,7 +160,7 @@ impl PeerHandler for Raft {
 
     async fn client_write_batch(
         &self,
-        commands: Vec<Command>,
+        commands: crate::raft::Batch,
     ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
         if let Some(not_leader) = not_leader(self) {
             return Err(RaftError::APIError(ClientWriteError::ForwardToLeader(
@@ -253,7 +255,7 @@ impl<H: PeerHandler> PeerHandler for Arc<H> {
 
     fn client_write_batch(
         &self,
-        commands: Vec<Command>,
+        commands: crate::raft::Batch,
     ) -> impl Future<Output = Result<Vec<Option<Response>>, ClientWriteRaftError>> + Send {
         H::client_write_batch(self, commands)
     }

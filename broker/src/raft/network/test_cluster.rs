@@ -269,7 +269,7 @@ impl PeerHandler for Counting {
 
     async fn client_write_batch(
         &self,
-        commands: Vec<Command>,
+        commands: crate::raft::Batch,
     ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
         PeerHandler::client_write_batch(&self.raft, commands).await
     }
@@ -412,7 +412,11 @@ async fn a_raft_cluster_elects_replicates_forwards_and_snapshots_over_quic() {
     let follower = nodes.iter().find(|n| n.id != leader_id).unwrap();
 
     // A write on the leader is replicated to every node.
-    let written = leader.raft.client_write(vec![publish(1)]).await.unwrap();
+    let written = leader
+        .raft
+        .client_write(crate::raft::Batch::new(vec![publish(1)]))
+        .await
+        .unwrap();
     assert_eq!(
         written.data,
         vec![Ok(Outcome::Published {
@@ -511,7 +515,7 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
             1,
             follower.id,
             &follower.addr,
-            (1000..1010).map(publish).collect(),
+            (1000..1010).map(publish).collect::<Vec<_>>(),
         )
         .await
         .unwrap();
@@ -544,7 +548,7 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
 
     // And the leader's log holds them as one entry, in the batch's order.
     let log = leader.log.0.lock().await;
-    let normal: Vec<(u64, &Vec<Command>)> = log
+    let normal: Vec<(u64, &crate::raft::Batch)> = log
         .log
         .values()
         .filter_map(|e| match &e.payload {

@@ -145,14 +145,17 @@ impl PeerHandler for Fake {
 
     async fn client_write_batch(
         &self,
-        commands: Vec<Command>,
+        commands: crate::raft::Batch,
     ) -> Result<Vec<Option<Response>>, ClientWriteRaftError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.follower {
             return Err(fake_not_leader());
         }
         let results = commands.iter().map(fake_batch_result).collect();
-        self.batched.lock().unwrap().extend(commands);
+        self.batched
+            .lock()
+            .unwrap()
+            .extend(commands.iter().cloned());
         Ok(results)
     }
 }
@@ -233,13 +236,13 @@ fn option() -> RPCOption {
 fn publish_entry(index: u64) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-        payload: EntryPayload::Normal(vec![Command::Publish {
+        payload: EntryPayload::Normal(crate::raft::Batch::new(vec![Command::Publish {
             conv: 42,
             sender: Principal::Service("backend".into()),
             key: IdempotencyKey::Caller(format!("key-{index}")),
             payload: vec![index as u8; 300],
             timestamp_ms: 1_700_000_000_000 + index,
-        }]),
+        }])),
     }
 }
 
@@ -622,13 +625,13 @@ async fn an_oversized_batch_asks_openraft_for_fewer_entries() {
     let mut client = client_to(&net, 2, node.addr).await;
     let big = |index| Entry {
         log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-        payload: EntryPayload::Normal(vec![Command::Publish {
+        payload: EntryPayload::Normal(crate::raft::Batch::new(vec![Command::Publish {
             conv: 1,
             sender: Principal::Service("s".into()),
             key: IdempotencyKey::Caller(String::new()),
             payload: vec![0; (PEER_FRAME_BYTES_MAX / 3) as usize + 1024],
             timestamp_ms: 0,
-        }]),
+        }])),
     };
     let err = client
         .append_entries(
@@ -747,7 +750,7 @@ async fn an_oversized_batch_is_not_sent_and_not_served() {
         .unwrap();
     assert_eq!(reply, PeerReply::HelloOk);
     let bytes = encode_frame(
-        &GroupRequest::ForwardBatch(trims(0..count as u64)).to(1),
+        &GroupRequest::ForwardBatch(trims(0..count as u64).into()).to(1),
         "request",
         PEER_FRAME_BYTES_MAX,
     )

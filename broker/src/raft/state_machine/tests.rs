@@ -24,7 +24,7 @@ impl EntrySource for MemLog {
 fn entry(index: u64, command: Command) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(vec![command]),
+        payload: EntryPayload::Normal(crate::raft::Batch::new(vec![command])),
     }
 }
 

@@ -38,13 +38,13 @@ pub(super) fn log_id(term: u64, index: u64) -> LogId {
 pub(super) fn entry(term: u64, index: u64, payload_len: usize) -> Entry {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(vec![Command::Publish {
+        payload: EntryPayload::Normal(crate::raft::Batch::new(vec![Command::Publish {
             conv: 7,
             sender: Principal::Service("svc".into()),
             key: IdempotencyKey::Caller(format!("k{index}")),
             payload: vec![(index % 251) as u8; payload_len],
             timestamp_ms: index,
-        }]),
+        }])),
     }
 }
 
