@@ -175,18 +175,20 @@ impl Teardown {
     }
 }
 
-/// Connects `n` publishers with a service token, `parallelism` at a time.
+/// Connects `n` publishers with a service token, `parallelism` at a time, each with
+/// room for `window` publishes in flight.
 async fn connect_publishers(
     target: &Target,
     n: usize,
     parallelism: usize,
+    window: usize,
 ) -> anyhow::Result<Vec<Publisher>> {
     let service = target::service();
     let results: Vec<anyhow::Result<Publisher>> = stream::iter(0..n)
         .map(|i| {
             let service = service.clone();
             async move {
-                let config = target.client_config(&service, "herald-bench-publisher")?;
+                let config = target.publisher_config(&service, "herald-bench-publisher", window)?;
                 Publisher::connect(config)
                     .await
                     .with_context(|| format!("publisher {i} cannot connect"))
@@ -349,7 +351,13 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<(Value, Teardown)> {
     let conv = load.conv();
     let setup_started = Instant::now();
 
-    let publishers = connect_publishers(&target, load.publishers, load.connect_parallelism).await?;
+    let publishers = connect_publishers(
+        &target,
+        load.publishers,
+        load.connect_parallelism,
+        load.window,
+    )
+    .await?;
     create_group(&publishers[0], conv, n, load.conv.is_some()).await?;
 
     // Sessions: connect and subscribe, a bounded number at a time.
@@ -556,7 +564,13 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<(Value, Teardown)> {
     }
     let convs: Vec<u64> = (0..args.conversations).map(|i| conv + i).collect();
     let setup_started = Instant::now();
-    let publishers = connect_publishers(&target, load.publishers, load.connect_parallelism).await?;
+    let publishers = connect_publishers(
+        &target,
+        load.publishers,
+        load.connect_parallelism,
+        load.window,
+    )
+    .await?;
     for conv in &convs {
         create_group(&publishers[0], *conv, 1, load.conv.is_some()).await?;
     }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use herald_broker::certs::DevFiles;
 use herald_broker::config::Config;
 use herald_broker::server::RunningNode;
-use herald_client::{ClientConfig, Principal};
+use herald_client::{ClientConfig, ClientConfigBuilder, Principal};
 
 /// Lifetime of the tokens the bench mints (far beyond any run's timeout).
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -185,6 +185,20 @@ impl Target {
         self.client_config_at(&self.addrs, principal, name)
     }
 
+    /// A publisher's configuration: as [`Target::client_config`], with room for
+    /// `window` publishes in flight (`publish::run` needs a slot per started publish).
+    pub fn publisher_config(
+        &self,
+        principal: &Principal,
+        name: &str,
+        window: usize,
+    ) -> anyhow::Result<ClientConfig> {
+        Ok(self
+            .builder_at(&self.addrs, principal, name)?
+            .requests_in_flight_max(window.max(herald_client::DEFAULT_REQUESTS_IN_FLIGHT_MAX))
+            .build()?)
+    }
+
     /// The same with other seeds (e.g. subscribers kept on some nodes).
     pub fn client_config_at(
         &self,
@@ -192,18 +206,25 @@ impl Target {
         principal: &Principal,
         name: &str,
     ) -> anyhow::Result<ClientConfig> {
+        Ok(self.builder_at(addrs, principal, name)?.build()?)
+    }
+
+    fn builder_at(
+        &self,
+        addrs: &[String],
+        principal: &Principal,
+        name: &str,
+    ) -> anyhow::Result<ClientConfigBuilder> {
         let token = herald_broker::auth::mint_hs256(&self.secret, principal, TOKEN_TTL)
             .with_context(|| format!("cannot mint a token for {principal}"))?;
-        let config = ClientConfig::builder()
+        Ok(ClientConfig::builder()
             .addrs(addrs.iter().cloned())
             .ca_pem(self.ca_pem.clone())
             .token(token)
             .client_name(name)
             // A bench run is bounded by its own --timeout; do not give up earlier.
             .request_timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
-        Ok(config)
+            .connect_timeout(Duration::from_secs(10)))
     }
 
     /// Stops the in-process broker, if any (bounded by the node's own shutdown).

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -140,7 +140,7 @@ pub(crate) struct State {
     pending: Mutex<Pending>,
     pub(crate) cursors: Mutex<Cursors>,
     pub(crate) info: Mutex<SessionInfo>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     next_id: AtomicU64,
     /// Successful replies over every connection so far (tells a node that served us
     /// from one that accepted and dropped us, or only refused).
@@ -195,7 +195,7 @@ impl Core {
             pending: Mutex::new(Pending::default()),
             cursors: Mutex::new(Cursors::default()),
             info: Mutex::new(established.info.clone()),
-            permits: Semaphore::new(config.requests_in_flight_max),
+            permits: Arc::new(Semaphore::new(config.requests_in_flight_max)),
             next_id: AtomicU64::new(1),
             replies: AtomicU64::new(0),
         });
@@ -251,26 +251,42 @@ impl Core {
         &self,
         body: Request,
         cursor_op: CursorOp,
-        what: impl FnOnce() -> String,
+        what: impl Fn() -> String,
     ) -> Result<Reply, Error> {
+        self.send(body, cursor_op, &what).await?.reply(what).await
+    }
+
+    /// Sends `body` (queues it for the driver, in call order) without waiting for its
+    /// reply: [`Sent::reply`] waits. Waits only for one of the
+    /// `requests_in_flight_max` slots, within the request timeout; the slot is held
+    /// until the reply arrives or the request times out.
+    pub(crate) async fn send(
+        &self,
+        body: Request,
+        cursor_op: CursorOp,
+        what: impl Fn() -> String,
+    ) -> Result<Sent, Error> {
         let after = self.request_timeout;
         let deadline = Instant::now() + after;
-        let timeout = |what: String| Error::Timeout { what, after };
 
         // Bound: `requests_in_flight_max` slots; without one we wait (within the timeout).
-        let _permit = match tokio::time::timeout_at(deadline, self.state.permits.acquire()).await {
+        let permits = Arc::clone(&self.state.permits);
+        let permit = match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return Err(Error::Closed),
             Err(_) => {
-                return Err(timeout(format!(
-                    "{} (waiting for one of the in-flight request slots)",
-                    what()
-                )))
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{} (waiting for one of the in-flight request slots)",
+                        what()
+                    ),
+                    after,
+                })
             }
         };
 
         let id = self.state.next_id();
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         {
             let mut cursors = match cursor_op {
                 CursorOp::None => None,
@@ -302,22 +318,14 @@ impl Core {
             lock(&self.state.pending).requests.remove(&id);
             return Err(Error::Closed);
         }
-        match tokio::time::timeout_at(deadline, &mut rx).await {
-            Ok(Ok(result)) => result,
-            // The driver dropped the waiter without answering: it stopped.
-            Ok(Err(_)) => Err(lock(&self.state.pending)
-                .terminal
-                .as_ref()
-                .map_or(Error::Closed, Terminal::to_error)),
-            Err(_) => {
-                lock(&self.state.pending).requests.remove(&id);
-                // The reply may have landed between the deadline and the removal.
-                match rx.try_recv() {
-                    Ok(result) => result,
-                    Err(_) => Err(timeout(what())),
-                }
-            }
-        }
+        Ok(Sent {
+            id,
+            rx,
+            deadline,
+            after,
+            state: Arc::clone(&self.state),
+            _permit: permit,
+        })
     }
 
     /// Drains and closes the connection: finishes our stream, waits (at most the
@@ -326,6 +334,45 @@ impl Core {
         let (tx, rx) = oneshot::channel();
         if self.cmd_tx.send(Command::Close(tx)).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+}
+
+/// A request handed to the driver, its reply not yet taken. Holds one of the
+/// `requests_in_flight_max` slots until [`Sent::reply`] returns; dropped unanswered,
+/// its reply (when it comes) is discarded.
+pub(crate) struct Sent {
+    id: u64,
+    rx: oneshot::Receiver<Result<Reply, Error>>,
+    deadline: Instant,
+    after: Duration,
+    state: Arc<State>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Sent {
+    /// Waits for the reply, across reconnects, until the request's deadline (the
+    /// request timeout after it was sent). `what` names the request in a timeout.
+    pub(crate) async fn reply(mut self, what: impl Fn() -> String) -> Result<Reply, Error> {
+        let timeout = |what: String| Error::Timeout {
+            what,
+            after: self.after,
+        };
+        match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+            Ok(Ok(result)) => result,
+            // The driver dropped the waiter without answering: it stopped.
+            Ok(Err(_)) => Err(lock(&self.state.pending)
+                .terminal
+                .as_ref()
+                .map_or(Error::Closed, Terminal::to_error)),
+            Err(_) => {
+                lock(&self.state.pending).requests.remove(&self.id);
+                // The reply may have landed between the deadline and the removal.
+                match self.rx.try_recv() {
+                    Ok(result) => result,
+                    Err(_) => Err(timeout(what())),
+                }
+            }
         }
     }
 }

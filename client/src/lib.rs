@@ -1,7 +1,10 @@
 //! Herald client: the wire protocol and the async client.
 //!
 //! * [`Publisher`] — the service API: create conversations, manage members,
-//!   publish (acknowledged only once durable on a quorum), read history.
+//!   publish (acknowledged only once durable on a quorum), read history. To keep many
+//!   publishes in flight from one task, [`Publisher::start_publish`] sends one and
+//!   returns a [`PublishInFlight`] whose `ack()` waits for it (acks on one connection
+//!   come in start order); no future or task per publish is needed.
 //! * [`Session`] — the device API: subscribe with cursors, receive a gapless,
 //!   duplicate-free stream of messages per conversation (across reconnects), send.
 //! * [`wire`] — the frames (pure, no I/O; the broker uses the same module);
@@ -89,7 +92,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use liveness::{DEFAULT_LIVENESS_TIMEOUT, LIVENESS_TIMEOUT_MIN};
-pub use publisher::{PublishAck, Publisher};
+pub use publisher::{PublishAck, PublishInFlight, Publisher};
 pub use session::{Session, SessionEvent, SessionHandle};
 pub use wire::{
     ConvKind, HistoryPage, IdempotencyKey, Message, Principal, Refusal, RefusalCode, SessionLimits,

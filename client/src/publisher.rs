@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::config::ClientConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::connection::{unexpected_reply, Core, CursorOp};
+use crate::connection::{unexpected_reply, Core, CursorOp, Sent};
 use crate::error::Error;
 use crate::routing::Routes;
 use crate::wire::{
@@ -107,12 +107,17 @@ impl Publisher {
         key: IdempotencyKey,
         payload: Vec<u8>,
     ) -> Result<PublishAck, Error> {
+        self.start_routed(conv, key, payload).await?.ack().await
+    }
+
+    async fn start_routed(
+        &self,
+        conv: u64,
+        key: IdempotencyKey,
+        payload: Vec<u8>,
+    ) -> Result<PublishInFlight, Error> {
         let core = self.route(conv).await;
-        let (ack, leader) = publish(&core, conv, key, payload).await?;
-        if let Some(leader) = leader {
-            self.routes.note_leader(conv, leader);
-        }
-        Ok(ack)
+        start_publish(&core, conv, key, payload, Some(self.routes.clone())).await
     }
 
     /// Creates a conversation; `Ok(false)` when it already exists with the same kind
@@ -187,6 +192,23 @@ impl Publisher {
             .await
     }
 
+    /// Sends a publish (automatic key, as [`Publisher::publish`]) and returns without
+    /// waiting for its acknowledgement: [`PublishInFlight::ack`] waits. Lets one task
+    /// keep many publishes in flight without a future per publish: publishes started
+    /// from one task go out in the order they were started, and those on one
+    /// connection are acknowledged in that order. Waits only for one of the
+    /// `requests_in_flight_max` slots (within the request timeout); a started publish
+    /// holds its slot until its ack is taken or it times out, and dropping it unawaited
+    /// does not call it off.
+    pub async fn start_publish(
+        &self,
+        conv: u64,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<PublishInFlight, Error> {
+        self.start_routed(conv, self.core.next_key(), payload.into())
+            .await
+    }
+
     /// Publishes with a caller-chosen key (e.g. a payment id): publishing the same
     /// key again inside the broker's dedup window returns the original seq with
     /// `duplicate: true` and appends nothing.
@@ -250,25 +272,79 @@ async fn refresh_map(core: &Core, routes: &Routes) {
     }
 }
 
-/// Publishes on `core`; returns the ack and the leader hint of the reply.
-pub(crate) async fn publish(
+/// Sends a publish on `core`. The ack's leader hint goes to `routes` (a publisher's;
+/// a session has none).
+pub(crate) async fn start_publish(
     core: &Core,
     conv: u64,
     key: IdempotencyKey,
     payload: Vec<u8>,
-) -> Result<(PublishAck, Option<u64>), Error> {
+    routes: Option<Arc<Routes>>,
+) -> Result<PublishInFlight, Error> {
     core.check_payload(payload.len())?;
-    let key_copy = key.clone();
-    let what = move || format!("publish to conversation {conv} with key {key_copy:?}");
-    let body = Request::Publish { conv, key, payload };
-    match core.request(body, CursorOp::None, what).await? {
-        Reply::Published {
-            seq,
-            duplicate,
-            leader,
-        } => Ok((PublishAck { seq, duplicate }, leader)),
-        other => Err(unexpected_reply("Publish", &other)),
+    let body = Request::Publish {
+        conv,
+        key: key.clone(),
+        payload,
+    };
+    let sent = core
+        .send(body, CursorOp::None, || publish_what(conv, &key))
+        .await?;
+    Ok(PublishInFlight {
+        sent,
+        conv,
+        key,
+        routes,
+    })
+}
+
+/// A publish sent and not yet acknowledged (see [`Publisher::start_publish`]).
+#[must_use = "a started publish is acknowledged through `ack`"]
+pub struct PublishInFlight {
+    sent: Sent,
+    conv: u64,
+    key: IdempotencyKey,
+    routes: Option<Arc<Routes>>,
+}
+
+impl std::fmt::Debug for PublishInFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishInFlight")
+            .field("conv", &self.conv)
+            .field("key", &self.key)
+            .finish()
     }
+}
+
+impl PublishInFlight {
+    /// Waits for the broker's acknowledgement, as [`Publisher::publish`] does after
+    /// sending: across reconnects (the same key is resent), until the request timeout
+    /// counted from the start.
+    pub async fn ack(self) -> Result<PublishAck, Error> {
+        let PublishInFlight {
+            sent,
+            conv,
+            key,
+            routes,
+        } = self;
+        match sent.reply(|| publish_what(conv, &key)).await? {
+            Reply::Published {
+                seq,
+                duplicate,
+                leader,
+            } => {
+                if let (Some(leader), Some(routes)) = (leader, routes) {
+                    routes.note_leader(conv, leader);
+                }
+                Ok(PublishAck { seq, duplicate })
+            }
+            other => Err(unexpected_reply("Publish", &other)),
+        }
+    }
+}
+
+fn publish_what(conv: u64, key: &IdempotencyKey) -> String {
+    format!("publish to conversation {conv} with key {key:?}")
 }
 
 pub(crate) async fn history(

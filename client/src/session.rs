@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::ClientConfig;
 use crate::connection::{unexpected_reply, Core, CursorOp, EventItem};
 use crate::error::Error;
-use crate::publisher::{expect_done, history, publish, PublishAck};
+use crate::publisher::{expect_done, history, start_publish, PublishAck};
 use crate::wire::{
     HistoryPage, IdempotencyKey, Message, Principal, Refusal, Reply, Request, SessionLimits,
 };
@@ -248,9 +248,10 @@ impl SessionHandle {
     /// Publishes `payload` with an automatic idempotency key; `Ok` only once the
     /// broker acknowledged it. See [`Publisher::publish`](crate::Publisher::publish).
     pub async fn send(&self, conv: u64, payload: impl Into<Vec<u8>>) -> Result<PublishAck, Error> {
-        publish(&self.core, conv, self.core.next_key(), payload.into())
+        start_publish(&self.core, conv, self.core.next_key(), payload.into(), None)
+            .await?
+            .ack()
             .await
-            .map(|(ack, _)| ack)
     }
 
     /// Publishes with a caller-chosen idempotency key.
@@ -260,9 +261,10 @@ impl SessionHandle {
         key: IdempotencyKey,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PublishAck, Error> {
-        publish(&self.core, conv, key, payload.into())
+        start_publish(&self.core, conv, key, payload.into(), None)
+            .await?
+            .ack()
             .await
-            .map(|(ack, _)| ack)
     }
 
     /// Reads up to `limit` stored messages from seq `from`.

@@ -483,3 +483,44 @@ async fn broker_restart_reconnects_and_resyncs_without_gap_or_duplicate() -> any
     publisher.close().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn started_publishes_are_acked_in_order_and_once_across_a_broker_restart(
+) -> anyhow::Result<()> {
+    let mut node = Node::start()?;
+    let publisher = node.service().await?;
+    publisher
+        .create_conversation(7, ConvKind::Group, &[1])
+        .await?;
+
+    // Many in flight from one task, no future per publish: acked in start order.
+    let mut started = Vec::new();
+    for i in 1..=20u64 {
+        started.push(publisher.start_publish(7, format!("m{i}")).await?);
+    }
+    for (i, publish) in (1..=20u64).zip(started) {
+        let ack = publish.ack().await?;
+        assert_eq!((ack.seq, ack.duplicate), (i, false));
+    }
+
+    // Started, then the broker dies before their acks are taken: each is resent with
+    // its key after the reconnect and stored exactly once, in start order.
+    let mut started = Vec::new();
+    for i in 21..=30u64 {
+        started.push(publisher.start_publish(7, format!("m{i}")).await?);
+    }
+    node.kill();
+    node.spawn()?;
+    let mut seqs = Vec::new();
+    for publish in started {
+        seqs.push(publish.ack().await?.seq);
+    }
+    assert_eq!(seqs, (21..=30).collect::<Vec<_>>());
+    let page = publisher.history(7, 1, 100).await?;
+    let stored: Vec<_> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(stored, (1..=30).collect::<Vec<_>>());
+    assert_eq!(page.messages[29].payload, b"m30");
+
+    publisher.close().await;
+    Ok(())
+}
