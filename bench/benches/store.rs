@@ -10,7 +10,9 @@
 //! Criterion's `elements/s` is publishes applied per second. Cases: `producer_keys` (a
 //! publisher's counter, every publish to this conversation), `producer_keys_12_
 //! conversations` (the same publisher writing to 12 conversations in turn, so its
-//! counter has gaps here), `caller_keys` (`payment-…` strings).
+//! counter has gaps here), `caller_keys` (`payment-…` strings): as the leader applies
+//! them, building each message's `Deliver` frame to fan out; and
+//! `producer_keys_no_delivery`: as a follower does (no frame, nothing copied).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -34,7 +36,7 @@ fn publish(producer_seq: u64, key: &dyn Fn(u64) -> IdempotencyKey) -> Command {
     }
 }
 
-fn bench_keys(c: &mut Criterion, name: &str, key: &dyn Fn(u64) -> IdempotencyKey) {
+fn bench_keys(c: &mut Criterion, name: &str, key: &dyn Fn(u64) -> IdempotencyKey, deliver: bool) {
     let limits = StoreLimits {
         dedup_keys_max: KEPT,
         history_messages_max: KEPT,
@@ -43,18 +45,21 @@ fn bench_keys(c: &mut Criterion, name: &str, key: &dyn Fn(u64) -> IdempotencyKey
     let mut store = ConversationStore::new(limits);
     store
         .apply(
-            Command::CreateConversation {
+            &Command::CreateConversation {
                 conv: CONV,
                 kind: ConvKind::Group,
                 members: vec![1, 2],
             },
             1,
             0,
+            deliver,
         )
         .unwrap();
     let mut next = 1u64;
     while next <= KEPT as u64 + 1 {
-        store.apply(publish(next, key), next + 1, 0).unwrap();
+        store
+            .apply(&publish(next, key), next + 1, 0, deliver)
+            .unwrap();
         next += 1;
     }
     let mut group = c.benchmark_group("store_apply");
@@ -69,8 +74,8 @@ fn bench_keys(c: &mut Criterion, name: &str, key: &dyn Fn(u64) -> IdempotencyKey
                     .collect::<Vec<_>>()
             },
             |commands| {
-                for (i, command) in commands.into_iter().enumerate() {
-                    black_box(store.apply(command, 10_000_000, i as u32).unwrap());
+                for (i, command) in commands.iter().enumerate() {
+                    black_box(store.apply(command, 10_000_000, i as u32, deliver).unwrap());
                 }
             },
             BatchSize::LargeInput,
@@ -80,20 +85,28 @@ fn bench_keys(c: &mut Criterion, name: &str, key: &dyn Fn(u64) -> IdempotencyKey
 }
 
 fn store_apply(c: &mut Criterion) {
-    bench_keys(c, "producer_keys", &|seq| IdempotencyKey::Producer {
+    let producer = |seq| IdempotencyKey::Producer {
         producer_id: 0x5eed,
         producer_seq: seq,
-    });
+    };
+    bench_keys(c, "producer_keys", &producer, true);
+    bench_keys(c, "producer_keys_no_delivery", &producer, false);
     // One publisher writing to 12 conversations in turn: its counter has gaps here.
-    bench_keys(c, "producer_keys_12_conversations", &|seq| {
-        IdempotencyKey::Producer {
+    bench_keys(
+        c,
+        "producer_keys_12_conversations",
+        &|seq| IdempotencyKey::Producer {
             producer_id: 0x5eed,
             producer_seq: seq * 12,
-        }
-    });
-    bench_keys(c, "caller_keys", &|seq| {
-        IdempotencyKey::Caller(format!("payment-{seq:012}"))
-    });
+        },
+        true,
+    );
+    bench_keys(
+        c,
+        "caller_keys",
+        &|seq| IdempotencyKey::Caller(format!("payment-{seq:012}")),
+        true,
+    );
 }
 
 criterion_group!(benches, store_apply);

@@ -394,10 +394,8 @@ impl StateMachine {
             EntryPayload::Normal(commands) => {
                 // Only the leader fans out: one batch per watching node for the entry.
                 let mut push = self.is_leader().then(PushBatch::default);
-                // The log store's cache still shares the batch, so this copies it
-                // once: the commands' parts move into the store and the deliveries.
-                let responses = Arc::unwrap_or_clone(commands)
-                    .into_iter()
+                let responses = commands
+                    .iter()
                     .enumerate()
                     .map(|(slot, command)| {
                         // A batch holds at most a few thousand commands (the pipeline's bound).
@@ -421,18 +419,18 @@ impl StateMachine {
     fn apply_command(
         &self,
         state: &mut State,
-        command: Command,
+        command: &Command,
         index: u64,
         slot: u32,
         push: Option<&mut PushBatch>,
     ) -> Response {
-        let removal = match (&command, &push) {
+        let removal = match (command, &push) {
             (Command::RemoveMembers { conv, members }, Some(_)) => Some((*conv, members.clone())),
             _ => None,
         };
         let applied = state
             .store
-            .apply(command, index, slot)
+            .apply(command, index, slot, push.is_some())
             .map_err(|e| e.refusal())?;
         Ok(match applied {
             Applied::Created { created } => Outcome::Created { created },

@@ -16,9 +16,11 @@ use super::{Action, Delivery, StoreError, StoreLimits, StoredMessage};
 pub(super) enum PublishOutcome {
     /// The key was seen within the window: the original seq, nothing appended.
     Duplicate { seq: u64 },
-    /// Appended; `evicted` older messages left the history (count and age bounds).
+    /// Appended as `seq`; `evicted` older messages left the history (count and age
+    /// bounds). `stored` only when the caller asked for the delivery.
     Appended {
-        stored: Arc<StoredMessage>,
+        seq: u64,
+        stored: Option<Arc<StoredMessage>>,
         evicted: usize,
     },
 }
@@ -179,19 +181,21 @@ impl Conversation {
     /// Timestamps: the message is stamped `max(timestamp_ms, last message's stamp)`,
     /// so stamps never decrease along a conversation even if a new leader's clock is
     /// behind; that stamp is "now" for the dedup window and the age bound.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn publish(
         &mut self,
-        sender: Principal,
-        key: IdempotencyKey,
-        payload: Vec<u8>,
+        sender: &Principal,
+        key: &IdempotencyKey,
+        payload: &[u8],
         timestamp_ms: u64,
         location: Location,
         limits: &StoreLimits,
+        deliver: bool,
     ) -> Result<PublishOutcome, StoreError> {
-        self.authorize(&sender, Action::Publish)?;
-        dedup::check_key(&key).map_err(StoreError::invalid)?;
+        self.authorize(sender, Action::Publish)?;
+        dedup::check_key(key).map_err(StoreError::invalid)?;
         let now_ms = timestamp_ms.max(self.last_timestamp_ms);
-        if let Some(seq) = self.dedup.lookup(&key, now_ms, limits.dedup_window_ms) {
+        if let Some(seq) = self.dedup.lookup(key, now_ms, limits.dedup_window_ms) {
             return Ok(PublishOutcome::Duplicate { seq });
         }
         let seq = self.history.next_seq();
@@ -201,22 +205,29 @@ impl Conversation {
                 limit: usize::MAX,
             });
         }
-        let payload_bytes = payload.len();
-        let message = Message {
-            conv: self.id,
-            seq,
-            sender,
-            timestamp_ms: now_ms,
-            payload,
-        };
-        let stored = StoredMessage::new(message, limits.frame_bytes_max).map_err(|_| {
-            StoreError::PayloadTooLarge {
+        // Every replica decides alike whether the frame fits; only the one that fans
+        // out (the leader) builds it, or a replica whose bound check is inconclusive.
+        let fits_surely =
+            deliver_frame_bytes_max(sender, payload.len()) <= u64::from(limits.frame_bytes_max);
+        let stored = if deliver || !fits_surely {
+            let message = Message {
                 conv: self.id,
-                payload_bytes,
-                frame_bytes_max: limits.frame_bytes_max,
-            }
-        })?;
-        let stored = Arc::new(stored);
+                seq,
+                sender: sender.clone(),
+                timestamp_ms: now_ms,
+                payload: payload.to_vec(),
+            };
+            let stored = StoredMessage::new(message, limits.frame_bytes_max).map_err(|_| {
+                StoreError::PayloadTooLarge {
+                    conv: self.id,
+                    payload_bytes: payload.len(),
+                    frame_bytes_max: limits.frame_bytes_max,
+                }
+            })?;
+            deliver.then(|| Arc::new(stored))
+        } else {
+            None
+        };
 
         // From here on nothing can fail.
         self.last_timestamp_ms = now_ms;
@@ -231,8 +242,13 @@ impl Conversation {
             },
             limits.history_messages_max,
         );
-        self.dedup.insert(key, seq, now_ms, limits.dedup_keys_max);
-        Ok(PublishOutcome::Appended { stored, evicted })
+        self.dedup
+            .insert(key.clone(), seq, now_ms, limits.dedup_keys_max);
+        Ok(PublishOutcome::Appended {
+            seq,
+            stored,
+            evicted,
+        })
     }
 
     /// Drops messages and dedup keys older than their bounds at `now_ms`. Returns how
@@ -306,6 +322,22 @@ impl Conversation {
         }
         Ok(())
     }
+}
+
+/// Bytes of frame headers and rkyv layout a `Deliver` frame adds to its sender's name
+/// and payload, at most (fixed fields, lengths, relative pointers, alignment padding;
+/// ~70 in practice: `tests::deliver_frame_bound_holds`).
+const DELIVER_FRAME_OVERHEAD_MAX: u64 = 256;
+
+/// An upper bound of the encoded size of the `Deliver` frame of a message from
+/// `sender` with `payload_bytes`: below the frame limit, the frame surely fits and need
+/// not be built to know it.
+pub(super) fn deliver_frame_bytes_max(sender: &Principal, payload_bytes: usize) -> u64 {
+    let sender_bytes = match sender {
+        Principal::User(_) => 0,
+        Principal::Service(name) => name.len(),
+    };
+    DELIVER_FRAME_OVERHEAD_MAX + sender_bytes as u64 + payload_bytes as u64
 }
 
 impl StoredMessage {

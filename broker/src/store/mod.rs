@@ -170,7 +170,8 @@ pub enum Applied {
         seq: u64,
         /// True when the key was seen within the window and nothing was appended.
         duplicate: bool,
-        /// The new message and its encoded frame, to fan out; `None` for a duplicate.
+        /// The new message and its encoded frame, to fan out; `None` for a duplicate
+        /// or when not asked for (`deliver` false).
         stored: Option<Arc<StoredMessage>>,
     },
 }
@@ -305,31 +306,34 @@ impl ConversationStore {
 
     /// Applies one command, carried at `slot` of the batch in the Raft log entry at
     /// `log_index` (where a published message's bytes stay: history refers to it). On
-    /// error nothing changed.
+    /// error nothing changed. With `deliver`, a new message comes back with its
+    /// encoded `Deliver` frame, to fan out; without, nothing of it is copied (a replica
+    /// that does not fan out).
     pub fn apply(
         &mut self,
-        command: Command,
+        command: &Command,
         log_index: u64,
         slot: u32,
+        deliver: bool,
     ) -> Result<Applied, StoreError> {
         match command {
             Command::CreateConversation {
                 conv,
                 kind,
                 members,
-            } => self.create(conv, kind, &members),
+            } => self.create(*conv, *kind, members),
             Command::AddMembers { conv, members } => {
                 let limits = self.limits;
-                self.conversation_mut(conv)?
-                    .add_members(&members, &limits)?;
+                self.conversation_mut(*conv)?
+                    .add_members(members, &limits)?;
                 Ok(Applied::MembersChanged)
             }
             Command::RemoveMembers { conv, members } => {
-                self.conversation_mut(conv)?.remove_members(&members)?;
+                self.conversation_mut(*conv)?.remove_members(members)?;
                 Ok(Applied::MembersChanged)
             }
             Command::Trim { now_ms } => {
-                self.trim_expired(now_ms);
+                self.trim_expired(*now_ms);
                 Ok(Applied::Trimmed)
             }
             Command::Meta(_) => Err(StoreError::invalid(
@@ -343,16 +347,17 @@ impl ConversationStore {
                 timestamp_ms,
             } => {
                 let limits = self.limits;
-                let outcome = self.conversation_mut(conv)?.publish(
+                let outcome = self.conversation_mut(*conv)?.publish(
                     sender,
                     key,
                     payload,
-                    timestamp_ms,
+                    *timestamp_ms,
                     Location::Log {
                         index: log_index,
                         slot,
                     },
                     &limits,
+                    deliver,
                 )?;
                 Ok(match outcome {
                     PublishOutcome::Duplicate { seq } => Applied::Published {
@@ -360,14 +365,18 @@ impl ConversationStore {
                         duplicate: true,
                         stored: None,
                     },
-                    PublishOutcome::Appended { stored, evicted } => {
+                    PublishOutcome::Appended {
+                        seq,
+                        stored,
+                        evicted,
+                    } => {
                         // The new message is retained unless `history_messages_max` is 0.
                         let added = usize::from(limits.history_messages_max > 0);
                         self.message_count = (self.message_count + added).saturating_sub(evicted);
                         Applied::Published {
-                            seq: stored.message.seq,
+                            seq,
                             duplicate: false,
-                            stored: Some(stored),
+                            stored,
                         }
                     }
                 })

@@ -51,7 +51,7 @@ fn apply(s: &mut ConversationStore, command: Command) -> Result<Applied, StoreEr
         log.push(command.clone());
         log.len() as u64
     });
-    let result = s.apply(command, index, 0);
+    let result = s.apply(&command, index, 0, true);
     if let Err(broken) = s.validate() {
         panic!("invariant broken after apply: {broken}");
     }
@@ -589,6 +589,102 @@ fn payload_too_large_is_refused_and_changes_nothing() {
     assert_eq!(s.next_seq(1), Ok(1));
     // The key was not consumed: the same key with a fitting payload is a new message.
     assert_eq!(publish(&mut s, 1, key(1), 2), (1, false));
+}
+
+#[test]
+fn a_replica_that_does_not_deliver_decides_every_publish_alike() {
+    // Payloads around the frame limit (4096 here), from a user and from services with
+    // short and long names: the replica that builds the frame and the one that only
+    // bounds its size must accept and refuse the same publishes, and end up equal.
+    let senders = [
+        Principal::User(7),
+        svc(),
+        Principal::Service("s".repeat(300)),
+    ];
+    let mut delivering = store();
+    let mut silent = store();
+    for s in [&mut delivering, &mut silent] {
+        s.apply(
+            &Command::CreateConversation {
+                conv: 1,
+                kind: ConvKind::Group,
+                members: vec![7],
+            },
+            1,
+            0,
+            true,
+        )
+        .unwrap();
+    }
+    let mut index = 1;
+    for (k, sender) in senders.iter().enumerate() {
+        for payload_bytes in (3600..4100).step_by(7) {
+            index += 1;
+            let command = Command::Publish {
+                conv: 1,
+                sender: sender.clone(),
+                key: key(index),
+                payload: vec![1; payload_bytes],
+                timestamp_ms: index,
+            };
+            let with = delivering.apply(&command, index, 0, true);
+            let without = silent.apply(&command, index, 0, false);
+            match (&with, &without) {
+                (
+                    Ok(Applied::Published {
+                        seq: a,
+                        stored: Some(stored),
+                        ..
+                    }),
+                    Ok(Applied::Published {
+                        seq: b,
+                        stored: None,
+                        ..
+                    }),
+                ) => {
+                    assert_eq!(a, b, "sender {k}, {payload_bytes} bytes");
+                    assert!(stored.delivery.frame.len() - FRAME_HEADER_LEN <= 4096);
+                }
+                (Err(a), Err(b)) => assert_eq!(a, b, "sender {k}, {payload_bytes} bytes"),
+                other => panic!("sender {k}, {payload_bytes} bytes: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(delivering.next_seq(1), silent.next_seq(1));
+    assert!(delivering.next_seq(1).unwrap() > 100, "most publishes fit");
+}
+
+#[test]
+fn deliver_frame_bound_holds() {
+    // The size bound that lets a replica skip building a frame is never below the
+    // frame's real size.
+    for sender in [
+        Principal::User(u64::MAX),
+        Principal::Service(String::new()),
+        Principal::Service("billing".into()),
+        Principal::Service("x".repeat(1000)),
+    ] {
+        for payload_bytes in [0, 1, 7, 8, 9, 15, 16, 17, 100, 1000, 4095, 65_536] {
+            let bound = super::conversation::deliver_frame_bytes_max(&sender, payload_bytes);
+            let message = Message {
+                conv: u64::MAX,
+                seq: u64::MAX,
+                sender: sender.clone(),
+                timestamp_ms: u64::MAX,
+                payload: vec![0xff; payload_bytes],
+            };
+            let stored = StoredMessage::new(message, u32::MAX).unwrap();
+            let real = stored.delivery.frame.len() as u64;
+            assert!(
+                real <= bound,
+                "{sender:?}, {payload_bytes} bytes: {real} > {bound}"
+            );
+            assert!(
+                bound - real <= 256,
+                "the bound stays close: {real} vs {bound}"
+            );
+        }
+    }
 }
 
 #[test]
