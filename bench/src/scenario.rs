@@ -175,14 +175,11 @@ impl Teardown {
     }
 }
 
-/// Connects `n` publishers with a service token, `parallelism` at a time, each with
-/// room for `window` publishes in flight.
-async fn connect_publishers(
-    target: &Target,
-    n: usize,
-    parallelism: usize,
-    window: usize,
-) -> anyhow::Result<Vec<Publisher>> {
+/// Connects `load.publishers` publishers with a service token,
+/// `load.connect_parallelism` at a time, each with room for `load.window` publishes in
+/// flight.
+async fn connect_publishers(target: &Target, load: &LoadArgs) -> anyhow::Result<Vec<Publisher>> {
+    let (n, parallelism, window) = (load.publishers, load.connect_parallelism, load.window);
     let service = target::service();
     let results: Vec<anyhow::Result<Publisher>> = stream::iter(0..n)
         .map(|i| {
@@ -351,13 +348,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<(Value, Teardown)> {
     let conv = load.conv();
     let setup_started = Instant::now();
 
-    let publishers = connect_publishers(
-        &target,
-        load.publishers,
-        load.connect_parallelism,
-        load.window,
-    )
-    .await?;
+    let publishers = connect_publishers(&target, load).await?;
     create_group(&publishers[0], conv, n, load.conv.is_some()).await?;
 
     // Sessions: connect and subscribe, a bounded number at a time.
@@ -564,13 +555,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<(Value, Teardown)> {
     }
     let convs: Vec<u64> = (0..args.conversations).map(|i| conv + i).collect();
     let setup_started = Instant::now();
-    let publishers = connect_publishers(
-        &target,
-        load.publishers,
-        load.connect_parallelism,
-        load.window,
-    )
-    .await?;
+    let publishers = connect_publishers(&target, load).await?;
     for conv in &convs {
         create_group(&publishers[0], *conv, 1, load.conv.is_some()).await?;
     }

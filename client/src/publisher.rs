@@ -101,15 +101,6 @@ impl Publisher {
         }
     }
 
-    async fn routed_publish(
-        &self,
-        conv: u64,
-        key: IdempotencyKey,
-        payload: Vec<u8>,
-    ) -> Result<PublishAck, Error> {
-        self.start_routed(conv, key, payload).await?.ack().await
-    }
-
     async fn start_routed(
         &self,
         conv: u64,
@@ -188,8 +179,7 @@ impl Publisher {
         conv: u64,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PublishAck, Error> {
-        self.routed_publish(conv, self.core.next_key(), payload.into())
-            .await
+        self.start_publish(conv, payload).await?.ack().await
     }
 
     /// Sends a publish (automatic key, as [`Publisher::publish`]) and returns without
@@ -218,7 +208,10 @@ impl Publisher {
         key: IdempotencyKey,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PublishAck, Error> {
-        self.routed_publish(conv, key, payload.into()).await
+        self.start_routed(conv, key, payload.into())
+            .await?
+            .ack()
+            .await
     }
 
     /// Reads up to `limit` stored messages from seq `from` (1 = oldest retained).
