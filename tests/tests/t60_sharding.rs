@@ -7,8 +7,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use herald_client::{ConvKind, Publisher};
-use herald_tests::checker::{Checker, Keys, SteadyPublisher};
+use herald_tests::checker::{Checker, Keys};
 use herald_tests::cluster::Cluster;
 use herald_tests::shards::{conversations_in, group_of};
 use herald_tests::DEADLINE;
@@ -237,28 +236,33 @@ async fn publishes_go_straight_to_the_group_leader() -> anyhow::Result<()> {
                 .create_conversation(*conv, herald_client::ConvKind::Group, &[1])
                 .await?;
         }
-        let forwarded = || async {
-            let mut total = 0.0;
+        // Forwarded writes and the sum of every group's term over every node, from
+        // each node's /metrics.
+        let counters = || async {
+            let (mut forwarded, mut terms) = (0.0, 0.0);
             for k in cluster.ids() {
                 let (_, text) = cluster.admin_get(k, "/metrics").await?;
-                total += text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("herald_writes_forwarded_total "))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .unwrap_or(0.0);
+                for line in text.lines() {
+                    let value = || line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok());
+                    if line.starts_with("herald_writes_forwarded_total ") {
+                        forwarded += value().unwrap_or(0.0);
+                    } else if line.starts_with("herald_raft_term{") {
+                        terms += value().unwrap_or(0.0);
+                    }
+                }
             }
-            anyhow::Ok(total)
+            anyhow::Ok((forwarded, terms))
         };
         // Warm up: the map arrives and routes open (in the background, while the
         // first writes for each leader go through the seed connection); wait until a
         // whole round goes out without a forward.
         let warm_until = std::time::Instant::now() + DEADLINE;
         loop {
-            let start = forwarded().await?;
+            let (start, _) = counters().await?;
             for conv in &convs {
                 publisher.publish(*conv, "warm-up").await?;
             }
-            if forwarded().await? == start {
+            if counters().await?.0 == start {
                 break;
             }
             anyhow::ensure!(
@@ -266,98 +270,39 @@ async fn publishes_go_straight_to_the_group_leader() -> anyhow::Result<()> {
                 "routes to the leaders never opened: publishes still forwarded after {DEADLINE:?}"
             );
         }
-        let before = forwarded().await?;
-        for round in 0..20 {
-            for conv in &convs {
-                let ack = publisher.publish(*conv, format!("m{round}")).await?;
-                anyhow::ensure!(!ack.duplicate, "{ack:?}");
+        // A leader change during the rounds makes forwarding right (the publisher's
+        // route is stale until the map says otherwise): seen once on a 2-core host
+        // running two clusters, an election in one of the 12 groups. Such an attempt
+        // proves nothing either way and is run again, up to three times.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let (before, terms_before) = counters().await?;
+            for round in 0..20 {
+                for conv in &convs {
+                    let ack = publisher.publish(*conv, format!("a{attempt}-m{round}")).await?;
+                    anyhow::ensure!(!ack.duplicate, "{ack:?}");
+                }
             }
-        }
-        let after = forwarded().await?;
-        println!(
-            "writes forwarded: {before} during warm-up, {} after",
-            after - before
-        );
-        anyhow::ensure!(
-            after == before,
-            "{} of 120 routed publishes were forwarded between nodes",
-            after - before
-        );
-        publisher.close().await;
-        Ok(())
-    }
-    .await;
-    cluster.finish(result)
-}
-
-/// A leader hands a group back to its preferred replica at the first try while writes
-/// keep coming. A batch still on its way into the leader's log when the candidate asked
-/// for votes used to make the candidate's log the shorter one: its vote was refused, the
-/// old leader was elected again, and writes stayed held (seen in t70 as ~2 s gaps).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handover_under_load_succeeds_at_the_first_try() -> anyhow::Result<()> {
-    const CYCLES: usize = 3;
-    let balance_log = [("RUST_LOG", "warn,herald_broker::server::balance=info")];
-    let cluster = Cluster::start(3, &balance_log).await?;
-    let result = async {
-        let groups = cluster.groups().await?;
-        let preferred = groups
-            .first()
-            .and_then(|g| g.replicas.first().copied())
-            .context("no data group")?;
-        let mut checker = Checker::start(&cluster, 61, &[1, 2, 3], Keys::Caller).await?;
-        // More writers, so that batches are in flight whenever a handover starts.
-        let service = cluster.service_token("load")?;
-        let mut load = Vec::new();
-        for conv in 62..70 {
-            let publisher =
-                Publisher::connect(cluster.client_config(&service, &cluster.ids())?).await?;
-            publisher
-                .create_conversation(conv, ConvKind::Group, &[1])
-                .await?;
-            load.push(SteadyPublisher::start(publisher, conv, Keys::Caller));
-        }
-        checker.wait_more_acks(50).await?;
-        for cycle in 1..=CYCLES {
-            cluster.kill9(preferred);
-            let other = cluster.wait_leader_other_than(preferred).await?;
-            checker.wait_more_acks(50).await?;
-            cluster.restart(preferred).await?;
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while cluster.leader().await != Some(preferred) {
-                anyhow::ensure!(
-                    std::time::Instant::now() < until,
-                    "cycle {cycle}: node {other} did not hand the group back to node {preferred}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            checker.wait_more_acks(50).await?;
-        }
-        for mut publisher in load {
-            publisher.stop().await?;
-        }
-        let summary = checker.check(&cluster, &cluster.ids()).await?;
-        println!("{summary:?}");
-        let mut handed_back = 0;
-        let mut failed = Vec::new();
-        for k in cluster.ids() {
-            let log = std::fs::read_to_string(cluster.log_path(k)).unwrap_or_default();
-            handed_back += log.matches("handed leadership back").count();
-            failed.extend(
-                log.lines()
-                    .filter(|l| l.contains("leadership handover did not happen"))
-                    .map(|l| format!("node {k}: {l}")),
+            let (after, terms_after) = counters().await?;
+            println!(
+                "attempt {attempt}: writes forwarded: {before} before, {} during the rounds; terms {terms_before} -> {terms_after}",
+                after - before
             );
+            if terms_after != terms_before && attempt < ATTEMPTS {
+                continue;
+            }
+            anyhow::ensure!(
+                terms_after == terms_before,
+                "a leader changed during each of {ATTEMPTS} attempts (terms {terms_before} -> {terms_after})"
+            );
+            anyhow::ensure!(
+                after == before,
+                "{} of 120 routed publishes were forwarded between nodes while no leader changed",
+                after - before
+            );
+            break;
         }
-        anyhow::ensure!(
-            handed_back >= CYCLES,
-            "{handed_back} handovers for {CYCLES} returns"
-        );
-        anyhow::ensure!(
-            failed.is_empty(),
-            "handovers failed:\n{}",
-            failed.join("\n")
-        );
+        publisher.close().await;
         Ok(())
     }
     .await;

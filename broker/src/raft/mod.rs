@@ -64,7 +64,7 @@ pub type Response = Result<Outcome, Refusal>;
 ///
 /// Shared (`Arc`), because openraft clones an entry every time it reads one: for each
 /// follower's AppendEntries, for the state machine, and the log store's cache keeps
-/// one. A deep copy of a batch (up to [`crate::engine::pipeline::BATCH_LEN_MAX`]
+/// one. A deep copy of a batch (up to `BATCH_LEN_MAX` (4096, `engine/pipeline.rs`)
 /// commands, each with its payload) per read cost ~6% of every node's CPU in a
 /// publish run; a shared one costs a reference count. The rkyv form is the same as
 /// a `Vec<Command>`'s plus rkyv's shared-pointer header (see `codec`).

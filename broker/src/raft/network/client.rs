@@ -27,6 +27,7 @@ use openraft::{
 };
 use tracing::debug;
 
+use super::append_size::AppendSizer;
 use super::frame::{
     self, connection_exporter, encode_frame, hello_proof, read_frame, write_frame,
     write_frame_open, FrameError, GroupRequest, MoveRequest, PeerHello, PeerReply, PeerRequest,
@@ -917,6 +918,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
             target,
             node: node.clone(),
             outvoted: self.outvoted.clone(),
+            append_size: AppendSizer::default(),
         }
     }
 }
@@ -929,12 +931,47 @@ pub struct PeerClient {
     target: NodeId,
     node: BasicNode,
     outvoted: crate::raft::reelect::Outvoted,
+    /// Shrinks the next AppendEntries when this one timed out.
+    append_size: AppendSizer,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl PeerClient {
+    /// Encodes and sends one AppendEntries of `entries` entries.
+    async fn send_append_entries(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        entries: u64,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let request = GroupRequest::from(rpc).to(self.group);
+        let bytes = match encode_frame(&request, "request", PEER_FRAME_BYTES_MAX) {
+            Ok(bytes) => bytes,
+            // Too many entries for one frame: openraft retries with fewer.
+            Err(FrameError::TooLarge { .. }) if entries > 1 => {
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(entries / 2),
+                ))
+            }
+            Err(source) => {
+                let e = PeerError::Frame {
+                    target: self.target,
+                    source,
+                };
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        match self
+            .send(RPCTypes::AppendEntries, &bytes, option.hard_ttl())
+            .await?
+        {
+            PeerReply::AppendEntries(resp) => Ok(resp.into()),
+            other => Err(self.other_reply("AppendEntries", other)),
+        }
+    }
+
     /// Sends one encoded request and maps transport failures to openraft's kinds.
     async fn send<E: std::error::Error>(
         &self,
@@ -1025,30 +1062,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let entries = rpc.entries.len() as u64;
-        let request = GroupRequest::from(rpc).to(self.group);
-        let bytes = match encode_frame(&request, "request", PEER_FRAME_BYTES_MAX) {
-            Ok(bytes) => bytes,
-            // Too many entries for one frame: openraft retries with fewer.
-            Err(FrameError::TooLarge { .. }) if entries > 1 => {
-                return Err(RPCError::PayloadTooLarge(
-                    PayloadTooLarge::new_entries_hint(entries / 2),
-                ))
-            }
-            Err(source) => {
-                let e = PeerError::Frame {
-                    target: self.target,
-                    source,
-                };
-                return Err(RPCError::Network(NetworkError::new(&e)));
-            }
-        };
-        match self
-            .send(RPCTypes::AppendEntries, &bytes, option.hard_ttl())
-            .await?
-        {
-            PeerReply::AppendEntries(resp) => Ok(resp.into()),
-            other => Err(self.other_reply("AppendEntries", other)),
+        if let Some(hint) = self.append_size.start(entries) {
+            // The previous request timed out (openraft dropped it): a smaller one may
+            // fit in the time openraft gives each (see `append_size`).
+            debug!(
+                target = self.target,
+                group = self.group,
+                entries,
+                hint,
+                "the last AppendEntries timed out; asking openraft for fewer entries"
+            );
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
         }
+        let result = self.send_append_entries(rpc, entries, option).await;
+        self.append_size.finish();
+        result
     }
 
     async fn install_snapshot(

@@ -31,6 +31,7 @@
 //! | Dial (handshake + hello) | `PeerNetworkConfig::connect_timeout` | `Unreachable`; the next RPC dials again. |
 //! | Waiting for a connection within one RPC | 3/4 of the RPC's budget | `Unreachable` ("still connecting"): openraft backs off while the dial continues in the background. |
 //! | Raft RPC | openraft's `RPCOption::hard_ttl` | `RPCError::Timeout`; the stream is dropped. |
+//! | Entries in an AppendEntries after the previous one timed out | half of it, at least one (`append_size.rs`) | openraft gets `PayloadTooLarge` with that hint and sends fewer for its next 10 RPCs (a request that cannot arrive within `heartbeat_interval` would otherwise be resent forever). |
 //! | Forwarded write, or a whole forwarded batch | `PeerNetworkConfig::rpc_timeout` | `PeerError::Timeout` (some of a batch may have committed; resending is safe, commands are idempotent). |
 //! | Backoff after `Unreachable` | [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`] (100 ms → 1 s) | openraft sends nothing to that peer meanwhile. |
 //! | Hello arrival (acceptor) | [`HELLO_TIMEOUT`] (10 s) | The connection is closed. |
@@ -44,6 +45,7 @@
 //! `RPCError::Network`; a remote fatal error or a snapshot mismatch is
 //! `RPCError::RemoteError` with openraft's own error inside.
 
+mod append_size;
 pub mod client;
 pub mod frame;
 pub mod server;

@@ -231,17 +231,34 @@ impl RaftStateMachine<TypeConfig> for MemSm {
     }
 }
 
-/// Raft behind a counter of the snapshot chunks it received.
+/// Raft behind a counter of the snapshot chunks it received, and a follower that can
+/// be made slow at large AppendEntries.
 struct Counting {
     raft: Raft,
     snapshot_chunks: Arc<AtomicUsize>,
+    slow: Arc<SlowAppends>,
 }
+
+/// An AppendEntries of more than `above_entries` entries is held for [`SLOW_APPEND`]
+/// before Raft sees it: a request that cannot be served within openraft's
+/// `heartbeat_interval`, like a large one on a slow link or in a loaded debug build.
+struct SlowAppends {
+    above_entries: AtomicUsize,
+    held: AtomicUsize,
+}
+
+/// How long a slow AppendEntries is held (openraft's budget for one is 50 ms here).
+const SLOW_APPEND: Duration = Duration::from_millis(200);
 
 impl PeerHandler for Counting {
     async fn append_entries(
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        if rpc.entries.len() > self.slow.above_entries.load(Ordering::SeqCst) {
+            self.slow.held.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(SLOW_APPEND).await;
+        }
         self.raft.append_entries(rpc).await
     }
 
@@ -278,6 +295,7 @@ impl PeerHandler for Counting {
 struct Node {
     id: NodeId,
     snapshot_chunks: Arc<AtomicUsize>,
+    slow: Arc<SlowAppends>,
     addr: String,
     raft: Raft,
     network: PeerNetwork,
@@ -332,10 +350,15 @@ async fn start_node(id: NodeId, files: &(tempfile::TempDir, Vec<u8>)) -> Node {
     .await
     .unwrap();
     let snapshot_chunks = Arc::new(AtomicUsize::new(0));
+    let slow = Arc::new(SlowAppends {
+        above_entries: AtomicUsize::new(usize::MAX),
+        held: AtomicUsize::new(0),
+    });
     let ctx = Arc::new(PeerServerContext {
         groups: Arc::new(Counting {
             raft: raft.clone(),
             snapshot_chunks: snapshot_chunks.clone(),
+            slow: slow.clone(),
         }),
         secret: SECRET.to_vec(),
         streams_max: 16,
@@ -356,6 +379,7 @@ async fn start_node(id: NodeId, files: &(tempfile::TempDir, Vec<u8>)) -> Node {
     Node {
         id,
         snapshot_chunks,
+        slow,
         addr,
         raft,
         network,
@@ -562,6 +586,56 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
         assert_eq!(command, sent);
     }
     drop(log);
+
+    for node in &nodes {
+        node.raft.shutdown().await.unwrap();
+        node.endpoint.close(0u32.into(), b"done");
+    }
+}
+
+/// openraft 0.9 gives each AppendEntries `heartbeat_interval` and resends the same
+/// range after a timeout: a follower that cannot take a large request in time never
+/// caught up (t60, 2026-12-02). Timed-out requests are halved until they fit.
+#[tokio::test]
+async fn a_follower_too_slow_for_large_appends_still_catches_up() {
+    let files = test_files();
+    let (nodes, leader_id) = three_nodes(&files).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let slow = nodes.iter().find(|n| n.id != leader_id).unwrap();
+    // While 80 writes commit (one entry each; the other follower makes the quorum),
+    // every AppendEntries with entries to the slow follower is too slow: its range
+    // grows to 80 entries.
+    slow.slow.above_entries.store(0, Ordering::SeqCst);
+    for n in 0..80 {
+        leader
+            .raft
+            .client_write(crate::raft::Batch::new(vec![publish(n)]))
+            .await
+            .unwrap();
+    }
+    // Now only requests of more than 4 entries are: resending the whole range after
+    // each timeout would never get through.
+    slow.slow.above_entries.store(4, Ordering::SeqCst);
+    let last = leader.raft.metrics().borrow().last_log_index.unwrap();
+    let caught_up = leader
+        .raft
+        .wait(Some(Duration::from_secs(20)))
+        .metrics(
+            |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&slow.id).copied().flatten())
+                    .is_some_and(|matched| matched.index >= last)
+            },
+            "the slow follower has every entry",
+        )
+        .await;
+    let held = slow.slow.held.load(Ordering::SeqCst);
+    assert!(held > 0, "no AppendEntries was large enough to be slow");
+    assert!(
+        caught_up.is_ok(),
+        "the slow follower did not catch up to index {last} ({held} slow AppendEntries): {caught_up:?}"
+    );
 
     for node in &nodes {
         node.raft.shutdown().await.unwrap();
