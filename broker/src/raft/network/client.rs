@@ -939,13 +939,13 @@ type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl PeerClient {
-    /// Encodes and sends one AppendEntries of `entries` entries.
+    /// Encodes and sends one AppendEntries.
     async fn send_append_entries(
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        entries: u64,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let entries = rpc.entries.len() as u64;
         let request = GroupRequest::from(rpc).to(self.group);
         let bytes = match encode_frame(&request, "request", PEER_FRAME_BYTES_MAX) {
             Ok(bytes) => bytes,
@@ -1076,7 +1076,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(hint),
             ));
         }
-        let result = self.send_append_entries(rpc, entries, option).await;
+        let result = self.send_append_entries(rpc, option).await;
         self.append_size.finish();
         result
     }

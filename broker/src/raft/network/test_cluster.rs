@@ -304,6 +304,14 @@ struct Node {
     endpoint: quinn::Endpoint,
 }
 
+impl Node {
+    /// Stops Raft and closes the endpoint.
+    async fn stop(&self) {
+        self.raft.shutdown().await.unwrap();
+        self.endpoint.close(0u32.into(), b"done");
+    }
+}
+
 async fn start_node(id: NodeId, files: &(tempfile::TempDir, Vec<u8>)) -> Node {
     let dir = files.0.path();
     let server_config = crate::certs::server_config(
@@ -516,8 +524,7 @@ async fn a_raft_cluster_elects_replicates_forwards_and_snapshots_over_quic() {
     assert_eq!(learner.snapshot_chunks.load(Ordering::SeqCst), 5);
 
     for node in nodes.iter().chain([&learner]) {
-        node.raft.shutdown().await.unwrap();
-        node.endpoint.close(0u32.into(), b"done");
+        node.stop().await;
     }
 }
 
@@ -588,8 +595,7 @@ async fn a_forwarded_batch_commits_in_order_on_the_leader() {
     drop(log);
 
     for node in &nodes {
-        node.raft.shutdown().await.unwrap();
-        node.endpoint.close(0u32.into(), b"done");
+        node.stop().await;
     }
 }
 
@@ -638,7 +644,6 @@ async fn a_follower_too_slow_for_large_appends_still_catches_up() {
     );
 
     for node in &nodes {
-        node.raft.shutdown().await.unwrap();
-        node.endpoint.close(0u32.into(), b"done");
+        node.stop().await;
     }
 }
