@@ -354,21 +354,22 @@ fn corrupt_middle_record(path: &Path) -> anyhow::Result<u64> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     let len = bytes.len();
+    // The shared log's record header (log format 2), its length field first.
+    const HEADER_LEN: usize = 40;
     let mut offset = 0usize;
     loop {
-        // The shared log's record header is 32 bytes, its length field first.
         let header = bytes
-            .get(offset..offset + 32)
+            .get(offset..offset + HEADER_LEN)
             .with_context(|| format!("no record spans the middle of {}", path.display()))?;
         let body_len = u32::from_le_bytes(header[..4].try_into()?) as usize;
-        let end = offset + 32 + body_len;
+        let end = offset + HEADER_LEN + body_len;
         if end > len / 2 && body_len > 0 {
             anyhow::ensure!(
                 end < len,
                 "the middle record of {} is its last one; publish more first",
                 path.display()
             );
-            let at = offset + 32 + body_len / 2;
+            let at = offset + HEADER_LEN + body_len / 2;
             file.seek(SeekFrom::Start(at as u64))?;
             file.write_all(&[bytes[at] ^ 0xff])?;
             file.sync_all()?;

@@ -64,6 +64,20 @@ pub enum LogStoreError {
         /// The codec's error.
         source: CodecError,
     },
+    /// The log directory is in an on-disk format this build does not read (written by an
+    /// older or newer herald).
+    #[error(
+        "the Raft log in {} is in format {found}, and this build reads format {}; move the data \
+         directory away and restart the node so it rejoins from the others (or run the herald \
+         version that wrote it)",
+        dir.display(), super::format::FORMAT_VERSION
+    )]
+    UnsupportedFormat {
+        /// The log directory.
+        dir: PathBuf,
+        /// The format found there.
+        found: String,
+    },
     /// An encoded entry is larger than one record may be.
     #[error("log entry {index} of group {group} is {bytes} bytes encoded, above the record limit of {max} bytes; lower the payload limit")]
     EntryTooLarge {

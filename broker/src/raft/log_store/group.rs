@@ -147,10 +147,7 @@ impl GroupState {
     /// On an empty log, entries at or below the last purged index are dropped (openraft
     /// may re-send them after a snapshot install). Otherwise the first must be the next
     /// index; on an empty log any later start is accepted (the log restarts there).
-    pub fn admit(
-        &self,
-        mut records: Vec<(Entry, Vec<u8>)>,
-    ) -> Result<Vec<(Entry, Vec<u8>)>, LogStoreError> {
+    pub fn admit<R>(&self, mut records: Vec<(Entry, R)>) -> Result<Vec<(Entry, R)>, LogStoreError> {
         if let (true, Some(purged)) = (self.locs.is_empty(), self.last_purged) {
             records.retain(|(entry, _)| entry.log_id.index > purged.index);
         }

@@ -14,20 +14,24 @@
 //!
 //! ```text
 //! DIR/
+//! ├── format                      frame(b"HRLDLOG\0", u32 format version = 2, u64 log key)
 //! ├── 00000000000000000001.wal    segment 1: records of any group, in log order
 //! ├── 00000000000000000002.wal    segment 2, started once segment 1 passed
 //! │                               segment_bytes_max; begins with every group's state
+//! ├── 00000000000000000000.spare  a retired segment kept to become a later one (≤ 2)
 //! └── durable.manifest            frame((u64 segment, u64 len)*)   test-only power-loss mode
 //!
 //! One record (integers little-endian):
 //!
-//!  0        4        8        12       16                24                32   32+body_len
-//!  +--------+--------+--------+--------+-----------------+-----------------+--------+
-//!  |body_len|  crc   | group  |  kind  |      index      |      term       |  body  |
-//!  |  u32   |  u32   |  u32   |  u32   |       u64       |       u64       |        |
-//!  +--------+--------+--------+--------+-----------------+-----------------+--------+
-//!  crc = CRC-32 (crc32fast) over every byte of the record except the crc field.
-//!  body_len ≤ 32 MiB.
+//!  0      4      8      12     16        24        32        40   40+body_len
+//!  +------+------+------+------+---------+---------+---------+------+
+//!  |body_ | crc  |group | kind |  index  |  term   | segment | body |
+//!  | len  | u32  | u32  | u32  |   u64   |   u64   |   u64   |      |
+//!  | u32  |      |      |      |         |         |         |      |
+//!  +------+------+------+------+---------+---------+---------+------+
+//!  crc = CRC-32 (crc32fast) over the body, then every header byte but the crc field,
+//!  then the directory's log key (from `format`). segment = the number of the segment
+//!  file the record was written to. body_len ≤ 32 MiB.
 //!
 //!  kind 1 entry      index, term of the entry; body = rkyv WireEntry
 //!  kind 2 truncate   index = first index removed; no body
@@ -36,6 +40,11 @@
 //!  kind 5 committed  body = committed log id (a hint)
 //!  kind 6 drop       the group left this node; no body
 //! ```
+//!
+//! A recycled segment file holds its previous life's records after its own: they name
+//! another segment, so they read as the end of the log (and the key keeps a client's
+//! payload bytes from ever checking as a record). Only the newest segment can have such
+//! bytes: the writer cuts a segment to its written length before the next one starts.
 //!
 //! A group's entries appear in index order (after a truncate record, the log continues
 //! at the cut). The latest vote, purge and committed records of a group win.
@@ -85,6 +94,7 @@
 //! costs extra fsyncs per batch and is not for production.
 
 mod error;
+mod format;
 mod group;
 mod meta;
 mod raft_impl;
@@ -106,7 +116,9 @@ use openraft::storage::LogFlushed;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::LogStoreError;
+use format::LogKey;
 use group::{GroupState, Removed};
+use record::Unplaced;
 use segment::{Loc, Segment};
 use writer::{Chunk, Completion, Op, Writer};
 
@@ -281,6 +293,8 @@ struct SegMeta {
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
+    /// The directory's log key (every record's CRC covers it).
+    key: LogKey,
     /// Every group with a log here. Lock order: the placement lock, then this, then a
     /// group's state; nobody takes a group's state and then this.
     groups: RwLock<BTreeMap<GroupId, Arc<GroupLog>>>,
@@ -390,10 +404,10 @@ impl Layout<'_> {
         &mut self,
         shared: &Shared,
         own: Option<&GroupState>,
-        bytes: Vec<u8>,
+        record: Unplaced,
         live: bool,
     ) -> Result<Loc, LogStoreError> {
-        let len = bytes.len() as u64;
+        let len = record.len() as u64;
         let roll = match &self.placement.active {
             None => true,
             Some((_, used)) => *used > 0 && used + len > self.placement.segment_bytes_max,
@@ -406,6 +420,7 @@ impl Layout<'_> {
                 reason: "no active segment after a roll (an internal inconsistency)".into(),
             });
         };
+        let bytes = record.seal(seg.seq, shared.key);
         let loc = Loc {
             seg: seg.seq,
             offset: *used,
@@ -435,16 +450,16 @@ impl Layout<'_> {
     fn roll(&mut self, shared: &Shared, own: Option<&GroupState>) -> Result<(), LogStoreError> {
         let seq = self.placement.next_seq;
         self.placement.next_seq += 1;
-        let seg = Arc::new(Segment::new(&shared.dir, seq));
+        let seg = Arc::new(Segment::new(&shared.dir, seq, shared.key));
         let mut checkpoint = Vec::new();
         {
             let groups = shared.groups();
             for (id, log) in groups.iter() {
-                match own {
-                    Some(state) if state.group == *id => {
-                        checkpoint_records(state, &mut checkpoint)?
-                    }
-                    _ => checkpoint_records(&log.read_state(), &mut checkpoint)?,
+                for record in match own {
+                    Some(state) if state.group == *id => checkpoint_records(state)?,
+                    _ => checkpoint_records(&log.read_state())?,
+                } {
+                    checkpoint.extend_from_slice(&record.seal(seq, shared.key));
                 }
             }
         }
@@ -470,18 +485,19 @@ impl Layout<'_> {
 }
 
 /// The records that restate a group's state at the start of a segment.
-fn checkpoint_records(state: &GroupState, out: &mut Vec<u8>) -> Result<(), LogStoreError> {
+fn checkpoint_records(state: &GroupState) -> Result<Vec<Unplaced>, LogStoreError> {
     let group = state.group;
+    let mut records = Vec::with_capacity(3);
     if let Some(vote) = &state.vote {
-        out.extend_from_slice(&record::encode_vote(group, vote)?);
+        records.push(record::encode_vote(group, vote)?);
     }
     if let Some(purged) = &state.last_purged {
-        out.extend_from_slice(&record::encode_purge(group, purged)?);
+        records.push(record::encode_purge(group, purged)?);
     }
     if let Some(committed) = &state.committed {
-        out.extend_from_slice(&record::encode_committed(group, committed)?);
+        records.push(record::encode_committed(group, committed)?);
     }
-    Ok(())
+    Ok(records)
 }
 
 /// The node's shared log. Cheap to clone; clones share it. The writer thread stops once
@@ -568,6 +584,7 @@ impl Wal {
         let group_count = groups.len();
         let shared = Arc::new(Shared {
             dir: config.dir.clone(),
+            key: loaded.key,
             groups: RwLock::new(groups),
             segments: Mutex::new(segments),
             cache_bytes_max: config.cache_bytes_max,
@@ -582,6 +599,7 @@ impl Wal {
             shared.clone(),
             rx,
             lengths,
+            loaded.spares,
             config.simulate_power_loss,
         )
         .spawn()?;
@@ -807,7 +825,7 @@ impl LogStore {
     /// `retire` also retires the dead prefix of segments once the record is durable.
     async fn write_state_record(
         &self,
-        change: impl FnOnce(&mut GroupState) -> Result<Option<(Vec<u8>, Removed)>, LogStoreError>,
+        change: impl FnOnce(&mut GroupState) -> Result<Option<(Unplaced, Removed)>, LogStoreError>,
         retire: bool,
         wait: bool,
     ) -> Result<Option<oneshot::Receiver<Result<(), LogStoreError>>>, LogStoreError> {

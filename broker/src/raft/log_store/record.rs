@@ -1,9 +1,18 @@
-//! One record of the shared log on disk: a fixed header, a body, and the CRC over both.
+//! One record of the shared log on disk: a fixed header, a body, and the CRC over both
+//! and the directory's log key.
 //!
 //! Owns: the byte layout of a record (see the diagram in [`super`]), building the records
 //! of every kind (an entry of a group, and the small state records: truncate, purge,
-//! vote, committed, drop), checking a record's bounds and CRC, and decoding a checked
-//! body. Must not: do I/O or decide what a bad record means (torn tail or corruption): it
+//! vote, committed, drop), sealing a built record for the segment it goes to, checking a
+//! record's bounds, segment and CRC, and decoding a checked body.
+//!
+//! Why the segment number and the key: segment files are recycled (a retired file
+//! becomes a later segment, so appends overwrite blocks already allocated instead of
+//! growing the file, see [`super::writer`]). The bytes after the last record of a
+//! recycled file are records of its previous life; their segment field names the old
+//! number, so they read as the end of the log. The key is random per log directory and
+//! never leaves it, so bytes a client chose (a payload, which may land anywhere in an old
+//! file) cannot pose as a record: nobody outside the node can compute a matching CRC. Must not: do I/O or decide what a bad record means (torn tail or corruption): it
 //! only reports *what* is wrong, as a [`Fault`]; [`super::recovery`] and
 //! [`super::segment`] decide.
 
@@ -12,10 +21,15 @@ use std::fmt;
 use openraft::CommittedLeaderId;
 
 use super::error::LogStoreError;
+use super::format::LogKey;
 use crate::raft::{codec, Entry, GroupId, LogId, Vote};
 
-/// Bytes of a record header: body_len, crc, group, kind (u32 each), index, term (u64 each).
-pub(super) const HEADER_LEN: usize = 32;
+/// Bytes of a record header: body_len, crc, group, kind (u32 each), index, term, segment
+/// (u64 each).
+pub(super) const HEADER_LEN: usize = 40;
+
+/// Where the segment number sits in the header.
+const SEGMENT_AT: usize = 32;
 
 /// Bound: the largest record body. An entry is one batch of client writes (at most
 /// 16 MiB of payload in the write pipeline, plus its envelope), so 32 MiB holds any.
@@ -67,6 +81,8 @@ pub(super) struct Header {
     pub index: u64,
     /// Entry: its term; others: 0.
     pub term: u64,
+    /// The number of the segment the record was written to.
+    pub segment: u64,
 }
 
 impl Header {
@@ -96,6 +112,14 @@ pub(super) enum Fault {
         /// The announced body length.
         body_len: u32,
     },
+    /// The record was written to another segment: in a recycled file, a record of the
+    /// file's previous life (the end of this segment's records).
+    OtherSegment {
+        /// The segment field.
+        found: u64,
+        /// The segment being read.
+        expected: u64,
+    },
     /// The CRC does not match.
     BadCrc {
         /// CRC in the header.
@@ -123,6 +147,10 @@ impl fmt::Display for Fault {
                 f,
                 "record length field {body_len} exceeds the limit of {MAX_BODY_BYTES} bytes"
             ),
+            Fault::OtherSegment { found, expected } => write!(
+                f,
+                "record of segment {found} where segment {expected} was expected (a recycled file's old contents)"
+            ),
             Fault::BadCrc { stored, computed } => write!(
                 f,
                 "CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -136,22 +164,53 @@ impl fmt::Display for Fault {
     }
 }
 
-/// CRC-32 over every byte of the record except the CRC field itself.
-fn crc(header_rest: &[u8], body: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(header_rest);
-    hasher.update(body);
-    hasher.finalize()
+/// A record built but not yet placed: its segment field and CRC are filled in by
+/// [`Unplaced::seal`] once the placement knows the segment. The body's CRC is computed
+/// here, outside the placement lock; sealing adds only the header and the key.
+#[derive(Debug, Clone)]
+pub(super) struct Unplaced {
+    bytes: Vec<u8>,
+    body_crc: crc32fast::Hasher,
 }
 
-/// Builds a record from its fields and body.
+impl Unplaced {
+    /// Header plus body.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The record as written to segment `segment` of the log keyed `key`.
+    pub fn seal(mut self, segment: u64, key: LogKey) -> Vec<u8> {
+        self.bytes[SEGMENT_AT..HEADER_LEN].copy_from_slice(&segment.to_le_bytes());
+        let crc = crc(self.body_crc, &self.bytes[..HEADER_LEN], key);
+        self.bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.bytes
+    }
+}
+
+/// CRC-32 over the body (already in `body_crc`), then every header byte but the CRC
+/// field's, then the key.
+fn crc(mut body_crc: crc32fast::Hasher, header: &[u8], key: LogKey) -> u32 {
+    body_crc.update(&header[0..4]);
+    body_crc.update(&header[8..HEADER_LEN]);
+    body_crc.update(&key.to_le_bytes());
+    body_crc.finalize()
+}
+
+fn body_crc(body: &[u8]) -> crc32fast::Hasher {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(body);
+    hasher
+}
+
+/// Builds a record from its fields and body (segment and CRC left for [`Unplaced::seal`]).
 fn build(
     group: GroupId,
     kind: Kind,
     index: u64,
     term: u64,
     body: &[u8],
-) -> Result<Vec<u8>, LogStoreError> {
+) -> Result<Unplaced, LogStoreError> {
     let body_len = u32::try_from(body.len())
         .ok()
         .filter(|len| *len <= MAX_BODY_BYTES)
@@ -161,27 +220,23 @@ fn build(
             bytes: body.len(),
             max: MAX_BODY_BYTES,
         })?;
-    let mut record = Vec::with_capacity(HEADER_LEN + body.len());
-    record.extend_from_slice(&body_len.to_le_bytes());
-    record.extend_from_slice(&[0; 4]); // the CRC, filled in below
-    record.extend_from_slice(&group.to_le_bytes());
-    record.extend_from_slice(&(kind as u32).to_le_bytes());
-    record.extend_from_slice(&index.to_le_bytes());
-    record.extend_from_slice(&term.to_le_bytes());
-    record.extend_from_slice(body);
-    let crc = {
-        let (head, body) = record.split_at(HEADER_LEN);
-        let mut rest = Vec::with_capacity(HEADER_LEN - 4);
-        rest.extend_from_slice(&head[0..4]);
-        rest.extend_from_slice(&head[8..HEADER_LEN]);
-        crc(&rest, body)
-    };
-    record[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(record)
+    let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
+    bytes.extend_from_slice(&body_len.to_le_bytes());
+    bytes.extend_from_slice(&[0; 4]); // the CRC, filled in by seal
+    bytes.extend_from_slice(&group.to_le_bytes());
+    bytes.extend_from_slice(&(kind as u32).to_le_bytes());
+    bytes.extend_from_slice(&index.to_le_bytes());
+    bytes.extend_from_slice(&term.to_le_bytes());
+    bytes.extend_from_slice(&[0; 8]); // the segment, filled in by seal
+    bytes.extend_from_slice(body);
+    Ok(Unplaced {
+        bytes,
+        body_crc: body_crc(body),
+    })
 }
 
 /// The record of a log entry of `group`.
-pub(super) fn encode_entry(group: GroupId, entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
+pub(super) fn encode_entry(group: GroupId, entry: &Entry) -> Result<Unplaced, LogStoreError> {
     let index = entry.log_id.index;
     let term = entry.log_id.leader_id.term;
     let body = codec::encode_entry(entry).map_err(|source| LogStoreError::Encode {
@@ -192,22 +247,22 @@ pub(super) fn encode_entry(group: GroupId, entry: &Entry) -> Result<Vec<u8>, Log
 }
 
 /// A truncate record: `group`'s entries from `index` on are gone.
-pub(super) fn encode_truncate(group: GroupId, index: u64) -> Result<Vec<u8>, LogStoreError> {
+pub(super) fn encode_truncate(group: GroupId, index: u64) -> Result<Unplaced, LogStoreError> {
     build(group, Kind::Truncate, index, 0, &[])
 }
 
 /// A purge record: `group`'s entries up to `log_id` are purged.
-pub(super) fn encode_purge(group: GroupId, log_id: &LogId) -> Result<Vec<u8>, LogStoreError> {
+pub(super) fn encode_purge(group: GroupId, log_id: &LogId) -> Result<Unplaced, LogStoreError> {
     build(group, Kind::Purge, 0, 0, &log_id_body(log_id))
 }
 
 /// A committed record (a hint: see the module documentation of [`super`]).
-pub(super) fn encode_committed(group: GroupId, log_id: &LogId) -> Result<Vec<u8>, LogStoreError> {
+pub(super) fn encode_committed(group: GroupId, log_id: &LogId) -> Result<Unplaced, LogStoreError> {
     build(group, Kind::Committed, 0, 0, &log_id_body(log_id))
 }
 
 /// A vote record.
-pub(super) fn encode_vote(group: GroupId, vote: &Vote) -> Result<Vec<u8>, LogStoreError> {
+pub(super) fn encode_vote(group: GroupId, vote: &Vote) -> Result<Unplaced, LogStoreError> {
     let mut body = Vec::with_capacity(VOTE_BODY_LEN);
     body.extend_from_slice(&vote.leader_id.term.to_le_bytes());
     body.extend_from_slice(&vote.leader_id.node_id.to_le_bytes());
@@ -216,7 +271,7 @@ pub(super) fn encode_vote(group: GroupId, vote: &Vote) -> Result<Vec<u8>, LogSto
 }
 
 /// A drop record: the group is gone from this node.
-pub(super) fn encode_drop(group: GroupId) -> Result<Vec<u8>, LogStoreError> {
+pub(super) fn encode_drop(group: GroupId) -> Result<Unplaced, LogStoreError> {
     build(group, Kind::Drop, 0, 0, &[])
 }
 
@@ -254,12 +309,14 @@ pub(super) fn header(bytes: &[u8]) -> Option<Header> {
         kind: le_u32(bytes, 12),
         index: le_u64(bytes, 16),
         term: le_u64(bytes, 24),
+        segment: le_u64(bytes, SEGMENT_AT),
     })
 }
 
-/// Checks the record at the start of `bytes` (bounds, then CRC, then a known kind) and
-/// returns its header and body.
-pub(super) fn check(bytes: &[u8]) -> Result<(Header, &[u8]), Fault> {
+/// Checks the record at the start of `bytes`, read from segment `segment` of the log
+/// keyed `key` (bounds, then the segment, then the CRC, then a known kind), and returns
+/// its header and body.
+pub(super) fn check(bytes: &[u8], segment: u64, key: LogKey) -> Result<(Header, &[u8]), Fault> {
     let header = header(bytes).ok_or(Fault::Incomplete {
         have: bytes.len(),
         need: HEADER_LEN,
@@ -276,11 +333,14 @@ pub(super) fn check(bytes: &[u8]) -> Result<(Header, &[u8]), Fault> {
             need: len,
         });
     }
-    let mut rest = [0u8; HEADER_LEN - 4];
-    rest[0..4].copy_from_slice(&bytes[0..4]);
-    rest[4..].copy_from_slice(&bytes[8..HEADER_LEN]);
+    if header.segment != segment {
+        return Err(Fault::OtherSegment {
+            found: header.segment,
+            expected: segment,
+        });
+    }
     let body = &bytes[HEADER_LEN..len];
-    let computed = crc(&rest, body);
+    let computed = crc(body_crc(body), &bytes[..HEADER_LEN], key);
     if computed != header.crc {
         return Err(Fault::BadCrc {
             stored: header.crc,
@@ -344,6 +404,17 @@ mod tests {
     use super::*;
     use openraft::{EntryPayload, LogId};
 
+    const KEY: LogKey = LogKey::new(0x5eed_0f4e_7a1d);
+    const SEGMENT: u64 = 7;
+
+    fn sealed(record: Result<Unplaced, LogStoreError>) -> Vec<u8> {
+        record.unwrap().seal(SEGMENT, KEY)
+    }
+
+    fn checked(bytes: &[u8]) -> Result<(Header, &[u8]), Fault> {
+        check(bytes, SEGMENT, KEY)
+    }
+
     fn blank(term: u64, index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
@@ -354,8 +425,8 @@ mod tests {
     #[test]
     fn an_entry_record_round_trips() {
         let entry = blank(3, 7);
-        let bytes = encode_entry(9, &entry).unwrap();
-        let (header, body) = check(&bytes).unwrap();
+        let bytes = sealed(encode_entry(9, &entry));
+        let (header, body) = checked(&bytes).unwrap();
         assert_eq!(
             (header.group, header.kind(), header.index, header.term),
             (9, Some(Kind::Entry), 7, 3)
@@ -367,50 +438,73 @@ mod tests {
     #[test]
     fn state_records_round_trip() {
         let log_id = LogId::new(CommittedLeaderId::new(4, 2), 99);
-        let bytes = encode_purge(5, &log_id).unwrap();
-        let (h, body) = check(&bytes).unwrap();
+        let bytes = sealed(encode_purge(5, &log_id));
+        let (h, body) = checked(&bytes).unwrap();
         assert_eq!((h.group, h.kind()), (5, Some(Kind::Purge)));
         assert_eq!(decode_log_id(body).unwrap(), log_id);
         let vote = Vote::new_committed(8, 3);
-        let bytes = encode_vote(5, &vote).unwrap();
-        let (h, body) = check(&bytes).unwrap();
+        let bytes = sealed(encode_vote(5, &vote));
+        let (h, body) = checked(&bytes).unwrap();
         assert_eq!(h.kind(), Some(Kind::Vote));
         assert_eq!(decode_vote(body).unwrap(), vote);
-        let bytes = encode_truncate(5, 12).unwrap();
-        let (h, body) = check(&bytes).unwrap();
+        let bytes = sealed(encode_truncate(5, 12));
+        let (h, body) = checked(&bytes).unwrap();
         assert_eq!(
             (h.kind(), h.index, body.len()),
             (Some(Kind::Truncate), 12, 0)
         );
-        let bytes = encode_drop(5).unwrap();
-        assert_eq!(check(&bytes).unwrap().0.kind(), Some(Kind::Drop));
+        let bytes = sealed(encode_drop(5));
+        assert_eq!(checked(&bytes).unwrap().0.kind(), Some(Kind::Drop));
     }
 
     #[test]
     fn every_flipped_byte_is_detected() {
         for bytes in [
-            encode_entry(2, &blank(3, 7)).unwrap(),
-            encode_vote(2, &Vote::new(1, 1)).unwrap(),
+            sealed(encode_entry(2, &blank(3, 7))),
+            sealed(encode_vote(2, &Vote::new(1, 1))),
         ] {
             for at in 0..bytes.len() {
                 let mut damaged = bytes.clone();
                 damaged[at] ^= 0x40;
-                assert!(check(&damaged).is_err(), "flip at byte {at} went unnoticed");
+                assert!(
+                    checked(&damaged).is_err(),
+                    "flip at byte {at} went unnoticed"
+                );
             }
         }
     }
 
     #[test]
-    fn short_and_oversized_records_are_faults() {
-        let bytes = encode_entry(1, &blank(1, 1)).unwrap();
-        assert!(matches!(check(&bytes[..10]), Err(Fault::Incomplete { .. })));
+    fn a_record_checks_only_in_its_own_segment_of_its_own_log() {
+        let bytes = sealed(encode_entry(2, &blank(3, 7)));
+        assert_eq!(
+            check(&bytes, SEGMENT + 1, KEY).unwrap_err(),
+            Fault::OtherSegment {
+                found: SEGMENT,
+                expected: SEGMENT + 1
+            }
+        );
+        // Another directory's key (or a forger who does not know it): the CRC fails.
         assert!(matches!(
-            check(&bytes[..bytes.len() - 1]),
+            check(&bytes, SEGMENT, LogKey::new(1)),
+            Err(Fault::BadCrc { .. })
+        ));
+    }
+
+    #[test]
+    fn short_and_oversized_records_are_faults() {
+        let bytes = sealed(encode_entry(1, &blank(1, 1)));
+        assert!(matches!(
+            checked(&bytes[..10]),
+            Err(Fault::Incomplete { .. })
+        ));
+        assert!(matches!(
+            checked(&bytes[..bytes.len() - 1]),
             Err(Fault::Incomplete { .. })
         ));
         let mut huge = bytes.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(check(&huge), Err(Fault::TooLarge { .. })));
+        assert!(matches!(checked(&huge), Err(Fault::TooLarge { .. })));
     }
 
     #[test]

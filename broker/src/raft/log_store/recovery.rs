@@ -4,9 +4,12 @@
 //! numbers are consecutive; replaying the records onto each group's state (entries must
 //! continue their group's log, truncate cuts, purge drops a prefix, the last vote and
 //! committed hint win, drop forgets the group); cutting a torn tail off the last segment
-//! (with a warning); refusing to open on damage anywhere else; deleting the oldest
-//! segments that hold nothing live; and, in the test-only power-loss mode, first throwing
-//! away everything written after the last fsync (per `durable.manifest`).
+//! (with a warning), or a recycled file's old contents (which read as the end: their
+//! records name another segment); refusing to open on damage anywhere else; deleting the
+//! oldest segments that hold nothing live and the spares beyond the writer's bound;
+//! checking the directory's format (and creating the format file of a new log); and, in
+//! the test-only power-loss mode, first throwing away everything written after the last
+//! fsync (per `durable.manifest`).
 //! Must not: run while a writer thread owns the directory, or "repair" damage that is
 //! not a torn tail: a bad record followed by a valid one, or a bad record in an older
 //! segment, is [`LogStoreError::Corrupt`].
@@ -24,9 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::LogStoreError;
+use super::format::{self, LogKey};
 use super::group::Recovered;
 use super::record::{self, Fault, Header, Kind, HEADER_LEN};
 use super::segment::{self, Loc, Segment};
+use super::writer::SPARE_SEGMENTS_MAX;
 use super::{meta, LogStoreConfig, Stats};
 use crate::raft::{GroupId, LogId};
 
@@ -36,6 +41,10 @@ pub(super) struct Loaded {
     pub segments: Vec<(Arc<Segment>, u64)>,
     /// Every group with any state on disk.
     pub groups: BTreeMap<GroupId, Recovered>,
+    /// Retired files kept for recycling (at most [`SPARE_SEGMENTS_MAX`]).
+    pub spares: Vec<PathBuf>,
+    /// The directory's log key.
+    pub key: LogKey,
 }
 
 /// A group while its records are replayed.
@@ -60,8 +69,17 @@ pub(super) fn recover(config: &LogStoreConfig, stats: &Stats) -> Result<Loaded, 
         }
     }
     remove_temp_files(dir)?;
+    let key = format::open_or_create(dir, !segment::list(dir)?.is_empty(), stats)?;
     if config.simulate_power_loss {
         apply_manifest(dir, stats)?;
+    }
+    let mut spares = Vec::new();
+    for (_, path) in segment::list_spares(dir)? {
+        if spares.len() < SPARE_SEGMENTS_MAX {
+            spares.push(path);
+        } else {
+            remove(&path)?;
+        }
     }
 
     let files = segment::list(dir)?;
@@ -87,15 +105,24 @@ pub(super) fn recover(config: &LogStoreConfig, stats: &Stats) -> Result<Loaded, 
         }
         expected_seq = Some(seq + 1);
         let (file, bytes) = read_segment(&path)?;
-        let seg = Arc::new(Segment::opened(path.clone(), seq, file));
+        let seg = Arc::new(Segment::opened(path.clone(), seq, file, key));
         let valid_len = replay_segment(&seg, &bytes, is_last, &mut groups)?;
         if valid_len < bytes.len() as u64 {
-            tracing::warn!(
-                file = %path.display(),
-                offset = valid_len,
-                dropped_bytes = bytes.len() as u64 - valid_len,
-                "cutting a torn tail off the Raft log (a write interrupted by a crash; it was never acknowledged)"
-            );
+            let tail = bytes.get(valid_len as usize..).unwrap_or_default();
+            if record::header(tail).is_some_and(|h| h.segment != seq) {
+                tracing::debug!(
+                    file = %path.display(),
+                    offset = valid_len,
+                    "cutting a recycled segment's old contents after its last record"
+                );
+            } else {
+                tracing::warn!(
+                    file = %path.display(),
+                    offset = valid_len,
+                    dropped_bytes = bytes.len() as u64 - valid_len,
+                    "cutting a torn tail off the Raft log (a write interrupted by a crash; it was never acknowledged)"
+                );
+            }
             let file = seg.file().ok_or_else(|| {
                 LogStoreError::io("truncate", &path, std::io::ErrorKind::NotFound.into())
             })?;
@@ -146,6 +173,8 @@ pub(super) fn recover(config: &LogStoreConfig, stats: &Stats) -> Result<Loaded, 
     Ok(Loaded {
         segments,
         groups: recovered,
+        spares,
+        key,
     })
 }
 
@@ -200,12 +229,12 @@ fn replay_segment(
 ) -> Result<u64, LogStoreError> {
     let mut offset = 0usize;
     while offset < bytes.len() {
-        let (header, body) = match record::check(&bytes[offset..]) {
+        let (header, body) = match record::check(&bytes[offset..], seg.seq, seg.key) {
             Ok(checked) => checked,
             Err(fault) => {
                 let torn = is_last
                     && !matches!(fault, Fault::UnknownKind { .. })
-                    && !valid_record_follows(bytes, offset);
+                    && !valid_record_follows(bytes, offset, seg);
                 if torn {
                     return Ok(offset as u64);
                 }
@@ -309,15 +338,17 @@ fn apply(
     Ok(())
 }
 
-/// Whether an intact record starts anywhere after `offset` (then the damage at `offset`
-/// is not a torn tail).
-fn valid_record_follows(bytes: &[u8], offset: usize) -> bool {
+/// Whether an intact record of `seg` starts anywhere after `offset` (then the damage at
+/// `offset` is not a torn tail). Only offsets whose segment field names `seg` are
+/// CRC-checked, so a recycled file's old contents (tens of MiB) are scanned quickly.
+fn valid_record_follows(bytes: &[u8], offset: usize, seg: &Segment) -> bool {
     (offset + 1..=bytes.len().saturating_sub(HEADER_LEN)).any(|at| {
         let rest = &bytes[at..];
         record::header(rest).is_some_and(|h| {
-            h.body_len <= record::MAX_BODY_BYTES
+            h.segment == seg.seq
+                && h.body_len <= record::MAX_BODY_BYTES
                 && h.record_len() <= rest.len()
-                && record::check(rest).is_ok()
+                && record::check(rest, seg.seq, seg.key).is_ok()
         })
     })
 }

@@ -2,8 +2,10 @@
 //! CRC-checked reads.
 //!
 //! Owns: the [`Segment`] handle shared by the writer thread (which creates the file and
-//! writes it) and readers (which `pread` it), the file-name scheme
-//! `<segment number, 20 digits>.wal`, and turning record bytes read back into entries.
+//! writes it) and readers (which `pread` it), the file-name schemes
+//! `<segment number, 20 digits>.wal` and, for retired files kept to be recycled,
+//! `<former segment number, 20 digits>.spare`, and turning record bytes read back into
+//! entries.
 //! Must not: write, truncate or delete files (only [`super::writer`] and
 //! [`super::recovery`] do), or return an entry whose record failed its CRC or belongs
 //! to another group or index than asked.
@@ -14,11 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use super::error::LogStoreError;
+use super::format::LogKey;
 use super::record::{self, Fault, Kind};
 use crate::raft::{Entry, GroupId};
 
 /// File-name suffix of a segment.
 const SUFFIX: &str = ".wal";
+
+/// File-name suffix of a retired segment file kept for recycling.
+const SPARE_SUFFIX: &str = ".spare";
 
 /// Digits of the segment number in a file name (zero-padded, so names sort in order).
 const NAME_DIGITS: usize = 20;
@@ -50,26 +56,30 @@ pub(super) struct Segment {
     pub seq: u64,
     /// Its path.
     pub path: PathBuf,
+    /// The log's key (records check against it).
+    pub key: LogKey,
     file: OnceLock<File>,
 }
 
 impl Segment {
     /// A segment that does not exist yet (the writer creates it on its first write).
-    pub fn new(dir: &Path, seq: u64) -> Self {
+    pub fn new(dir: &Path, seq: u64, key: LogKey) -> Self {
         Segment {
             seq,
             path: dir.join(file_name(seq)),
+            key,
             file: OnceLock::new(),
         }
     }
 
     /// A segment found on disk at open, with its file already open.
-    pub fn opened(path: PathBuf, seq: u64, file: File) -> Self {
+    pub fn opened(path: PathBuf, seq: u64, file: File, key: LogKey) -> Self {
         let cell = OnceLock::new();
         let _ = cell.set(file);
         Segment {
             seq,
             path,
+            key,
             file: cell,
         }
     }
@@ -79,20 +89,30 @@ impl Segment {
         self.file.get()
     }
 
-    /// Creates the file (writer thread only). Returns the file and whether it was new.
-    pub fn create(&self) -> Result<(&File, bool), LogStoreError> {
+    /// Creates the file (writer thread only), from the retired file `spare` when one is
+    /// given: renamed into place and kept as it is, so appends overwrite its old records
+    /// (which no longer check: their segment field is another) instead of growing a new
+    /// file. The caller fsyncs the directory before the segment's records count.
+    pub fn create(&self, spare: Option<&Path>) -> Result<&File, LogStoreError> {
         if let Some(file) = self.file.get() {
-            return Ok((file, false));
+            return Ok(file);
         }
+        let recycled = spare.is_some_and(|spare| match std::fs::rename(spare, &self.path) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(file = %spare.display(), error = %e, "cannot recycle a retired log segment; creating a new file");
+                false
+            }
+        });
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!recycled)
             .open(&self.path)
             .map_err(|e| LogStoreError::io("create segment", &self.path, e))?;
         let _ = self.file.set(file);
-        self.file.get().map(|file| (file, true)).ok_or_else(|| {
+        self.file.get().ok_or_else(|| {
             LogStoreError::io(
                 "open segment",
                 &self.path,
@@ -151,7 +171,7 @@ impl Segment {
             let start =
                 usize::try_from(loc.offset.saturating_sub(first.offset)).unwrap_or(usize::MAX);
             let bytes = buf.get(start..).unwrap_or_default();
-            let entry = record::check(bytes)
+            let entry = record::check(bytes, self.seq, self.key)
                 .and_then(|(header, body)| {
                     if header.record_len() != loc.len as usize {
                         return Err(Fault::Incomplete {
@@ -183,27 +203,46 @@ pub(super) fn file_name(seq: u64) -> String {
 }
 
 /// The segment number of a segment file name, or `None` for any other name.
-pub(super) fn parse_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(SUFFIX)?;
+#[cfg(test)]
+fn parse_name(name: &str) -> Option<u64> {
+    parse_with(name, SUFFIX)
+}
+
+fn parse_with(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() != NAME_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     digits.parse().ok()
 }
 
+/// The name a retired segment `seq` has while it waits to be recycled.
+pub(super) fn spare_name(seq: u64) -> String {
+    format!("{seq:0width$}{SPARE_SUFFIX}", width = NAME_DIGITS)
+}
+
 /// The segment files in `dir`, by number.
 pub(super) fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogStoreError> {
+    list_by(dir, SUFFIX)
+}
+
+/// The spare files in `dir`, by former segment number.
+pub(super) fn list_spares(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogStoreError> {
+    list_by(dir, SPARE_SUFFIX)
+}
+
+fn list_by(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>, LogStoreError> {
     let entries = std::fs::read_dir(dir).map_err(|e| LogStoreError::io("list", dir, e))?;
-    let mut segments = Vec::new();
+    let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| LogStoreError::io("list", dir, e))?;
         let name = entry.file_name();
-        if let Some(seq) = name.to_str().and_then(parse_name) {
-            segments.push((seq, entry.path()));
+        if let Some(seq) = name.to_str().and_then(|name| parse_with(name, suffix)) {
+            files.push((seq, entry.path()));
         }
     }
-    segments.sort_by_key(|(seq, _)| *seq);
-    Ok(segments)
+    files.sort_by_key(|(seq, _)| *seq);
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -219,5 +258,7 @@ mod tests {
         assert_eq!(parse_name("0000000000000000004x.wal"), None);
         assert_eq!(parse_name("00000000000000000042.wal.tmp"), None);
         assert_eq!(parse_name("00000000000000000042.log"), None);
+        assert_eq!(parse_name(&spare_name(42)), None);
+        assert_eq!(parse_with(&spare_name(42), SPARE_SUFFIX), Some(42));
     }
 }

@@ -8,6 +8,15 @@
 //! operation in order: `LogFlushed::log_io_completed(Ok(()))` for appends, the reply for
 //! truncate, purge, vote and drop. Segments the operations retired are deleted after the
 //! fsync, never before the records that retire them are durable.
+//!
+//! Recycling: up to [`SPARE_SEGMENTS_MAX`] retired files are renamed to `*.spare`
+//! instead of deleted, and the next new segment is a spare renamed into place. Appends
+//! then overwrite blocks the file system has allocated already, so an `fdatasync` writes
+//! the data alone; into a growing file it also writes the inode, a second I/O in series
+//! (this disk's ext4 has no journal). The old contents read as the end of the log (their
+//! records name another segment, see [`super::record`]). A segment that is no longer the
+//! newest is cut to its written length (and fsync'ed) before the next one gets its first
+//! byte, so only the newest segment can hold old bytes after its records.
 //! A batch of hints only (committed hints: nobody waits, nothing to delete) is written
 //! but not fsync'ed: the next batch's fsync covers its bytes. Without this every commit
 //! cost each replica a second fsync, and an append queued behind that fsync waited for it.
@@ -28,13 +37,18 @@ use openraft::storage::LogFlushed;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::LogStoreError;
-use super::segment::Segment;
+use super::segment::{self, Segment};
 use super::{meta, GroupLog, Shared};
 use crate::raft::TypeConfig;
 
 /// Bound: how many queued operations one batch takes at most; the rest wait for the next
 /// batch (bounds the latency of the first operation in a long queue).
 pub(super) const MAX_BATCH_OPS: usize = 4096;
+
+/// Bound: retired segment files kept for recycling; further ones are deleted. Why two:
+/// a roll needs one, and retirement frees them one or two at a time; more would only
+/// hold disk space.
+pub(super) const SPARE_SEGMENTS_MAX: usize = 2;
 
 /// The reply to an operation that waits for completion.
 pub(super) type Reply = oneshot::Sender<Result<(), LogStoreError>>;
@@ -111,6 +125,11 @@ pub(super) struct Writer {
     lengths: BTreeMap<u64, u64>,
     /// Segments written since their last fsync.
     dirty: BTreeMap<u64, Arc<Segment>>,
+    /// The segment written last.
+    newest: Option<Arc<Segment>>,
+    /// Retired files waiting to become new segments, by former number (at most
+    /// [`SPARE_SEGMENTS_MAX`]).
+    spares: Vec<PathBuf>,
     /// A segment file was created since the last directory fsync.
     dir_dirty: bool,
     power_loss: bool,
@@ -124,6 +143,7 @@ impl Writer {
         shared: Arc<Shared>,
         rx: mpsc::Receiver<Op>,
         lengths: BTreeMap<u64, u64>,
+        spares: Vec<PathBuf>,
         power_loss: bool,
     ) -> Self {
         Writer {
@@ -132,6 +152,8 @@ impl Writer {
             rx,
             lengths,
             dirty: BTreeMap::new(),
+            newest: None,
+            spares,
             dir_dirty: false,
             power_loss,
             manifest_dirty: false,
@@ -231,18 +253,25 @@ impl Writer {
     fn write(&mut self, chunks: Vec<Chunk>) -> Result<(), LogStoreError> {
         for chunk in chunks {
             if chunk.seg.file().is_none() {
-                // A new segment: make the older ones durable first, so that a crash never
-                // leaves an older segment torn behind a newer one with data.
+                // A new segment: the previous one ends at its records, and the older
+                // ones are durable first, so that a crash never leaves an older segment
+                // torn (or with old bytes after its records) behind a newer one with data.
+                if let Some(previous) = self.newest.take() {
+                    self.cut_to_written(&previous)?;
+                }
                 self.sync()?;
                 self.dir_dirty = true;
+                let spare = self.spares.pop();
+                chunk.seg.create(spare.as_deref())?;
             }
-            let (file, _) = chunk.seg.create()?;
+            let file = chunk.seg.create(None)?;
             file.write_all_at(&chunk.bytes, chunk.offset)
                 .map_err(|e| LogStoreError::io("write segment", &chunk.seg.path, e))?;
             let end = chunk.offset + chunk.bytes.len() as u64;
             let len = self.lengths.entry(chunk.seg.seq).or_insert(0);
             *len = (*len).max(end);
-            self.dirty.insert(chunk.seg.seq, chunk.seg);
+            self.dirty.insert(chunk.seg.seq, chunk.seg.clone());
+            self.newest = Some(chunk.seg);
             self.manifest_dirty = true;
         }
         Ok(())
@@ -261,14 +290,47 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes a retired segment. A failure only leaves a dead file behind, which the
-    /// next open deletes: it is logged, not fatal.
+    /// Cuts a recycled segment that is no longer the newest to the length written to it,
+    /// durably (its size changes, so a full fsync).
+    fn cut_to_written(&mut self, seg: &Segment) -> Result<(), LogStoreError> {
+        let (Some(file), Some(&written)) = (seg.file(), self.lengths.get(&seg.seq)) else {
+            return Ok(());
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| LogStoreError::io("stat segment", &seg.path, e))?
+            .len();
+        if len > written {
+            file.set_len(written)
+                .map_err(|e| LogStoreError::io("cut the old tail of", &seg.path, e))?;
+            meta::fsync(file, &seg.path, false, &self.shared.stats)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a retired segment as a spare (renamed) or deletes it. A failure only leaves
+    /// a dead file behind, which the next open deletes: it is logged, not fatal. Neither
+    /// needs a directory fsync: if the rename or deletion is lost in a crash, the file is
+    /// back as the oldest segment, holding nothing live, and the next open deletes it.
     fn remove_segment(&mut self, seg: &Segment) {
-        match std::fs::remove_file(&seg.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(file = %seg.path.display(), error = %e, "cannot delete a retired log segment");
+        let spare = self.dir.join(segment::spare_name(seg.seq));
+        let kept = self.spares.len() < SPARE_SEGMENTS_MAX
+            && match std::fs::rename(&seg.path, &spare) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(file = %seg.path.display(), error = %e, "cannot keep a retired log segment for recycling");
+                    false
+                }
+            };
+        if kept {
+            self.spares.push(spare);
+        } else {
+            match std::fs::remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %seg.path.display(), error = %e, "cannot delete a retired log segment");
+                }
             }
         }
         self.lengths.remove(&seg.seq);

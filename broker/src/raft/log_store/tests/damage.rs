@@ -9,7 +9,8 @@ use openraft::RaftLogReader;
 
 use super::super::{record, LogStoreConfig, LogStoreError, Wal};
 use super::{
-    append, assert_holds, config, entries, entry, open, record_len, segment_path, segment_seqs,
+    append, assert_holds, config, entries, entry, open, record_len, sealed_entry, segment_path,
+    segment_seqs,
 };
 
 /// The byte offset of record `index` in a first segment of 50-byte entries from 1.
@@ -246,7 +247,7 @@ async fn a_reader_never_returns_another_groups_entry() {
     // Rewrite a's record 2 as a valid record of group 2 (same length, good CRC): a read
     // of a's index 2 must notice whose record it is.
     let path = segment_path(&config, 1);
-    let forged = record::encode_entry(2, &entry(1, 2, 50)).unwrap();
+    let forged = sealed_entry(&config, 1, 2, &entry(1, 2, 50));
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     file.write_all_at(&forged, offset_of(2)).unwrap();
     match a.reader().entry(2) {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use openraft::storage::{LogState, RaftLogStorage};
 
-use super::super::{record, LogStore, LogStoreConfig, LogStoreError};
+use super::super::{LogStore, LogStoreConfig, LogStoreError};
 use super::{
-    append, assert_holds, config, entries, entry, log_id, open, record_len, segment_path,
-    segment_seqs,
+    append, assert_holds, config, entries, entry, log_id, open, record_len, sealed_entry,
+    segment_path, segment_seqs,
 };
 use crate::raft::Vote;
 
@@ -330,13 +330,13 @@ async fn acked_entries_survive_a_simulated_power_loss() {
         .open(&path)
         .unwrap();
     for i in 21..=22 {
-        file.write_all(&record::encode_entry(1, &entry(1, i, 50)).unwrap())
+        file.write_all(&sealed_entry(&config, 1, 1, &entry(1, i, 50)))
             .unwrap();
     }
     drop(file);
     std::fs::write(
         segment_path(&config, 2),
-        record::encode_entry(1, &entry(1, 23, 50)).unwrap(),
+        sealed_entry(&config, 2, 1, &entry(1, 23, 50)),
     )
     .unwrap();
 
@@ -353,7 +353,7 @@ async fn acked_entries_survive_a_simulated_power_loss() {
         .append(true)
         .open(&path)
         .unwrap();
-    file.write_all(&record::encode_entry(1, &entry(1, 21, 50)).unwrap())
+    file.write_all(&sealed_entry(&config, 1, 1, &entry(1, 21, 50)))
         .unwrap();
     drop(file);
     let wal = open(&LogStoreConfig {

@@ -5,6 +5,7 @@
 mod damage;
 mod durability;
 mod measure;
+mod recycle;
 mod suite;
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use herald_client::wire::{IdempotencyKey, Principal};
 use openraft::{CommittedLeaderId, EntryPayload};
 
 use super::{record, segment, LogStore, LogStoreConfig, Wal};
-use crate::raft::{Entry, LogId};
+use crate::raft::{Entry, GroupId, LogId};
 use crate::store::Command;
 
 /// A config for a log in `dir/wal`, with roomy segments and cache.
@@ -67,6 +68,18 @@ pub(super) async fn append(store: &LogStore, entries: Vec<Entry>) {
 /// The encoded record length of `entry` (the same in every group).
 pub(super) fn record_len(entry: &Entry) -> u64 {
     record::encode_entry(1, entry).unwrap().len() as u64
+}
+
+/// The record of `entry` of `group` as the writer of `config`'s log would write it to
+/// segment `seg` (sealed with the directory's key): for tests that forge log bytes.
+pub(super) fn sealed_entry(
+    config: &LogStoreConfig,
+    seg: u64,
+    group: GroupId,
+    entry: &Entry,
+) -> Vec<u8> {
+    let key = super::format::open_or_create(&config.dir, true, &super::Stats::default()).unwrap();
+    record::encode_entry(group, entry).unwrap().seal(seg, key)
 }
 
 /// The path of segment `seq` of the log of `config`.
