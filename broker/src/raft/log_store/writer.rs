@@ -252,6 +252,7 @@ impl Writer {
 
     fn write(&mut self, chunks: Vec<Chunk>) -> Result<(), LogStoreError> {
         for chunk in chunks {
+            let mut spare = None;
             if chunk.seg.file().is_none() {
                 // A new segment: the previous one ends at its records, and the older
                 // ones are durable first, so that a crash never leaves an older segment
@@ -261,10 +262,9 @@ impl Writer {
                 }
                 self.sync()?;
                 self.dir_dirty = true;
-                let spare = self.spares.pop();
-                chunk.seg.create(spare.as_deref())?;
+                spare = self.spares.pop();
             }
-            let file = chunk.seg.create(None)?;
+            let file = chunk.seg.create(spare.as_deref())?;
             file.write_all_at(&chunk.bytes, chunk.offset)
                 .map_err(|e| LogStoreError::io("write segment", &chunk.seg.path, e))?;
             let end = chunk.offset + chunk.bytes.len() as u64;
