@@ -117,6 +117,11 @@ pub struct Metrics {
     pub raft_fsync_latency_seconds: Histogram,
     /// Raft log store: bytes in segment files.
     pub raft_log_bytes: Gauge,
+    /// Raft log store: segment files.
+    pub raft_log_segments: Gauge,
+    /// Raft log store: per group, the segments from the one holding its first live
+    /// entry to the newest (a group spanning them all keeps the oldest from retiring).
+    pub raft_log_segments_spanned: Family<GroupLabel, Gauge>,
     /// Raft log store: fsync/fdatasync calls.
     pub raft_fsyncs: Counter,
     /// Raft log store: seconds spent in them.
@@ -168,6 +173,8 @@ impl Metrics {
             raft_commit_latency_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 21)),
             raft_fsync_latency_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 18)),
             raft_log_bytes: Gauge::default(),
+            raft_log_segments: Gauge::default(),
+            raft_log_segments_spanned: Family::default(),
             raft_fsyncs: Counter::default(),
             raft_fsync_seconds: Counter::default(),
             raft_fsync_seconds_max_recent: Gauge::default(),
@@ -346,6 +353,16 @@ impl Metrics {
             m.raft_log_bytes.clone(),
         );
         r.register(
+            "herald_raft_log_segments",
+            "Raft log store: segment files",
+            m.raft_log_segments.clone(),
+        );
+        r.register(
+            "herald_raft_log_segments_spanned",
+            "Raft log store: segments from the one holding the group's first live entry to the newest (equal to herald_raft_log_segments: the group keeps the oldest from retiring)",
+            m.raft_log_segments_spanned.clone(),
+        );
+        r.register(
             "herald_raft_fsyncs",
             "Raft log store: fsync calls",
             m.raft_fsyncs.clone(),
@@ -381,10 +398,24 @@ impl Metrics {
             .inc();
     }
 
-    /// Takes in the log store's counters (at scrape time: they live in the store).
-    pub fn observe_log(&self, stats: &crate::raft::log_store::LogStats) {
+    /// Takes in the log store's counters and spans (at scrape time: they live in the
+    /// store).
+    pub fn observe_log(
+        &self,
+        stats: &crate::raft::log_store::LogStats,
+        spans: &crate::raft::log_store::LogSpans,
+    ) {
         self.raft_log_bytes
             .set(i64::try_from(stats.bytes_on_disk).unwrap_or(i64::MAX));
+        self.raft_log_segments
+            .set(i64::try_from(stats.segments).unwrap_or(i64::MAX));
+        // Groups that left this node or hold nothing live drop out.
+        self.raft_log_segments_spanned.clear();
+        for (group, spanned) in &spans.spanned {
+            self.raft_log_segments_spanned
+                .get_or_create(&GroupLabel::of(*group))
+                .set(i64::try_from(*spanned).unwrap_or(i64::MAX));
+        }
         // Counters only move forward: add what the store counted since the last scrape.
         self.raft_fsyncs
             .inc_by(stats.fsyncs_total.saturating_sub(self.raft_fsyncs.get()));
@@ -440,10 +471,14 @@ mod tests {
             fsync_us_max_recent: 2500,
             appended_entries_total: 9,
         };
+        let spans = crate::raft::log_store::LogSpans {
+            numbers: vec![4],
+            spanned: [(0, 1)].into(),
+        };
         // Twice: a scrape adds only what the store counted since the last one.
-        m.observe_log(&stats);
+        m.observe_log(&stats, &spans);
         let text = m.render();
-        m.observe_log(&stats);
+        m.observe_log(&stats, &spans);
         assert_eq!(text, m.render());
         assert!(text.contains("herald_raft_fsyncs_total 7"), "{text}");
         assert!(
@@ -455,6 +490,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("herald_raft_log_bytes 4096"), "{text}");
+        assert!(text.contains("herald_raft_log_segments 1"), "{text}");
+        assert!(
+            text.contains("herald_raft_log_segments_spanned{group=\"0\"} 1"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("herald_"), "{line}");
         }

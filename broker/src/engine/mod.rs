@@ -30,6 +30,7 @@ mod handler;
 mod leaders;
 pub mod moves;
 mod pipeline;
+mod retention;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -47,6 +48,7 @@ pub use handler::GroupHandler;
 pub use leaders::Leaders;
 pub use moves::CATCH_UP_TIMEOUT;
 pub use pipeline::Pipeline;
+pub use retention::{Unpin, UNPIN_SEGMENTS_MIN};
 
 /// How long [`Engine::true_head_of`] waits for a quorum to confirm this node's
 /// leadership: a few heartbeat rounds on a healthy cluster. Past it the head is not
@@ -326,38 +328,6 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .entry(group)
             .or_insert_with(|| pipeline.clone());
-    }
-
-    /// Proposes the retention trim in every group this node leads (housekeeping calls
-    /// it).
-    pub async fn trim_expired(&self) {
-        for group in self.groups.all().values() {
-            if !group.is_leader(self.node_id) {
-                continue;
-            }
-            let answer = group
-                .pipeline
-                .submit(
-                    Command::Trim { now_ms: now_ms() },
-                    Instant::now() + self.write_timeout,
-                )
-                .await;
-            if let Err(refusal) = answer.wait().await {
-                tracing::warn!(group = group.id, "retention trim not committed: {refusal}");
-            }
-        }
-    }
-
-    /// Lets each group's log go below the oldest message history still reads from it,
-    /// up to its latest snapshot (housekeeping calls it).
-    pub async fn purge_log(&self) {
-        for group in self.groups.all().values() {
-            if let Some(upto) = group.sm.purgeable_upto() {
-                if let Err(e) = group.raft.trigger().purge_log(upto).await {
-                    tracing::warn!(group = group.id, "cannot purge the log up to {upto}: {e}");
-                }
-            }
-        }
     }
 
     /// `conv`'s true head (the seq its next message gets) when this node leads its

@@ -296,6 +296,12 @@ impl StateMachine {
         Some(upto)
     }
 
+    /// The lowest log index a retained message still lives in (`None` when history
+    /// reads nothing from the log): the log must keep it and everything after it.
+    pub fn history_floor(&self) -> Option<u64> {
+        self.shared.state.lock().ok()?.store.min_log_index()
+    }
+
     /// Up to `limit` messages of `conv` from `from`, resolved from the log or the
     /// snapshot (the caller authorized the read).
     pub fn read(&self, conv: u64, from: u64, limit: usize) -> Result<History, Refusal> {

@@ -108,7 +108,7 @@ async fn readyz(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
-    ctx.metrics.observe_log(&ctx.wal.stats());
+    ctx.metrics.observe_log(&ctx.wal.stats(), &ctx.wal.spans());
     (
         [(
             header::CONTENT_TYPE,
@@ -188,6 +188,7 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
             "fsyncs_total": wal.fsyncs_total,
             "fsync_seconds_total": wal.fsync_seconds_total,
             "fsync_us_max_recent": wal.fsync_us_max_recent,
+            "segments_spanned": ctx.wal.spans().spanned,
         },
         "groups": groups,
     })

@@ -408,12 +408,14 @@ fn refused(ctx: &NodeContext, reason: &str) {
 }
 
 /// Every `raft.housekeeping_interval`: the leader proposes the retention trim; every node purges its log
-/// below what history still reads.
+/// below what history still reads, and snapshots early any group that alone keeps the oldest segment
+/// from retiring (see `engine::retention`).
 async fn housekeeping(ctx: Arc<NodeContext>) {
     let mut tick = tokio::time::interval(ctx.config.raft.housekeeping_interval);
     loop {
         tick.tick().await;
         ctx.engine.trim_expired().await;
         ctx.engine.purge_log().await;
+        ctx.engine.unpin_log(&ctx.wal).await;
     }
 }

@@ -132,6 +132,12 @@ impl GroupState {
         (!self.locs.is_empty()).then(|| self.next_index() - 1)
     }
 
+    /// The segment holding live entry `index`, if that entry is live.
+    pub fn segment_of(&self, index: u64) -> Option<u64> {
+        let offset = usize::try_from(index.checked_sub(self.first_index)?).ok()?;
+        self.locs.get(offset).map(|loc| loc.seg)
+    }
+
     /// Live entries.
     pub fn live_entries(&self) -> u64 {
         self.locs.len() as u64

@@ -101,6 +101,7 @@ mod raft_impl;
 mod record;
 mod recovery;
 mod segment;
+mod spans;
 mod writer;
 
 #[cfg(test)]
@@ -120,6 +121,7 @@ use format::LogKey;
 use group::{GroupState, Removed};
 use record::Unplaced;
 use segment::{Loc, Segment};
+pub use spans::LogSpans;
 use writer::{Chunk, Completion, Op, Writer};
 
 use crate::raft::{Entry, GroupId, LogId, TypeConfig, Vote};

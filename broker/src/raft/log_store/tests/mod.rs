@@ -6,6 +6,7 @@ mod damage;
 mod durability;
 mod measure;
 mod recycle;
+mod spans;
 mod suite;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,84 @@
+//! Which groups keep the oldest segments alive: segments retire oldest first, so one
+//! group with a live entry in the oldest segment keeps every later segment on disk too.
+//!
+//! Owns: [`LogSpans`], read off the placement's segment table and the groups' indexes.
+//! Must not: change anything; decide what to do about a pin (the engine's housekeeping
+//! snapshots and purges the groups it can, see `Engine::unpin_log`).
+
+use std::collections::BTreeMap;
+
+use super::{LogStore, Wal};
+use crate::raft::GroupId;
+
+/// How the groups' live entries spread over the segment files, at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogSpans {
+    /// The segment files' numbers, oldest first (the active one last).
+    pub numbers: Vec<u64>,
+    /// For each group with live entries: the segments from the one holding its first
+    /// live entry to the newest. A group whose span is every segment pins the oldest.
+    pub spanned: BTreeMap<GroupId, usize>,
+}
+
+impl LogSpans {
+    /// Segment files, the active one included.
+    pub fn segments(&self) -> usize {
+        self.numbers.len()
+    }
+
+    /// The oldest segment's number, if there is a segment.
+    pub fn oldest(&self) -> Option<u64> {
+        self.numbers.first().copied()
+    }
+
+    /// Segments from segment `seg` (included) to the newest.
+    pub fn segments_from(&self, seg: u64) -> usize {
+        self.numbers.len() - self.numbers.partition_point(|n| *n < seg)
+    }
+
+    /// The groups with a live entry in the oldest segment: until each of them purges
+    /// past it, no segment can retire.
+    pub fn pinning_oldest(&self) -> Vec<GroupId> {
+        self.spanned
+            .iter()
+            .filter(|(_, spanned)| **spanned == self.segments())
+            .map(|(group, _)| *group)
+            .collect()
+    }
+}
+
+impl Wal {
+    /// Where each group's live entries begin, in segments (for housekeeping and
+    /// metrics). O(groups × log(segments)).
+    pub fn spans(&self) -> LogSpans {
+        // Each group's state alone, then the segment table alone: never both at once.
+        let first_segments: Vec<(GroupId, u64)> = self
+            .shared
+            .groups()
+            .iter()
+            .filter_map(|(id, log)| {
+                let state = log.read_state();
+                let first = state.first_live()?;
+                Some((*id, state.segment_of(first)?))
+            })
+            .collect();
+        let numbers: Vec<u64> = self.shared.segments().keys().copied().collect();
+        let mut spans = LogSpans {
+            numbers,
+            spanned: BTreeMap::new(),
+        };
+        for (group, seg) in first_segments {
+            let spanned = spans.segments_from(seg);
+            spans.spanned.insert(group, spanned);
+        }
+        spans
+    }
+}
+
+impl LogStore {
+    /// The segment holding this group's live entry `index`; `None` when that entry is
+    /// purged or not written yet.
+    pub fn segment_of(&self, index: u64) -> Option<u64> {
+        self.log.read_state().segment_of(index)
+    }
+}
