@@ -473,6 +473,7 @@ mod tests {
         };
         let spans = crate::raft::log_store::LogSpans {
             numbers: vec![4],
+            lengths: vec![4096],
             spanned: [(0, 1)].into(),
         };
         // Twice: a scrape adds only what the store counted since the last one.

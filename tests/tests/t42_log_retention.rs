@@ -10,13 +10,15 @@ use herald_client::{ConvKind, Publisher};
 use herald_tests::cluster::Cluster;
 use herald_tests::DEADLINE;
 
-/// 64 KiB segments: the run below writes about 40 of them.
-const SEGMENT_BYTES: u64 = 64 * 1024;
+/// 256 KiB segments: the run below writes about 25 of them.
+const SEGMENT_BYTES: u64 = 256 * 1024;
 const HISTORY_MESSAGES: u64 = 20;
-const MESSAGES: u64 = 600;
+const MESSAGES: u64 = 1600;
 const PAYLOAD_BYTES: usize = 4096;
-/// What a short log may hold: the history (about 80 KiB), the unpinning threshold
-/// (3 segments) and a segment or two written meanwhile.
+/// What a short log may hold: the history (80 KiB: one or two segments), then up to
+/// `UNPIN_FREED_PER_SNAPSHOT_BYTE` (4) times the data group's snapshot (about 100 KiB:
+/// history and 1,600 dedup keys), about 2 segments, before it is snapshotted early,
+/// and the active segment.
 const SEGMENTS_MAX: u64 = 8;
 
 /// `(segments, bytes)` of node `k`'s shared log, from `/cluster`.
@@ -123,7 +125,7 @@ async fn a_stable_cluster_retires_old_segments_and_keeps_its_history() -> anyhow
         publisher.close().await;
         let written = MESSAGES * PAYLOAD_BYTES as u64;
         anyhow::ensure!(
-            written > 30 * SEGMENT_BYTES,
+            written > 3 * SEGMENTS_MAX * SEGMENT_BYTES,
             "the run must write well past the short-log bound"
         );
         wait_short_logs(&cluster).await?;

@@ -107,8 +107,21 @@ struct State {
     snapshot_messages: Arc<Vec<Message>>,
     /// The latest snapshot built or installed: what a lagging follower is sent.
     current: Option<CurrentSnapshot>,
+    /// While a snapshot is being built: the lowest log index its messages live in. The
+    /// log is not purged from there on until the build is done.
+    building_floor: Option<u64>,
     /// Nodes watching this group's conversations (while this replica leads).
     watchers: WatcherTable,
+}
+
+impl State {
+    /// The lowest log index history (or a snapshot being built) still reads.
+    fn history_floor(&self) -> Option<u64> {
+        match (self.store.min_log_index(), self.building_floor) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -156,6 +169,7 @@ impl StateMachine {
             membership: StoredMembership::default(),
             snapshot_messages: Arc::new(Vec::new()),
             current: None,
+            building_floor: None,
             watchers: WatcherTable::default(),
         };
         let path = config.dir.join("current.snap");
@@ -289,17 +303,23 @@ impl StateMachine {
     pub fn purgeable_upto(&self) -> Option<u64> {
         let state = self.shared.state.lock().ok()?;
         let snapshot_index = state.current.as_ref()?.meta.last_log_id?.index;
-        let upto = match state.store.min_log_index() {
+        let upto = match state.history_floor() {
             Some(lowest) if lowest <= snapshot_index => lowest.checked_sub(1)?,
             _ => snapshot_index,
         };
         Some(upto)
     }
 
+    /// The size of the latest snapshot built or installed, if there is one.
+    pub fn snapshot_bytes(&self) -> Option<u64> {
+        let state = self.shared.state.lock().ok()?;
+        Some(state.current.as_ref()?.data.len() as u64)
+    }
+
     /// The lowest log index a retained message still lives in (`None` when history
     /// reads nothing from the log): the log must keep it and everything after it.
     pub fn history_floor(&self) -> Option<u64> {
-        self.shared.state.lock().ok()?.store.min_log_index()
+        self.shared.state.lock().ok()?.history_floor()
     }
 
     /// Up to `limit` messages of `conv` from `from`, resolved from the log or the
@@ -488,59 +508,44 @@ impl StateMachine {
             .set(state.store.conversation_count() as i64);
     }
 
-    /// Builds a snapshot of the current state (under the lock: applies wait for it).
+    /// Builds a snapshot of the current state. Only copying the store holds the lock
+    /// (applies wait for it): a clone is flat copies of its queues, where its image
+    /// looks up every idempotency key (15–30 ms with 100,000 keys, release, 2-core
+    /// host, 2026-12-02). The image, resolving the retained messages and encoding
+    /// happen after, while [`State::building_floor`] keeps the log entries they live
+    /// in from being purged. Memory: one copy of the store for the build's duration.
     fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (meta, data) = {
-            let state = self.lock()?;
-            let mut image = state.store.image();
-            let mut messages = Vec::new();
-            for conv in &mut image.conversations {
-                let first_seq = conv.next_seq - conv.history.len() as u64;
-                for (i, r) in conv.history.iter_mut().enumerate() {
-                    let seq = first_seq + i as u64;
-                    let stored = self
-                        .resolve(conv.id, seq, r, &state.snapshot_messages)
-                        .ok_or_else(|| {
-                            sm_error(&format!(
-                                "cannot build a snapshot: message {seq} of conversation {} is unreadable",
-                                conv.id
-                            ))
-                        })?;
-                    r.location = Location::Snapshot(messages.len() as u64);
-                    messages.push(stored.message);
-                }
-            }
-            let snapshot_id = match state.last_applied {
-                Some(l) => format!(
-                    "{}-{}-{}",
-                    l.leader_id.term,
-                    l.index,
-                    crate::engine::now_ms()
-                ),
-                None => format!("0-0-{}", crate::engine::now_ms()),
-            };
-            let snapshot = SnapshotImage {
-                last_applied: state.last_applied.as_ref().map(WireLogId::from),
-                membership: WireStoredMembership::from(&state.membership),
-                snapshot_id: snapshot_id.clone(),
-                store: image,
-                messages,
-            };
-            let data = codec::encode(&snapshot).map_err(|e| sm_error(&e.to_string()))?;
-            if data.len() > SNAPSHOT_BYTES_MAX {
-                return Err(sm_error(&format!(
-                    "snapshot of {} bytes is above the bound of {SNAPSHOT_BYTES_MAX}; shorten history retention",
-                    data.len()
-                )));
-            }
-            let meta = SnapshotMeta {
-                last_log_id: state.last_applied,
-                last_membership: state.membership.clone(),
-                snapshot_id,
-            };
-            (meta, data.to_vec())
+        let started = std::time::Instant::now();
+        let (store, snapshot_messages, last_applied, membership) = {
+            let mut state = self.lock()?;
+            state.building_floor = state.store.min_log_index();
+            (
+                state.store.clone(),
+                Arc::clone(&state.snapshot_messages),
+                state.last_applied,
+                state.membership.clone(),
+            )
+        };
+        let locked = started.elapsed();
+        let encoded = self.encode(store.image(), &snapshot_messages, last_applied, &membership);
+        drop(store);
+        // openraft builds one snapshot of a group at a time: nobody else set the floor.
+        self.lock()?.building_floor = None;
+        let (data, snapshot_id) = encoded?;
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
         };
         self.persist(&data)?;
+        tracing::info!(
+            group = self.shared.group,
+            last_log = ?meta.last_log_id,
+            bytes = data.len(),
+            locked_us = locked.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "built a snapshot"
+        );
         let data = Arc::new(data);
         self.lock()?.current = Some(CurrentSnapshot {
             meta: meta.clone(),
@@ -550,6 +555,57 @@ impl StateMachine {
             meta,
             snapshot: Box::new(Cursor::new(data.to_vec())),
         })
+    }
+
+    /// The encoded snapshot of `image` (refs resolved into messages) and its id.
+    fn encode(
+        &self,
+        mut image: StoreImage,
+        snapshot_messages: &[Message],
+        last_applied: Option<LogId>,
+        membership: &StoredMembership<NodeId, BasicNode>,
+    ) -> Result<(Vec<u8>, String), StorageError> {
+        let mut messages = Vec::new();
+        for conv in &mut image.conversations {
+            let first_seq = conv.next_seq - conv.history.len() as u64;
+            for (i, r) in conv.history.iter_mut().enumerate() {
+                let seq = first_seq + i as u64;
+                let stored = self
+                    .resolve(conv.id, seq, r, snapshot_messages)
+                    .ok_or_else(|| {
+                        sm_error(&format!(
+                            "cannot build a snapshot: message {seq} of conversation {} is unreadable",
+                            conv.id
+                        ))
+                    })?;
+                r.location = Location::Snapshot(messages.len() as u64);
+                messages.push(stored.message);
+            }
+        }
+        let snapshot_id = match last_applied {
+            Some(l) => format!(
+                "{}-{}-{}",
+                l.leader_id.term,
+                l.index,
+                crate::engine::now_ms()
+            ),
+            None => format!("0-0-{}", crate::engine::now_ms()),
+        };
+        let snapshot = SnapshotImage {
+            last_applied: last_applied.as_ref().map(WireLogId::from),
+            membership: WireStoredMembership::from(membership),
+            snapshot_id: snapshot_id.clone(),
+            store: image,
+            messages,
+        };
+        let data = codec::encode(&snapshot).map_err(|e| sm_error(&e.to_string()))?;
+        if data.len() > SNAPSHOT_BYTES_MAX {
+            return Err(sm_error(&format!(
+                "snapshot of {} bytes is above the bound of {SNAPSHOT_BYTES_MAX}; shorten history retention",
+                data.len()
+            )));
+        }
+        Ok((data.to_vec(), snapshot_id))
     }
 
     /// Writes `DIR/current.snap` durably (see [`persist_snapshot`]).
@@ -616,6 +672,7 @@ fn load_image(
             membership,
             snapshot_messages: Arc::new(image.messages),
             current: None,
+            building_floor: None,
             watchers: WatcherTable::default(),
         },
         meta,

@@ -15,6 +15,8 @@ use crate::raft::GroupId;
 pub struct LogSpans {
     /// The segment files' numbers, oldest first (the active one last).
     pub numbers: Vec<u64>,
+    /// Their lengths in bytes (records laid out so far), in the same order.
+    pub lengths: Vec<u64>,
     /// For each group with live entries: the segments from the one holding its first
     /// live entry to the newest. A group whose span is every segment pins the oldest.
     pub spanned: BTreeMap<GroupId, usize>,
@@ -34,6 +36,13 @@ impl LogSpans {
     /// Segments from segment `seg` (included) to the newest.
     pub fn segments_from(&self, seg: u64) -> usize {
         self.numbers.len() - self.numbers.partition_point(|n| *n < seg)
+    }
+
+    /// Bytes of the segments before segment `seg`: what the log would shrink by if
+    /// nothing before `seg` were live.
+    pub fn bytes_before(&self, seg: u64) -> u64 {
+        let n = self.numbers.partition_point(|n| *n < seg);
+        self.lengths[..n].iter().sum()
     }
 
     /// The groups with a live entry in the oldest segment: until each of them purges
@@ -62,9 +71,15 @@ impl Wal {
                 Some((*id, state.segment_of(first)?))
             })
             .collect();
-        let numbers: Vec<u64> = self.shared.segments().keys().copied().collect();
+        let (numbers, lengths) = self
+            .shared
+            .segments()
+            .iter()
+            .map(|(number, meta)| (*number, meta.len))
+            .unzip();
         let mut spans = LogSpans {
             numbers,
+            lengths,
             spanned: BTreeMap::new(),
         };
         for (group, seg) in first_segments {

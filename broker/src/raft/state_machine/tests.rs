@@ -11,12 +11,25 @@ use crate::store::Command;
 
 use super::*;
 
-/// An in-memory log: what the entries applied were.
+/// An in-memory log: what the entries applied were; and, when armed, a gate the next
+/// read stops at (it says it is there, then waits to be let through).
 #[derive(Default)]
-struct MemLog(StdMutex<HashMap<u64, Entry>>);
+struct MemLog(StdMutex<HashMap<u64, Entry>>, StdMutex<Option<Gate>>);
+
+/// `(tell the test a read arrived, wait for the test's go)`.
+type Gate = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
 
 impl EntrySource for MemLog {
     fn entry(&self, index: u64) -> Result<Option<Entry>, String> {
+        let gate = self.1.lock().unwrap().take();
+        if let Some((arrived, go)) = gate {
+            arrived.send(()).unwrap();
+            // Reads run on blocking threads (snapshot builds in spawn_blocking).
+            go.blocking_recv().unwrap();
+        }
         Ok(self.0.lock().unwrap().get(&index).cloned())
     }
 }
@@ -199,4 +212,53 @@ async fn purge_stops_below_the_oldest_message_in_the_log() {
     sm.build_snapshot().await.unwrap();
     // Message 1 lives in entry 2: entries up to 1 may go.
     assert_eq!(sm.purgeable_upto(), Some(1));
+}
+
+#[tokio::test]
+async fn applies_go_on_while_a_snapshot_is_built_and_its_messages_stay_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(MemLog::default());
+    let mut sm = StateMachine::open(
+        StateMachineConfig {
+            group: 1,
+            dir: dir.path().to_owned(),
+            limits: StoreLimits {
+                history_messages_max: 3,
+                ..StoreLimits::default()
+            },
+        },
+        crate::fanout::Hub::new(Arc::new(crate::routing::Router::new())),
+        Arc::new(Metrics::new()),
+        log.clone(),
+    )
+    .unwrap();
+    let mut commands = vec![Command::CreateConversation {
+        conv: 1,
+        kind: ConvKind::Group,
+        members: vec![1],
+    }];
+    commands.extend((1..=5).map(publish));
+    apply_all(&mut sm, &log, commands).await;
+    sm.build_snapshot().await.unwrap();
+    // m3..m5 are retained; m3 lives in entry 4.
+    assert_eq!(sm.purgeable_upto(), Some(3));
+
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
+    let mut builder = sm.clone();
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    arrived.await.unwrap();
+    // The build reads m3's entry now. Applies do not wait for it: m6 and m7 push m3
+    // and m4 out of history...
+    apply_all(&mut sm, &log, (6..=7).map(publish).collect()).await;
+    assert_eq!(sm.history_floor(), Some(4), "the build still reads entry 4");
+    // ...but the entries the build reads stay: without it, 5 could go.
+    assert_eq!(sm.purgeable_upto(), Some(3));
+    go.send(()).unwrap();
+    let snapshot = build.await.unwrap().unwrap();
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(6));
+    // The snapshot holds m3..m5; the log must keep m5 (entry 6) onwards.
+    assert_eq!(sm.history_floor(), Some(6));
+    assert_eq!(sm.purgeable_upto(), Some(5));
 }

@@ -29,6 +29,16 @@ async fn a_quiet_group_with_an_old_entry_pins_every_segment_until_it_purges() {
     assert_eq!(before.pinning_oldest(), vec![1], "{before:?}");
     assert_eq!(before.spanned[&1], before.segments());
     assert!(before.spanned[&2] < before.segments(), "{before:?}");
+    assert_eq!(
+        before.bytes_before(before.numbers[1]),
+        before.lengths[0],
+        "{before:?}"
+    );
+    assert_eq!(
+        before.bytes_before(u64::MAX),
+        wal.stats().bytes_on_disk,
+        "{before:?}"
+    );
     assert_eq!(busy.segment_of(1), None, "purged entries have no segment");
     assert_eq!(busy.segment_of(101), None, "nor do entries not written yet");
 
