@@ -411,7 +411,7 @@ impl Metrics {
             .set(i64::try_from(stats.segments).unwrap_or(i64::MAX));
         // Groups that left this node or hold nothing live drop out.
         self.raft_log_segments_spanned.clear();
-        for (group, spanned) in &spans.spanned {
+        for (group, spanned) in &spans.spanned_segments {
             self.raft_log_segments_spanned
                 .get_or_create(&GroupLabel::of(*group))
                 .set(i64::try_from(*spanned).unwrap_or(i64::MAX));
@@ -473,8 +473,8 @@ mod tests {
         };
         let spans = crate::raft::log_store::LogSpans {
             numbers: vec![4],
-            lengths: vec![4096],
-            spanned: [(0, 1)].into(),
+            lengths_bytes: vec![4096],
+            spanned_segments: [(0, 1)].into(),
         };
         // Twice: a scrape adds only what the store counted since the last one.
         m.observe_log(&stats, &spans);

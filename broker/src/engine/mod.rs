@@ -48,7 +48,7 @@ pub use handler::GroupHandler;
 pub use leaders::Leaders;
 pub use moves::CATCH_UP_TIMEOUT;
 pub use pipeline::Pipeline;
-pub use retention::{Unpin, UNPIN_FREED_PER_SNAPSHOT_BYTE, UNPIN_SEGMENTS_MIN};
+pub use retention::{UnpinOutcome, UNPIN_FREED_PER_SNAPSHOT_BYTE, UNPIN_SEGMENTS_MIN};
 
 /// How long [`Engine::true_head_of`] waits for a quorum to confirm this node's
 /// leadership: a few heartbeat rounds on a healthy cluster. Past it the head is not

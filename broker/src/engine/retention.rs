@@ -30,25 +30,33 @@ pub const UNPIN_SEGMENTS_MIN: usize = 3;
 /// within about 4 snapshots' size of its live data.
 pub const UNPIN_FREED_PER_SNAPSHOT_BYTE: u64 = 4;
 
-/// How long housekeeping waits for a snapshot it asked for; past it the next round
-/// purges whatever the snapshot covers by then.
+/// How long housekeeping waits for a snapshot it asked for; past it the group is
+/// reported [`UnpinOutcome::Failed`], and a later round purges behind the snapshot once
+/// it is there (openraft ignores a second request while one is being built).
 const UNPIN_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 
 /// What unpinning did about one group that pinned the oldest segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unpin {
-    /// Snapshotted (if its snapshot did not cover enough) and purged past the oldest
-    /// segment up to this index.
-    Purged(u64),
+pub enum UnpinOutcome {
+    /// Asked openraft to purge the group's log up to `upto`, past the oldest segment
+    /// (openraft may hold a purge back while a replication still reads the entries).
+    /// `snapshotted`: a snapshot was taken first, because the latest one did not
+    /// reach that far.
+    PurgeRequested {
+        /// The last index to purge.
+        upto: u64,
+        /// True when an early snapshot was taken for it.
+        snapshotted: bool,
+    },
     /// A message history still reads, or an entry not applied yet, is in the oldest
     /// segment: the group must keep it.
     Needed,
-    /// An early snapshot would cost too much for the segments it frees (a data group's
+    /// An early snapshot would cost too much for the bytes it frees (a data group's
     /// snapshot carries its dedup table and retained messages; see
     /// [`UNPIN_FREED_PER_SNAPSHOT_BYTE`]).
     NotWorthIt,
-    /// The group could not be snapshotted or purged now (stopped, or the snapshot took
-    /// longer than the wait); the next round tries again.
+    /// The group could not be snapshotted or purged now (stopped, poisoned, or the
+    /// snapshot took longer than [`UNPIN_SNAPSHOT_WAIT`]); a later round tries again.
     Failed,
 }
 
@@ -85,12 +93,13 @@ impl Engine {
         }
     }
 
-    /// Once `wal` holds [`UNPIN_SEGMENTS_MIN`] segments or more: every group with a live
-    /// entry in the oldest segment that could purge past it given a snapshot of what
-    /// it has applied is snapshotted now (unless its snapshot already covers that) and
-    /// purged (housekeeping calls it, after [`Engine::purge_log`]). Returns what was
-    /// done per pinning group.
-    pub async fn unpin_log(&self, wal: &Wal) -> Vec<(GroupId, Unpin)> {
+    /// Once `wal` holds [`UNPIN_SEGMENTS_MIN`] segments or more, for every group with a
+    /// live entry in the oldest segment (housekeeping calls it, after
+    /// [`Engine::purge_log`]): if its latest snapshot already lets it purge past that
+    /// segment, asks for that purge; else, if a snapshot of what it has applied would,
+    /// and for a data group that is worth its cost, snapshots it now and purges behind
+    /// the snapshot. Returns what was done per pinning group.
+    pub async fn unpin_log(&self, wal: &Wal) -> Vec<(GroupId, UnpinOutcome)> {
         let spans = wal.spans();
         if spans.segments() < UNPIN_SEGMENTS_MIN {
             return Vec::new();
@@ -102,34 +111,28 @@ impl Engine {
                     continue;
                 };
                 // Its log holds no history: everything applied may go.
-                unpin(&meta.raft, &meta.log, &spans, &|| None, None).await
+                unpin(&meta.raft, &meta.log, &spans, &|| Ok(None), None).await
             } else {
                 let Some(group) = self.groups.get(id) else {
                     continue;
                 };
-                unpin(
-                    &group.raft,
-                    &group.log,
-                    &spans,
-                    &|| group.sm.history_floor(),
-                    Some(group.sm.snapshot_bytes()),
-                )
-                .await
+                let floor = || group.sm.history_floor().map_err(|_| ());
+                let cost = Some(group.sm.snapshot_bytes());
+                unpin(&group.raft, &group.log, &spans, &floor, cost).await
             };
             match outcome {
-                Unpin::Purged(upto) => {
-                    tracing::info!(group = id, upto, "purged the log past the oldest segment")
-                }
-                Unpin::Failed => {
+                UnpinOutcome::PurgeRequested {
+                    upto,
+                    snapshotted: true,
+                } => tracing::info!(
+                    group = id,
+                    upto,
+                    "snapshotted early to purge the log past its oldest segment"
+                ),
+                UnpinOutcome::Failed => {
                     tracing::warn!(group = id, "cannot unpin the oldest log segment now")
                 }
-                Unpin::Needed | Unpin::NotWorthIt => {
-                    tracing::debug!(
-                        group = id,
-                        ?outcome,
-                        "the group keeps the oldest log segment"
-                    )
-                }
+                _ => tracing::debug!(group = id, ?outcome, "unpinning the oldest log segment"),
             }
             done.push((id, outcome));
         }
@@ -137,19 +140,30 @@ impl Engine {
     }
 }
 
+/// What [`unpin`] reads the history floor with: `Err` when it cannot be known (then
+/// nothing is purged).
+type FloorFn<'a> = &'a (dyn Fn() -> Result<Option<u64>, ()> + Sync);
+
 /// Frees the oldest segment of one group's entries if it can: see [`Engine::unpin_log`].
-/// `history_floor` is the lowest index history reads (re-read after the snapshot).
+/// `history_floor` is the lowest index history reads (read again after a snapshot).
 /// `snapshot_cost` is `None` for a snapshot too small to weigh (the metadata group's),
 /// else `Some(the latest snapshot's bytes, if any)`.
 async fn unpin(
     raft: &Raft,
     log: &LogStore,
     spans: &LogSpans,
-    history_floor: &(dyn Fn() -> Option<u64> + Sync),
+    history_floor: FloorFn<'_>,
     snapshot_cost: Option<Option<u64>>,
-) -> Unpin {
+) -> UnpinOutcome {
     let (Some(oldest), Some(first_live)) = (spans.oldest(), log.stats().first_index) else {
-        return Unpin::Needed;
+        return UnpinOutcome::Needed;
+    };
+    if log.segment_of(first_live) != Some(oldest) {
+        // It purged past the segment since `spans` was read.
+        return UnpinOutcome::Needed;
+    }
+    let Ok(floor) = history_floor() else {
+        return UnpinOutcome::Failed;
     };
     let (applied, snapshot) = {
         let metrics = raft.metrics();
@@ -159,52 +173,60 @@ async fn unpin(
             m.snapshot.map(|l| l.index),
         )
     };
-    // The first entry that stays after a snapshot of everything applied and a purge
-    // behind it.
-    let keep_from = history_floor().map_or(applied + 1, |floor| floor.min(applied + 1));
-    let keep_segment = log.segment_of(keep_from);
-    if keep_from <= first_live || keep_segment == Some(oldest) {
-        return Unpin::Needed;
+    // The last index a purge may reach behind a snapshot at `covered`.
+    let purge_limit = |covered: u64| floor.map_or(covered, |f| covered.min(f.saturating_sub(1)));
+    // Past the oldest segment: the first entry left after purging up to `upto` is not in it.
+    let frees_oldest = |upto: u64| upto >= first_live && log.segment_of(upto + 1) != Some(oldest);
+
+    // The latest snapshot may be enough (a purge asked for before and held back by
+    // openraft, or a snapshot built since): no new snapshot for that.
+    if let Some(upto) = snapshot.map(purge_limit).filter(|u| frees_oldest(*u)) {
+        return purge(raft, upto, false).await;
+    }
+    // What a snapshot of everything applied would allow.
+    let upto = purge_limit(applied);
+    if !frees_oldest(upto) {
+        return UnpinOutcome::Needed;
     }
     if let Some(last_snapshot_bytes) = snapshot_cost {
-        if snapshot.is_none_or(|s| s + 1 < keep_from) {
-            let freed = keep_segment.map_or_else(
-                || spans.bytes_before(u64::MAX),
-                |seg| spans.bytes_before(seg),
-            );
-            // With no snapshot yet, what stays is the best guess of what it carries.
-            let expected =
-                last_snapshot_bytes.unwrap_or_else(|| spans.bytes_before(u64::MAX) - freed);
-            if freed < expected.saturating_mul(UNPIN_FREED_PER_SNAPSHOT_BYTE) {
-                return Unpin::NotWorthIt;
-            }
+        let freed_bytes = spans.bytes_before(log.segment_of(upto + 1).unwrap_or(u64::MAX));
+        // With no snapshot yet, what stays is the best guess of what one carries.
+        let expected_bytes = last_snapshot_bytes
+            .unwrap_or_else(|| spans.bytes_before(u64::MAX).saturating_sub(freed_bytes));
+        if freed_bytes < expected_bytes.saturating_mul(UNPIN_FREED_PER_SNAPSHOT_BYTE) {
+            return UnpinOutcome::NotWorthIt;
         }
     }
-    let upto = keep_from - 1;
-    if snapshot.is_none_or(|s| s < upto) {
-        if let Err(e) = raft.trigger().snapshot().await {
-            tracing::warn!(error = %e, "cannot ask for a snapshot");
-            return Unpin::Failed;
-        }
-        let covered = raft
-            .wait(Some(UNPIN_SNAPSHOT_WAIT))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= upto),
-                "a snapshot covering the oldest segment",
-            )
-            .await;
-        if let Err(e) = covered {
-            tracing::warn!(error = %e, upto, "no snapshot covering the oldest segment yet");
-            return Unpin::Failed;
-        }
+    if let Err(e) = raft.trigger().snapshot().await {
+        tracing::warn!(error = %e, "cannot ask for a snapshot");
+        return UnpinOutcome::Failed;
     }
-    // History may have moved on while the snapshot was built; it never moves back.
-    let upto = history_floor().map_or(upto, |floor| upto.min(floor.saturating_sub(1)));
+    let covered = raft
+        .wait(Some(UNPIN_SNAPSHOT_WAIT))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= upto),
+            "a snapshot covering the oldest segment",
+        )
+        .await;
+    if let Err(e) = covered {
+        tracing::warn!(error = %e, upto, "no snapshot covering the oldest segment yet");
+        return UnpinOutcome::Failed;
+    }
+    // History only moves on while the snapshot is built, never back.
+    let Ok(floor) = history_floor() else {
+        return UnpinOutcome::Failed;
+    };
+    let upto = floor.map_or(upto, |f| upto.min(f.saturating_sub(1)));
+    purge(raft, upto, true).await
+}
+
+/// Asks openraft to purge `raft`'s log up to `upto`.
+async fn purge(raft: &Raft, upto: u64, snapshotted: bool) -> UnpinOutcome {
     match raft.trigger().purge_log(upto).await {
-        Ok(()) => Unpin::Purged(upto),
+        Ok(()) => UnpinOutcome::PurgeRequested { upto, snapshotted },
         Err(e) => {
             tracing::warn!(error = %e, upto, "cannot purge the log");
-            Unpin::Failed
+            UnpinOutcome::Failed
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::io::Cursor;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use herald_client::wire::{Refusal, RefusalCode};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -58,6 +58,10 @@ struct Shared {
     state: Mutex<State>,
     map_tx: watch::Sender<Arc<ClusterMap>>,
     dir: PathBuf,
+    /// Held while `current.snap` is written and published as `current`, by a build and
+    /// by an install: openraft runs a build as a task of its own, so an install can
+    /// land while a build is under way, and the older build must not replace it.
+    snapshot_file: Mutex<()>,
 }
 
 /// The metadata group's state machine (cheap to clone).
@@ -108,6 +112,7 @@ impl MetaStateMachine {
                 state: Mutex::new(state),
                 map_tx,
                 dir,
+                snapshot_file: Mutex::new(()),
             }),
         })
     }
@@ -176,6 +181,23 @@ impl MetaStateMachine {
             };
             (meta, data.to_vec())
         };
+        let _file = self
+            .shared
+            .snapshot_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((newer, newer_data)) = self
+            .lock()?
+            .current
+            .clone()
+            .filter(|(newer, _)| newer.last_log_id > meta.last_log_id)
+        {
+            // An install overtook this build: the installed snapshot is the one to keep.
+            return Ok(Snapshot {
+                meta: newer,
+                snapshot: Box::new(Cursor::new(newer_data.to_vec())),
+            });
+        }
         persist_snapshot(&self.shared.dir, &data)?;
         let data = Arc::new(data);
         self.lock()?.current = Some((meta.clone(), data.clone()));
@@ -275,6 +297,11 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         }
         let (loaded, _) = load(&data)
             .map_err(|e| sm_error(&format!("the leader sent a bad metadata snapshot: {e}")))?;
+        let _file = self
+            .shared
+            .snapshot_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         persist_snapshot(&self.shared.dir, &data)?;
         let mut state = self.lock()?;
         state.map = loaded.map;

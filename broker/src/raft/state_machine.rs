@@ -34,7 +34,7 @@
 use std::io::{Cursor, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
@@ -96,6 +96,11 @@ struct Shared {
     dir: PathBuf,
     limits: StoreLimits,
     group: GroupId,
+    /// Held while `current.snap` is written and published as `current`, by a build
+    /// and by an install: openraft runs a build as a task of its own, so an install
+    /// (which also purges the log behind it) can land while a build is under way, and
+    /// then the build must not replace the newer snapshot (see [`StateMachine::build`]).
+    snapshot_file: Mutex<()>,
 }
 
 struct State {
@@ -204,6 +209,7 @@ impl StateMachine {
                 dir: config.dir,
                 limits: config.limits,
                 group: config.group,
+                snapshot_file: Mutex::new(()),
             }),
         })
     }
@@ -316,10 +322,11 @@ impl StateMachine {
         Some(state.current.as_ref()?.data.len() as u64)
     }
 
-    /// The lowest log index a retained message still lives in (`None` when history
-    /// reads nothing from the log): the log must keep it and everything after it.
-    pub fn history_floor(&self) -> Option<u64> {
-        self.shared.state.lock().ok()?.history_floor()
+    /// The lowest log index a retained message, or a snapshot being built, still
+    /// reads (`Ok(None)` when nothing is read from the log): the log must keep it and
+    /// everything after it. Refused when the state is poisoned (nothing may be purged).
+    pub fn history_floor(&self) -> Result<Option<u64>, Refusal> {
+        Ok(self.lock_refusal()?.history_floor())
     }
 
     /// Up to `limit` messages of `conv` from `from`, resolved from the log or the
@@ -531,6 +538,22 @@ impl StateMachine {
         drop(store);
         // openraft builds one snapshot of a group at a time: nobody else set the floor.
         self.lock()?.building_floor = None;
+        let _file = self
+            .shared
+            .snapshot_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(newer) = self.current_if_beyond(last_applied)? {
+            // An install overtook this build (and may have purged the entries it read,
+            // failing it): the installed snapshot is the one to keep.
+            tracing::info!(
+                group = self.shared.group,
+                built = ?last_applied,
+                installed = ?newer.meta.last_log_id,
+                "a snapshot build was overtaken by an install; keeping the installed one"
+            );
+            return Ok(newer);
+        }
         let (data, snapshot_id) = encoded?;
         let meta = SnapshotMeta {
             last_log_id: last_applied,
@@ -555,6 +578,22 @@ impl StateMachine {
             meta,
             snapshot: Box::new(Cursor::new(data.to_vec())),
         })
+    }
+
+    /// The current snapshot, if it covers more than `last_applied`.
+    fn current_if_beyond(
+        &self,
+        last_applied: Option<LogId>,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let state = self.lock()?;
+        Ok(state
+            .current
+            .as_ref()
+            .filter(|c| c.meta.last_log_id > last_applied)
+            .map(|c| Snapshot {
+                meta: c.meta.clone(),
+                snapshot: Box::new(Cursor::new(c.data.to_vec())),
+            }))
     }
 
     /// The encoded snapshot of `image` (refs resolved into messages) and its id.
@@ -749,6 +788,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // openraft's meta is authoritative for what the snapshot covers.
         loaded.last_applied = meta.last_log_id;
         loaded.membership = meta.last_membership.clone();
+        let _file = self
+            .shared
+            .snapshot_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.persist(&data)?;
         loaded.current = Some(CurrentSnapshot {
             meta: meta.clone(),

@@ -188,7 +188,7 @@ pub fn cluster_status(ctx: &NodeContext) -> serde_json::Value {
             "fsyncs_total": wal.fsyncs_total,
             "fsync_seconds_total": wal.fsync_seconds_total,
             "fsync_us_max_recent": wal.fsync_us_max_recent,
-            "segments_spanned": ctx.wal.spans().spanned,
+            "segments_spanned": ctx.wal.spans().spanned_segments,
         },
         "groups": groups,
     })

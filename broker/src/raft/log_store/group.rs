@@ -134,8 +134,7 @@ impl GroupState {
 
     /// The segment holding live entry `index`, if that entry is live.
     pub fn segment_of(&self, index: u64) -> Option<u64> {
-        let offset = usize::try_from(index.checked_sub(self.first_index)?).ok()?;
-        self.locs.get(offset).map(|loc| loc.seg)
+        self.loc(index).map(|loc| loc.seg)
     }
 
     /// Live entries.

@@ -297,8 +297,12 @@ struct Shared {
     dir: PathBuf,
     /// The directory's log key (every record's CRC covers it).
     key: LogKey,
-    /// Every group with a log here. Lock order: the placement lock, then this, then a
-    /// group's state; nobody takes a group's state and then this.
+    /// Every group with a log here. Lock order: the placement lock, then one group's
+    /// state, then this, then other groups' states — only a segment roll takes more
+    /// than one of them (it holds the placement lock, so rolls never meet). Anyone else
+    /// holds at most one: takes this, copies the handles out and lets go before locking
+    /// a group's state (a queued writer blocks new readers of this lock, so a reader
+    /// waiting on a group's state under it could wait on a roll that waits on it).
     groups: RwLock<BTreeMap<GroupId, Arc<GroupLog>>>,
     /// Every segment file, oldest first.
     segments: Mutex<BTreeMap<u64, SegMeta>>,

@@ -1,13 +1,14 @@
 //! Which groups keep the oldest segments alive: segments retire oldest first, so one
 //! group with a live entry in the oldest segment keeps every later segment on disk too.
 //!
-//! Owns: [`LogSpans`], read off the placement's segment table and the groups' indexes.
+//! Owns: [`LogSpans`], read off the shared segment table and the groups' indexes.
 //! Must not: change anything; decide what to do about a pin (the engine's housekeeping
 //! snapshots and purges the groups it can, see `Engine::unpin_log`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use super::{LogStore, Wal};
+use super::{GroupLog, LogStore, Wal};
 use crate::raft::GroupId;
 
 /// How the groups' live entries spread over the segment files, at one moment.
@@ -15,11 +16,12 @@ use crate::raft::GroupId;
 pub struct LogSpans {
     /// The segment files' numbers, oldest first (the active one last).
     pub numbers: Vec<u64>,
-    /// Their lengths in bytes (records laid out so far), in the same order.
-    pub lengths: Vec<u64>,
-    /// For each group with live entries: the segments from the one holding its first
-    /// live entry to the newest. A group whose span is every segment pins the oldest.
-    pub spanned: BTreeMap<GroupId, usize>,
+    /// Their lengths (records laid out so far), in the same order.
+    pub lengths_bytes: Vec<u64>,
+    /// For each group with live entries: how many segments there are from the one
+    /// holding its first live entry to the newest. A group whose span is every segment
+    /// pins the oldest.
+    pub spanned_segments: BTreeMap<GroupId, usize>,
 }
 
 impl LogSpans {
@@ -42,13 +44,13 @@ impl LogSpans {
     /// nothing before `seg` were live.
     pub fn bytes_before(&self, seg: u64) -> u64 {
         let n = self.numbers.partition_point(|n| *n < seg);
-        self.lengths[..n].iter().sum()
+        self.lengths_bytes.iter().take(n).sum()
     }
 
     /// The groups with a live entry in the oldest segment: until each of them purges
     /// past it, no segment can retire.
     pub fn pinning_oldest(&self) -> Vec<GroupId> {
-        self.spanned
+        self.spanned_segments
             .iter()
             .filter(|(_, spanned)| **spanned == self.segments())
             .map(|(group, _)| *group)
@@ -60,10 +62,15 @@ impl Wal {
     /// Where each group's live entries begin, in segments (for housekeeping and
     /// metrics). O(groups × log(segments)).
     pub fn spans(&self) -> LogSpans {
-        // Each group's state alone, then the segment table alone: never both at once.
-        let first_segments: Vec<(GroupId, u64)> = self
+        // The group handles are copied out first: see `Shared::groups` on lock order.
+        let logs: Vec<(GroupId, Arc<GroupLog>)> = self
             .shared
             .groups()
+            .iter()
+            .map(|(id, log)| (*id, Arc::clone(log)))
+            .collect();
+        // One group's state at a time, then the segment table alone.
+        let first_segments: Vec<(GroupId, u64)> = logs
             .iter()
             .filter_map(|(id, log)| {
                 let state = log.read_state();
@@ -71,7 +78,7 @@ impl Wal {
                 Some((*id, state.segment_of(first)?))
             })
             .collect();
-        let (numbers, lengths) = self
+        let (numbers, lengths_bytes) = self
             .shared
             .segments()
             .iter()
@@ -79,12 +86,12 @@ impl Wal {
             .unzip();
         let mut spans = LogSpans {
             numbers,
-            lengths,
-            spanned: BTreeMap::new(),
+            lengths_bytes,
+            spanned_segments: BTreeMap::new(),
         };
         for (group, seg) in first_segments {
             let spanned = spans.segments_from(seg);
-            spans.spanned.insert(group, spanned);
+            spans.spanned_segments.insert(group, spanned);
         }
         spans
     }

@@ -252,13 +252,66 @@ async fn applies_go_on_while_a_snapshot_is_built_and_its_messages_stay_in_the_lo
     // The build reads m3's entry now. Applies do not wait for it: m6 and m7 push m3
     // and m4 out of history...
     apply_all(&mut sm, &log, (6..=7).map(publish).collect()).await;
-    assert_eq!(sm.history_floor(), Some(4), "the build still reads entry 4");
+    assert_eq!(
+        sm.history_floor(),
+        Ok(Some(4)),
+        "the build still reads entry 4"
+    );
     // ...but the entries the build reads stay: without it, 5 could go.
     assert_eq!(sm.purgeable_upto(), Some(3));
     go.send(()).unwrap();
     let snapshot = build.await.unwrap().unwrap();
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(6));
     // The snapshot holds m3..m5; the log must keep m5 (entry 6) onwards.
-    assert_eq!(sm.history_floor(), Some(6));
+    assert_eq!(sm.history_floor(), Ok(Some(6)));
     assert_eq!(sm.purgeable_upto(), Some(5));
+}
+
+#[tokio::test]
+async fn a_snapshot_installed_during_a_build_is_the_one_kept() {
+    let create = || Command::CreateConversation {
+        conv: 1,
+        kind: ConvKind::Group,
+        members: vec![1],
+    };
+    // The leader's replica, further on: its snapshot covers entries 1..=8.
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader_log = Arc::new(MemLog::default());
+    let mut leader = open(leader_dir.path(), leader_log.clone());
+    let mut commands = vec![create()];
+    commands.extend((1..=7).map(publish));
+    apply_all(&mut leader, &leader_log, commands).await;
+    let installed = leader.build_snapshot().await.unwrap();
+
+    // A follower at entry 4 starts a build that stops at its first read.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(MemLog::default());
+    let mut follower = open(dir.path(), log.clone());
+    let mut commands = vec![create()];
+    commands.extend((1..=3).map(publish));
+    apply_all(&mut follower, &log, commands).await;
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
+    let mut builder = follower.clone();
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    arrived.await.unwrap();
+    follower
+        .install_snapshot(&installed.meta, installed.snapshot)
+        .await
+        .unwrap();
+    go.send(()).unwrap();
+
+    // The build hands back the installed snapshot, and that is what stays, on disk too.
+    let built = build.await.unwrap().unwrap();
+    assert_eq!(built.meta, installed.meta);
+    let current = follower.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, installed.meta);
+    drop(follower);
+    let reopened = open(dir.path(), log);
+    assert_eq!(reopened.applied_index(), 8);
+    assert_eq!(
+        payloads(&reopened.read(1, 1, 100).unwrap()),
+        (1..=7).map(|n| format!("m{n}")).collect::<Vec<_>>()
+    );
 }

@@ -27,11 +27,14 @@ async fn a_quiet_group_with_an_old_entry_pins_every_segment_until_it_purges() {
     assert!(before.segments() >= 3, "{before:?}");
     assert_eq!(before.oldest(), quiet.segment_of(1), "{before:?}");
     assert_eq!(before.pinning_oldest(), vec![1], "{before:?}");
-    assert_eq!(before.spanned[&1], before.segments());
-    assert!(before.spanned[&2] < before.segments(), "{before:?}");
+    assert_eq!(before.spanned_segments[&1], before.segments());
+    assert!(
+        before.spanned_segments[&2] < before.segments(),
+        "{before:?}"
+    );
     assert_eq!(
         before.bytes_before(before.numbers[1]),
-        before.lengths[0],
+        before.lengths_bytes[0],
         "{before:?}"
     );
     assert_eq!(
@@ -48,7 +51,7 @@ async fn a_quiet_group_with_an_old_entry_pins_every_segment_until_it_purges() {
         after.segments() < before.segments(),
         "{before:?} → {after:?}"
     );
-    assert!(!after.spanned.contains_key(&1), "{after:?}");
+    assert!(!after.spanned_segments.contains_key(&1), "{after:?}");
     assert_eq!(after.pinning_oldest(), vec![2], "{after:?}");
     assert_eq!(after.oldest(), busy.segment_of(91), "{after:?}");
 }
