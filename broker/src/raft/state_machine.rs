@@ -4,7 +4,8 @@
 //! local fan-out of every newly appended message (every replica applies the log and
 //! pushes to its own sessions), history reads (resolving [`MessageRef`]s against the
 //! Raft log or the snapshot this replica was built from), and snapshots: building,
-//! persisting (`DIR/current.snap`), loading at start and installing from the leader.
+//! persisting (`DIR/current.snap`), loading at start and installing from the leader
+//! (building, writing and decoding snapshots live in `snapshot`).
 //!
 //! Must not: read a clock or decide anything a replica could decide differently: the
 //! store is deterministic and every input comes from the log. Fan-out happens under
@@ -133,21 +134,6 @@ impl State {
 struct CurrentSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: Arc<Vec<u8>>,
-}
-
-/// What a snapshot carries (see the module doc).
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotImage {
-    /// The last log entry the snapshot includes.
-    pub last_applied: Option<WireLogId>,
-    /// The membership as of `last_applied`.
-    pub membership: WireStoredMembership,
-    /// Unique per build: `<term>-<index>-<build count>`.
-    pub snapshot_id: String,
-    /// Conversation state; every history ref is `Snapshot(j)`.
-    pub store: StoreImage,
-    /// Retained messages, indexed by the refs.
-    pub messages: Vec<Message>,
 }
 
 /// A state lock poisoned by a panic, or a bad snapshot, as openraft's storage error.
@@ -514,229 +500,6 @@ impl StateMachine {
             .get_or_create(&label)
             .set(state.store.conversation_count() as i64);
     }
-
-    /// Builds a snapshot of the current state. Only copying the store holds the lock
-    /// (applies wait for it): a clone is flat copies of its queues, where its image
-    /// looks up every idempotency key (15–30 ms with 100,000 keys, release, 2-core
-    /// host, 2026-12-02). The image, resolving the retained messages and encoding
-    /// happen after, while [`State::building_floor`] keeps the log entries they live
-    /// in from being purged. Memory: one copy of the store for the build's duration.
-    fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let started = std::time::Instant::now();
-        let (store, snapshot_messages, last_applied, membership) = {
-            let mut state = self.lock()?;
-            state.building_floor = state.store.min_log_index();
-            (
-                state.store.clone(),
-                Arc::clone(&state.snapshot_messages),
-                state.last_applied,
-                state.membership.clone(),
-            )
-        };
-        let locked = started.elapsed();
-        let encoded = self.encode(store.image(), &snapshot_messages, last_applied, &membership);
-        drop(store);
-        // openraft builds one snapshot of a group at a time: nobody else set the floor.
-        self.lock()?.building_floor = None;
-        let _file = self
-            .shared
-            .snapshot_file
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(newer) = self.current_if_beyond(last_applied)? {
-            // An install overtook this build (and may have purged the entries it read,
-            // failing it): the installed snapshot is the one to keep.
-            tracing::info!(
-                group = self.shared.group,
-                built = ?last_applied,
-                installed = ?newer.meta.last_log_id,
-                "a snapshot build was overtaken by an install; keeping the installed one"
-            );
-            return Ok(newer);
-        }
-        let (data, snapshot_id) = encoded?;
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        self.persist(&data)?;
-        tracing::info!(
-            group = self.shared.group,
-            last_log = ?meta.last_log_id,
-            bytes = data.len(),
-            locked_us = locked.as_micros() as u64,
-            total_us = started.elapsed().as_micros() as u64,
-            "built a snapshot"
-        );
-        let data = Arc::new(data);
-        self.lock()?.current = Some(CurrentSnapshot {
-            meta: meta.clone(),
-            data: Arc::clone(&data),
-        });
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data.to_vec())),
-        })
-    }
-
-    /// The current snapshot, if it covers more than `last_applied`.
-    fn current_if_beyond(
-        &self,
-        last_applied: Option<LogId>,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let state = self.lock()?;
-        Ok(state
-            .current
-            .as_ref()
-            .filter(|c| c.meta.last_log_id > last_applied)
-            .map(|c| Snapshot {
-                meta: c.meta.clone(),
-                snapshot: Box::new(Cursor::new(c.data.to_vec())),
-            }))
-    }
-
-    /// The encoded snapshot of `image` (refs resolved into messages) and its id.
-    fn encode(
-        &self,
-        mut image: StoreImage,
-        snapshot_messages: &[Message],
-        last_applied: Option<LogId>,
-        membership: &StoredMembership<NodeId, BasicNode>,
-    ) -> Result<(Vec<u8>, String), StorageError> {
-        let mut messages = Vec::new();
-        for conv in &mut image.conversations {
-            let first_seq = conv.next_seq - conv.history.len() as u64;
-            for (i, r) in conv.history.iter_mut().enumerate() {
-                let seq = first_seq + i as u64;
-                let stored = self
-                    .resolve(conv.id, seq, r, snapshot_messages)
-                    .ok_or_else(|| {
-                        sm_error(&format!(
-                            "cannot build a snapshot: message {seq} of conversation {} is unreadable",
-                            conv.id
-                        ))
-                    })?;
-                r.location = Location::Snapshot(messages.len() as u64);
-                messages.push(stored.message);
-            }
-        }
-        let snapshot_id = match last_applied {
-            Some(l) => format!(
-                "{}-{}-{}",
-                l.leader_id.term,
-                l.index,
-                crate::engine::now_ms()
-            ),
-            None => format!("0-0-{}", crate::engine::now_ms()),
-        };
-        let snapshot = SnapshotImage {
-            last_applied: last_applied.as_ref().map(WireLogId::from),
-            membership: WireStoredMembership::from(membership),
-            snapshot_id: snapshot_id.clone(),
-            store: image,
-            messages,
-        };
-        let data = codec::encode(&snapshot).map_err(|e| sm_error(&e.to_string()))?;
-        if data.len() > SNAPSHOT_BYTES_MAX {
-            return Err(sm_error(&format!(
-                "snapshot of {} bytes is above the bound of {SNAPSHOT_BYTES_MAX}; shorten history retention",
-                data.len()
-            )));
-        }
-        Ok((data.to_vec(), snapshot_id))
-    }
-
-    /// Writes `DIR/current.snap` durably (see [`persist_snapshot`]).
-    fn persist(&self, data: &[u8]) -> Result<(), StorageError> {
-        persist_snapshot(&self.shared.dir, data)
-    }
-}
-
-/// Writes `dir/current.snap` durably: CRC + `data` to a temp file, fsync, rename,
-/// fsync the directory. Shared with the metadata group's snapshots.
-pub(crate) fn persist_snapshot(dir: &std::path::Path, data: &[u8]) -> Result<(), StorageError> {
-    let io =
-        |e: std::io::Error| -> StorageError { StorageIOError::write_snapshot(None, &e).into() };
-    let tmp = dir.join("current.snap.tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(&crc32fast::hash(data).to_le_bytes())
-        .map_err(io)?;
-    file.write_all(data).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, dir.join("current.snap")).map_err(io)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io)?;
-    Ok(())
-}
-
-/// The body of a snapshot file whose CRC matches, or `None`.
-pub(crate) fn checked_body(bytes: &[u8]) -> Option<&[u8]> {
-    let (crc, body) = bytes.split_first_chunk::<4>()?;
-    (u32::from_le_bytes(*crc) == crc32fast::hash(body)).then_some(body)
-}
-
-/// Decodes snapshot data into a state (with `current` unset) and its meta.
-fn load_image(
-    data: &[u8],
-    limits: StoreLimits,
-) -> Result<(State, SnapshotMeta<NodeId, BasicNode>), String> {
-    let image: SnapshotImage = codec::decode(data).map_err(|e| e.to_string())?;
-    let refs: usize = image
-        .store
-        .conversations
-        .iter()
-        .map(|c| c.history.len())
-        .sum();
-    if refs != image.messages.len() {
-        return Err(format!(
-            "the snapshot refers to {refs} messages but carries {}",
-            image.messages.len()
-        ));
-    }
-    let store = ConversationStore::from_image(limits, image.store)?;
-    let last_applied = image.last_applied.map(LogId::from);
-    let membership: StoredMembership<NodeId, BasicNode> = image.membership.into();
-    let meta = SnapshotMeta {
-        last_log_id: last_applied,
-        last_membership: membership.clone(),
-        snapshot_id: image.snapshot_id,
-    };
-    Ok((
-        State {
-            store,
-            last_applied,
-            membership,
-            snapshot_messages: Arc::new(image.messages),
-            current: None,
-            building_floor: None,
-            watchers: WatcherTable::default(),
-        },
-        meta,
-    ))
-}
-
-/// A snapshot file could not be loaded at start.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    /// Reading or creating the snapshot directory or file failed.
-    #[error("cannot read snapshot {path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is damaged.
-    #[error("snapshot {path} is damaged ({detail}); move the data directory away and restart the node so it rejoins from the cluster")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        detail: String,
-    },
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -821,15 +584,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let this = self.clone();
-        // Building reads the log and writes a file: keep it off the async workers.
-        tokio::task::spawn_blocking(move || this.build())
-            .await
-            .map_err(|e| sm_error(&format!("snapshot build task failed: {e}")))?
-    }
-}
+mod snapshot;
+
+use snapshot::load_image;
+pub(crate) use snapshot::{checked_body, persist_snapshot};
+pub use snapshot::{SnapshotError, SnapshotImage};
 
 #[cfg(test)]
 mod tests;
