@@ -51,6 +51,9 @@ pub enum UnpinOutcome {
     /// A message history still reads, or an entry not applied yet, is in the oldest
     /// segment: the group must keep it.
     Needed,
+    /// The group has no live entry in the oldest segment any more (it purged since the
+    /// spans were read), or its log is empty.
+    NotPinning,
     /// An early snapshot would cost too much for the bytes it frees (a data group's
     /// snapshot carries its dedup table and retained messages; see
     /// [`UNPIN_FREED_PER_SNAPSHOT_BYTE`]).
@@ -156,11 +159,10 @@ async fn unpin(
     snapshot_cost: Option<Option<u64>>,
 ) -> UnpinOutcome {
     let (Some(oldest), Some(first_live)) = (spans.oldest(), log.stats().first_index) else {
-        return UnpinOutcome::Needed;
+        return UnpinOutcome::NotPinning;
     };
     if log.segment_of(first_live) != Some(oldest) {
-        // It purged past the segment since `spans` was read.
-        return UnpinOutcome::Needed;
+        return UnpinOutcome::NotPinning;
     }
     let Ok(floor) = history_floor() else {
         return UnpinOutcome::Failed;
@@ -173,21 +175,24 @@ async fn unpin(
             m.snapshot.map(|l| l.index),
         )
     };
-    // The last index a purge may reach behind a snapshot at `covered`.
-    let purge_limit = |covered: u64| floor.map_or(covered, |f| covered.min(f.saturating_sub(1)));
+    // The last index a purge may reach behind a snapshot at `covered` (none when
+    // history reads entry 0).
+    let purge_limit = |covered: u64| match floor {
+        Some(f) => f.checked_sub(1).map(|below| covered.min(below)),
+        None => Some(covered),
+    };
     // Past the oldest segment: the first entry left after purging up to `upto` is not in it.
-    let frees_oldest = |upto: u64| upto >= first_live && log.segment_of(upto + 1) != Some(oldest);
+    let frees_oldest = |upto: &u64| *upto >= first_live && log.segment_of(upto + 1) != Some(oldest);
 
     // The latest snapshot may be enough (a purge asked for before and held back by
     // openraft, or a snapshot built since): no new snapshot for that.
-    if let Some(upto) = snapshot.map(purge_limit).filter(|u| frees_oldest(*u)) {
+    if let Some(upto) = snapshot.and_then(purge_limit).filter(frees_oldest) {
         return purge(raft, upto, false).await;
     }
     // What a snapshot of everything applied would allow.
-    let upto = purge_limit(applied);
-    if !frees_oldest(upto) {
+    let Some(upto) = purge_limit(applied).filter(frees_oldest) else {
         return UnpinOutcome::Needed;
-    }
+    };
     if let Some(last_snapshot_bytes) = snapshot_cost {
         let freed_bytes = spans.bytes_before(log.segment_of(upto + 1).unwrap_or(u64::MAX));
         // With no snapshot yet, what stays is the best guess of what one carries.
@@ -216,7 +221,10 @@ async fn unpin(
     let Ok(floor) = history_floor() else {
         return UnpinOutcome::Failed;
     };
-    let upto = floor.map_or(upto, |f| upto.min(f.saturating_sub(1)));
+    let upto = match floor {
+        Some(f) => upto.min(f.saturating_sub(1)),
+        None => upto,
+    };
     purge(raft, upto, true).await
 }
 

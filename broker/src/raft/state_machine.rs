@@ -35,7 +35,7 @@
 use std::io::{Cursor, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
@@ -99,9 +99,13 @@ struct Shared {
     group: GroupId,
     /// Held while `current.snap` is written and published as `current`, by a build
     /// and by an install: openraft runs a build as a task of its own, so an install
-    /// (which also purges the log behind it) can land while a build is under way, and
-    /// then the build must not replace the newer snapshot (see [`StateMachine::build`]).
+    /// can land while a build is under way (and openraft purges the log behind it as
+    /// soon as it queues the install), and then the build must not replace the newer
+    /// snapshot (see [`StateMachine::build`]).
     snapshot_file: Mutex<()>,
+    /// Signalled (with `snapshot_file` held) once an install has published its
+    /// snapshot: a build whose reads failed waits for it.
+    snapshot_installed: Condvar,
 }
 
 struct State {
@@ -113,8 +117,9 @@ struct State {
     snapshot_messages: Arc<Vec<Message>>,
     /// The latest snapshot built or installed: what a lagging follower is sent.
     current: Option<CurrentSnapshot>,
-    /// While a snapshot is being built: the lowest log index its messages live in. The
-    /// log is not purged from there on until the build is done.
+    /// While a snapshot is being built: the lowest log index its messages live in.
+    /// Herald's own purges stay below it until the build is done (openraft's purge
+    /// behind an installed snapshot does not ask: see [`StateMachine::build`]).
     building_floor: Option<u64>,
     /// Nodes watching this group's conversations (while this replica leads).
     watchers: WatcherTable,
@@ -196,6 +201,7 @@ impl StateMachine {
                 limits: config.limits,
                 group: config.group,
                 snapshot_file: Mutex::new(()),
+                snapshot_installed: Condvar::new(),
             }),
         })
     }
@@ -572,6 +578,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             messages = state.store.message_count(),
             "installed a snapshot from the leader"
         );
+        drop(state);
+        self.shared.snapshot_installed.notify_all();
         Ok(())
     }
 

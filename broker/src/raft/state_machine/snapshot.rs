@@ -2,14 +2,23 @@
 //! state lock, everything else after it), the image it carries, writing
 //! `DIR/current.snap` durably, and decoding one (see the format in [`super`]).
 //!
-//! Must not: change the state beyond publishing a built snapshot as current, or
-//! replace a snapshot that covers more (an install may land during a build).
+//! Must not: change the state beyond publishing a built snapshot as current (and the
+//! build's `building_floor` while it runs), or replace a snapshot that covers more (an
+//! install may land during a build).
 
 // openraft's trait methods return its `StorageError` (224 bytes); the helpers here
 // return the same type so `?` carries it through unchanged.
 #![allow(clippy::result_large_err)]
 
+use std::time::{Duration, Instant};
+
 use super::*;
+
+/// How long a build whose log reads failed waits for an install to publish its
+/// snapshot. openraft purges the log behind an install as soon as it queues it, before
+/// the state machine has it, so a concurrent build can find its entries gone; the
+/// install then follows. Why 30 s: openraft's `install_snapshot_timeout` here.
+const OVERTAKING_INSTALL_WAIT: Duration = Duration::from_secs(30);
 
 /// What a snapshot carries (see the module doc).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -31,8 +40,10 @@ impl StateMachine {
     /// (applies wait for it): a clone is flat copies of its queues, where its image
     /// looks up every idempotency key (15–30 ms with 100,000 keys, release, 2-core
     /// host, 2026-12-02). The image, resolving the retained messages and encoding
-    /// happen after, while [`State::building_floor`] keeps the log entries they live
-    /// in from being purged. Memory: one copy of the store for the build's duration.
+    /// happen after, while [`State::building_floor`] keeps Herald's own purges below
+    /// the entries they live in. Memory: one copy of the store for the build's
+    /// duration. An install that lands meanwhile wins: the build then returns the
+    /// installed snapshot, also when the install's purge made its reads fail.
     fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let started = std::time::Instant::now();
         let (store, snapshot_messages, last_applied, membership) = {
@@ -50,21 +61,35 @@ impl StateMachine {
         drop(store);
         // openraft builds one snapshot of a group at a time: nobody else set the floor.
         self.lock()?.building_floor = None;
-        let _file = self
+        let mut file = self
             .shared
             .snapshot_file
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(newer) = self.current_if_beyond(last_applied)? {
-            // An install overtook this build (and may have purged the entries it read,
-            // failing it): the installed snapshot is the one to keep.
-            tracing::info!(
-                group = self.shared.group,
-                built = ?last_applied,
-                installed = ?newer.meta.last_log_id,
-                "a snapshot build was overtaken by an install; keeping the installed one"
-            );
-            return Ok(newer);
+        let wait_until = Instant::now() + OVERTAKING_INSTALL_WAIT;
+        loop {
+            if let Some(newer) = self.current_if_beyond(last_applied)? {
+                // An install overtook this build: the installed snapshot is the one to keep.
+                tracing::info!(
+                    group = self.shared.group,
+                    built = ?last_applied,
+                    installed = ?newer.meta.last_log_id,
+                    "a snapshot build was overtaken by an install; keeping the installed one"
+                );
+                return Ok(newer);
+            }
+            let now = Instant::now();
+            if encoded.is_ok() || now >= wait_until {
+                break;
+            }
+            // The reads failed: an install's purge may have come first (see
+            // OVERTAKING_INSTALL_WAIT).
+            file = self
+                .shared
+                .snapshot_installed
+                .wait_timeout(file, wait_until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         let (data, snapshot_id) = encoded?;
         let meta = SnapshotMeta {
@@ -97,15 +122,16 @@ impl StateMachine {
         &self,
         last_applied: Option<LogId>,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let state = self.lock()?;
-        Ok(state
+        let newer = self
+            .lock()?
             .current
-            .as_ref()
-            .filter(|c| c.meta.last_log_id > last_applied)
-            .map(|c| Snapshot {
-                meta: c.meta.clone(),
-                snapshot: Box::new(Cursor::new(c.data.to_vec())),
-            }))
+            .clone()
+            .filter(|c| c.meta.last_log_id > last_applied);
+        // Copied outside the state lock (up to SNAPSHOT_BYTES_MAX).
+        Ok(newer.map(|c| Snapshot {
+            meta: c.meta,
+            snapshot: Box::new(Cursor::new(c.data.to_vec())),
+        }))
     }
 
     /// The encoded snapshot of `image` (refs resolved into messages) and its id.

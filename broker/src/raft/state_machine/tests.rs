@@ -11,10 +11,15 @@ use crate::store::Command;
 
 use super::*;
 
-/// An in-memory log: what the entries applied were; and, when armed, a gate the next
-/// read stops at (it says it is there, then waits to be let through).
+/// An in-memory log: what the entries applied were; when armed, a gate the next read
+/// stops at (it says it is there, then waits to be let through); and, when armed, who
+/// to tell when a read finds nothing.
 #[derive(Default)]
-struct MemLog(StdMutex<HashMap<u64, Entry>>, StdMutex<Option<Gate>>);
+struct MemLog(
+    StdMutex<HashMap<u64, Entry>>,
+    StdMutex<Option<Gate>>,
+    StdMutex<Option<tokio::sync::oneshot::Sender<()>>>,
+);
 
 /// `(tell the test a read arrived, wait for the test's go)`.
 type Gate = (
@@ -30,7 +35,13 @@ impl EntrySource for MemLog {
             // Reads run on blocking threads (snapshot builds in spawn_blocking).
             go.blocking_recv().unwrap();
         }
-        Ok(self.0.lock().unwrap().get(&index).cloned())
+        let entry = self.0.lock().unwrap().get(&index).cloned();
+        if entry.is_none() {
+            if let Some(missed) = self.2.lock().unwrap().take() {
+                missed.send(()).unwrap();
+            }
+        }
+        Ok(entry)
     }
 }
 
@@ -314,4 +325,49 @@ async fn a_snapshot_installed_during_a_build_is_the_one_kept() {
         payloads(&reopened.read(1, 1, 100).unwrap()),
         (1..=7).map(|n| format!("m{n}")).collect::<Vec<_>>()
     );
+}
+
+#[tokio::test]
+async fn a_build_whose_entries_an_install_purged_first_returns_the_installed_snapshot() {
+    let create = || Command::CreateConversation {
+        conv: 1,
+        kind: ConvKind::Group,
+        members: vec![1],
+    };
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader_log = Arc::new(MemLog::default());
+    let mut leader = open(leader_dir.path(), leader_log.clone());
+    let mut commands = vec![create()];
+    commands.extend((1..=7).map(publish));
+    apply_all(&mut leader, &leader_log, commands).await;
+    let installed = leader.build_snapshot().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(MemLog::default());
+    let mut follower = open(dir.path(), log.clone());
+    let mut commands = vec![create()];
+    commands.extend((1..=3).map(publish));
+    apply_all(&mut follower, &log, commands).await;
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
+    let mut builder = follower.clone();
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    arrived.await.unwrap();
+    // openraft purges behind an install as soon as it queues it: the build's reads
+    // fail before the state machine has the snapshot.
+    let (missed_tx, missed) = tokio::sync::oneshot::channel();
+    *log.2.lock().unwrap() = Some(missed_tx);
+    log.0.lock().unwrap().clear();
+    go.send(()).unwrap();
+    missed.await.unwrap();
+    follower
+        .install_snapshot(&installed.meta, installed.snapshot)
+        .await
+        .unwrap();
+
+    let built = build.await.unwrap().unwrap();
+    assert_eq!(built.meta, installed.meta);
+    let current = follower.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, installed.meta);
 }
