@@ -84,6 +84,42 @@ async fn apply_all(sm: &mut StateMachine, log: &MemLog, commands: Vec<Command>) 
         .collect()
 }
 
+/// A replica in `dir` that applied conversation 1's creation (entry 1) and messages
+/// m1..=m`messages` (entries 2..).
+async fn replica_with_messages(
+    dir: &std::path::Path,
+    messages: u64,
+) -> (StateMachine, Arc<MemLog>) {
+    let log = Arc::new(MemLog::default());
+    let mut sm = open(dir, log.clone());
+    let mut commands = vec![Command::CreateConversation {
+        conv: 1,
+        kind: ConvKind::Group,
+        members: vec![1],
+    }];
+    commands.extend((1..=messages).map(publish));
+    apply_all(&mut sm, &log, commands).await;
+    (sm, log)
+}
+
+/// Starts a snapshot build of `sm` and returns once it stops at its first read of
+/// `log`: the build, and the sender that lets it go on.
+async fn build_stopped_at_first_read(
+    sm: &StateMachine,
+    log: &MemLog,
+) -> (
+    tokio::task::JoinHandle<Result<Snapshot<TypeConfig>, StorageError>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
+    let mut builder = sm.clone();
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    arrived.await.unwrap();
+    (build, go)
+}
+
 fn publish(n: u64) -> Command {
     Command::Publish {
         conv: 1,
@@ -254,12 +290,7 @@ async fn applies_go_on_while_a_snapshot_is_built_and_its_messages_stay_in_the_lo
     // m3..m5 are retained; m3 lives in entry 4.
     assert_eq!(sm.purgeable_upto(), Some(3));
 
-    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
-    let (go, go_rx) = tokio::sync::oneshot::channel();
-    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
-    let mut builder = sm.clone();
-    let build = tokio::spawn(async move { builder.build_snapshot().await });
-    arrived.await.unwrap();
+    let (build, go) = build_stopped_at_first_read(&sm, &log).await;
     // The build reads m3's entry now. Applies do not wait for it: m6 and m7 push m3
     // and m4 out of history...
     apply_all(&mut sm, &log, (6..=7).map(publish).collect()).await;
@@ -280,33 +311,15 @@ async fn applies_go_on_while_a_snapshot_is_built_and_its_messages_stay_in_the_lo
 
 #[tokio::test]
 async fn a_snapshot_installed_during_a_build_is_the_one_kept() {
-    let create = || Command::CreateConversation {
-        conv: 1,
-        kind: ConvKind::Group,
-        members: vec![1],
-    };
     // The leader's replica, further on: its snapshot covers entries 1..=8.
     let leader_dir = tempfile::tempdir().unwrap();
-    let leader_log = Arc::new(MemLog::default());
-    let mut leader = open(leader_dir.path(), leader_log.clone());
-    let mut commands = vec![create()];
-    commands.extend((1..=7).map(publish));
-    apply_all(&mut leader, &leader_log, commands).await;
+    let (mut leader, _) = replica_with_messages(leader_dir.path(), 7).await;
     let installed = leader.build_snapshot().await.unwrap();
 
     // A follower at entry 4 starts a build that stops at its first read.
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(MemLog::default());
-    let mut follower = open(dir.path(), log.clone());
-    let mut commands = vec![create()];
-    commands.extend((1..=3).map(publish));
-    apply_all(&mut follower, &log, commands).await;
-    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
-    let (go, go_rx) = tokio::sync::oneshot::channel();
-    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
-    let mut builder = follower.clone();
-    let build = tokio::spawn(async move { builder.build_snapshot().await });
-    arrived.await.unwrap();
+    let (mut follower, log) = replica_with_messages(dir.path(), 3).await;
+    let (build, go) = build_stopped_at_first_read(&follower, &log).await;
     follower
         .install_snapshot(&installed.meta, installed.snapshot)
         .await
@@ -329,31 +342,14 @@ async fn a_snapshot_installed_during_a_build_is_the_one_kept() {
 
 #[tokio::test]
 async fn a_build_whose_entries_an_install_purged_first_returns_the_installed_snapshot() {
-    let create = || Command::CreateConversation {
-        conv: 1,
-        kind: ConvKind::Group,
-        members: vec![1],
-    };
+    // The leader's replica, further on: its snapshot covers entries 1..=8.
     let leader_dir = tempfile::tempdir().unwrap();
-    let leader_log = Arc::new(MemLog::default());
-    let mut leader = open(leader_dir.path(), leader_log.clone());
-    let mut commands = vec![create()];
-    commands.extend((1..=7).map(publish));
-    apply_all(&mut leader, &leader_log, commands).await;
+    let (mut leader, _) = replica_with_messages(leader_dir.path(), 7).await;
     let installed = leader.build_snapshot().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(MemLog::default());
-    let mut follower = open(dir.path(), log.clone());
-    let mut commands = vec![create()];
-    commands.extend((1..=3).map(publish));
-    apply_all(&mut follower, &log, commands).await;
-    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
-    let (go, go_rx) = tokio::sync::oneshot::channel();
-    *log.1.lock().unwrap() = Some((arrived_tx, go_rx));
-    let mut builder = follower.clone();
-    let build = tokio::spawn(async move { builder.build_snapshot().await });
-    arrived.await.unwrap();
+    let (mut follower, log) = replica_with_messages(dir.path(), 3).await;
+    let (build, go) = build_stopped_at_first_read(&follower, &log).await;
     // openraft purges behind an install as soon as it queues it: the build's reads
     // fail before the state machine has the snapshot.
     let (missed_tx, missed) = tokio::sync::oneshot::channel();
