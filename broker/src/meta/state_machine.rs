@@ -43,6 +43,13 @@ pub struct MetaSnapshot {
 /// Bound on a metadata snapshot (a map of 4096 nodes and groups is far below).
 pub const META_SNAPSHOT_BYTES_MAX: usize = 64 << 20;
 
+/// The header of a metadata snapshot's data (see [`codec::encode_snapshot`]).
+const META_SNAPSHOT_MAGIC: &[u8; 8] = b"HRLDMETA";
+
+/// The metadata snapshot format this build writes and reads. 2: the header; 1 (no
+/// header): the same body.
+const META_SNAPSHOT_FORMAT: u32 = 2;
+
 /// The latest snapshot: its meta and bytes.
 type CurrentSnapshot = (SnapshotMeta<NodeId, BasicNode>, Arc<Vec<u8>>);
 
@@ -170,7 +177,8 @@ impl MetaStateMachine {
                 snapshot_id: snapshot_id.clone(),
                 map: state.map.image(),
             };
-            let data = codec::encode(&snapshot).map_err(|e| sm_error(&e.to_string()))?;
+            let data = codec::encode_snapshot(META_SNAPSHOT_MAGIC, META_SNAPSHOT_FORMAT, &snapshot)
+                .map_err(|e| sm_error(&e.to_string()))?;
             if data.len() > META_SNAPSHOT_BYTES_MAX {
                 return Err(sm_error("the metadata snapshot is above its bound"));
             }
@@ -179,7 +187,7 @@ impl MetaStateMachine {
                 last_membership: state.membership.clone(),
                 snapshot_id,
             };
-            (meta, data.to_vec())
+            (meta, data)
         };
         let _file = self
             .shared
@@ -216,7 +224,9 @@ struct Loaded {
 }
 
 fn load(data: &[u8]) -> Result<(Loaded, SnapshotMeta<NodeId, BasicNode>), String> {
-    let snapshot: MetaSnapshot = codec::decode(data).map_err(|e| e.to_string())?;
+    let snapshot: MetaSnapshot =
+        codec::decode_snapshot("metadata", META_SNAPSHOT_MAGIC, META_SNAPSHOT_FORMAT, data)
+            .map_err(|e| e.to_string())?;
     let map = ClusterMap::from_image(snapshot.map)?;
     let last_applied = snapshot.last_applied.map(LogId::from);
     let membership: StoredMembership<NodeId, BasicNode> = snapshot.membership.into();

@@ -37,6 +37,91 @@ pub enum CodecError {
         /// bytecheck's message.
         detail: String,
     },
+    /// A snapshot's header names another kind of snapshot or another format version
+    /// (see [`encode_snapshot`]).
+    #[error(
+        "not a {what} snapshot of format {expected}: {found} (a snapshot is read only by a \
+         Herald build of the same snapshot format)"
+    )]
+    SnapshotFormat {
+        /// The kind of snapshot expected.
+        what: &'static str,
+        /// The format version this build reads.
+        expected: u32,
+        /// What the header held instead.
+        found: String,
+    },
+}
+
+/// Bytes before a snapshot's rkyv body: 8 bytes of magic naming the kind of snapshot,
+/// its format version (u32 LE) and 4 zero bytes (a multiple of 16, so the body keeps
+/// rkyv's alignment in an aligned buffer).
+///
+/// ```text
+/// 0        8         12    16
+/// +--------+---------+-----+------------------+
+/// | magic  | version | 0u32| rkyv body …      |
+/// +--------+---------+-----+------------------+
+/// ```
+pub const SNAPSHOT_HEADER_LEN: usize = 16;
+
+/// `value` as snapshot data: the header (`magic`, `version`) then its rkyv body. The
+/// header travels with the data, on disk and in InstallSnapshot, so a snapshot of
+/// another format is refused by name instead of failing bytecheck.
+pub fn encode_snapshot<T>(magic: &[u8; 8], version: u32, value: &T) -> Result<Vec<u8>, CodecError>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    let body = encode(value)?;
+    let mut data = Vec::with_capacity(SNAPSHOT_HEADER_LEN + body.len());
+    data.extend_from_slice(magic);
+    data.extend_from_slice(&version.to_le_bytes());
+    data.extend_from_slice(&[0; 4]);
+    data.extend_from_slice(&body);
+    Ok(data)
+}
+
+/// The value of snapshot data written by [`encode_snapshot`] with the same `magic` and
+/// `version`; another header is [`CodecError::SnapshotFormat`].
+pub fn decode_snapshot<T>(
+    what: &'static str,
+    magic: &[u8; 8],
+    version: u32,
+    data: &[u8],
+) -> Result<T, CodecError>
+where
+    T: Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    let refused = |found: String| CodecError::SnapshotFormat {
+        what,
+        expected: version,
+        found,
+    };
+    let Some((header, body)) = data.split_first_chunk::<SNAPSHOT_HEADER_LEN>() else {
+        return Err(refused(format!("only {} bytes", data.len())));
+    };
+    if &header[..8] != magic {
+        return Err(refused(format!(
+            "its first bytes are {:?} (no header: another kind of snapshot, or one written \
+             before snapshot formats were versioned)",
+            String::from_utf8_lossy(&header[..8])
+        )));
+    }
+    let mut found = [0u8; 4];
+    found.copy_from_slice(&header[8..12]);
+    let found = u32::from_le_bytes(found);
+    if found != version {
+        return Err(refused(format!("it is format {found}")));
+    }
+    decode(body)
 }
 
 /// Serializes `value` with rkyv.
@@ -275,6 +360,34 @@ mod tests {
     use super::*;
     use crate::store::Command;
     use herald_client::wire::{IdempotencyKey, Principal};
+
+    #[test]
+    fn a_snapshot_of_another_kind_or_format_is_refused_by_name() {
+        let value = WireLogId {
+            term: 3,
+            node_id: 2,
+            index: 9,
+        };
+        let data = encode_snapshot(b"HRLDTEST", 2, &value).unwrap();
+        assert_eq!(
+            decode_snapshot::<WireLogId>("test", b"HRLDTEST", 2, &data).unwrap(),
+            value
+        );
+        // The body alone (no header), another magic, another version, too short.
+        let body = encode(&value).unwrap();
+        let refusals = [
+            decode_snapshot::<WireLogId>("test", b"HRLDTEST", 2, &body),
+            decode_snapshot::<WireLogId>("test", b"HRLDMETA", 2, &data),
+            decode_snapshot::<WireLogId>("test", b"HRLDTEST", 3, &data),
+            decode_snapshot::<WireLogId>("test", b"HRLDTEST", 2, &data[..10]),
+        ];
+        let expected = ["no header", "HRLDTEST", "it is format 2", "only 10 bytes"];
+        for (refusal, expected) in refusals.into_iter().zip(expected) {
+            let e = refusal.unwrap_err();
+            assert!(matches!(e, CodecError::SnapshotFormat { .. }), "{e}");
+            assert!(e.to_string().contains(expected), "{e}");
+        }
+    }
 
     #[test]
     fn entries_round_trip() {

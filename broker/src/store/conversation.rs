@@ -272,16 +272,22 @@ impl Conversation {
         }
     }
 
-    /// The conversation a snapshot stored (the caller validates it).
-    pub(super) fn from_image(image: ConversationImage) -> Self {
-        Conversation {
+    /// The conversation a snapshot stored, its dedup table bounded by `dedup_keys_max`
+    /// (the caller validates the rest).
+    pub(super) fn from_image(
+        image: ConversationImage,
+        dedup_keys_max: usize,
+    ) -> Result<Self, String> {
+        let dedup = DedupTable::from_image(image.dedup, dedup_keys_max)
+            .map_err(|e| format!("conv {}: {e}", image.id))?;
+        Ok(Conversation {
             id: image.id,
             kind: image.kind,
             members: image.members.into_iter().collect(),
             history: HistoryLog::from_parts(image.history, image.next_seq),
-            dedup: DedupTable::from_image(image.dedup),
+            dedup,
             last_timestamp_ms: image.last_timestamp_ms,
-        }
+        })
     }
 
     /// The retained references, for relocation after a snapshot.

@@ -22,6 +22,8 @@ use std::collections::{HashMap, VecDeque};
 
 use herald_client::wire::IdempotencyKey;
 
+use super::image::DedupRunImage;
+
 /// The maps' hasher: foldhash, seeded at random per process (keys are chosen by
 /// authenticated services, so a flood of colliding keys needs that seed; no replica
 /// depends on the maps' order, `order` is what is stored and evicted). A key in the
@@ -159,40 +161,66 @@ impl DedupTable {
         self.remember(key, Entry { seq, timestamp_ms });
     }
 
-    /// The keys oldest first, as a snapshot stores them.
-    pub(super) fn image(&self) -> Vec<super::image::DedupImage> {
-        self.order
-            .iter()
-            .filter_map(|(_, key)| {
-                self.find(key).map(|e| super::image::DedupImage {
-                    key: key.clone(),
-                    seq: e.seq,
-                    timestamp_ms: e.timestamp_ms,
-                })
-            })
-            .collect()
-    }
-
-    /// The table a snapshot stored, oldest first (the caller validates it).
-    pub(super) fn from_image(keys: Vec<super::image::DedupImage>) -> Self {
-        let mut table = DedupTable::default();
-        for k in keys {
-            if table.find(&k.key).is_some() {
-                // A snapshot lists a key once. A repeat is queued again but not stored,
-                // so `validate` refuses the image (more queued than remembered), in
-                // linear time: forgetting the first copy would scan the queue per repeat.
-                table.order.push_back((k.timestamp_ms, k.key));
+    /// The keys oldest first, as a snapshot stores them (in runs).
+    pub(super) fn image(&self) -> Vec<DedupRunImage> {
+        let mut runs: Vec<DedupRunImage> = Vec::new();
+        for (_, key) in &self.order {
+            let Some(e) = self.find(key) else {
+                continue;
+            };
+            if runs
+                .last_mut()
+                .is_some_and(|run| run.extend(key, e.seq, e.timestamp_ms))
+            {
                 continue;
             }
-            table.remember(
-                k.key,
-                Entry {
-                    seq: k.seq,
-                    timestamp_ms: k.timestamp_ms,
-                },
-            );
+            runs.push(DedupRunImage {
+                first: key.clone(),
+                first_seq: e.seq,
+                timestamp_ms: e.timestamp_ms,
+                more: 0,
+            });
         }
-        table
+        runs
+    }
+
+    /// The table a snapshot stored, oldest first. Refuses more than `keys_max` keys
+    /// before expanding any run (a run's length is data from disk or a peer) and a run
+    /// past the end of the u64 counters; the caller validates the rest.
+    pub(super) fn from_image(runs: Vec<DedupRunImage>, keys_max: usize) -> Result<Self, String> {
+        let keys: u64 = runs.iter().map(DedupRunImage::len).sum();
+        if keys > keys_max as u64 {
+            return Err(format!(
+                "the snapshot remembers {keys} idempotency keys, above this node's \
+                 dedup_keys_max of {keys_max}"
+            ));
+        }
+        let mut table = DedupTable::default();
+        for run in runs {
+            for i in 0..=run.more {
+                let Some((key, seq)) = run.key(i) else {
+                    return Err(format!(
+                        "a dedup run from {:?} has {} keys, past what its key allows",
+                        run.first,
+                        run.len()
+                    ));
+                };
+                if table.find(&key).is_some() {
+                    // A snapshot lists a key once. A repeat is queued again but not
+                    // stored, so `validate` refuses the image (more queued than
+                    // remembered), in linear time: forgetting the first copy would scan
+                    // the queue per repeat.
+                    table.order.push_back((run.timestamp_ms, key));
+                    continue;
+                }
+                let entry = Entry {
+                    seq,
+                    timestamp_ms: run.timestamp_ms,
+                };
+                table.remember(key, entry);
+            }
+        }
+        Ok(table)
     }
 
     fn find(&self, key: &IdempotencyKey) -> Option<&Entry> {
@@ -458,8 +486,13 @@ mod tests {
     fn keys(table: &DedupTable) -> Vec<(IdempotencyKey, u64, u64)> {
         table
             .image()
-            .into_iter()
-            .map(|k| (k.key, k.seq, k.timestamp_ms))
+            .iter()
+            .flat_map(|run| {
+                (0..=run.more).map(move |i| {
+                    let (key, seq) = run.key(i).unwrap();
+                    (key, seq, run.timestamp_ms)
+                })
+            })
             .collect()
     }
 
@@ -538,10 +571,10 @@ mod tests {
                 // A replica restored from a snapshot may lay keys out differently (a
                 // key in a run rather than the map); it must go on answering the same.
                 if step % 500 == 499 {
-                    table = DedupTable::from_image(table.image());
+                    table = DedupTable::from_image(table.image(), keys_max).unwrap();
                 }
             }
-            let restored = DedupTable::from_image(table.image());
+            let restored = DedupTable::from_image(table.image(), keys_max).unwrap();
             restored.validate(1, seq, keys_max).unwrap();
             assert_eq!(keys(&restored), model.keys(), "seed {seed}: snapshot");
         }
@@ -610,16 +643,65 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_stores_a_producers_burst_as_one_run() {
+        let key = |producer_id, producer_seq| IdempotencyKey::Producer {
+            producer_id,
+            producer_seq,
+        };
+        let mut table = DedupTable::default();
+        let mut seq = 1;
+        // Producer 1's keys 1–100 at stamp 5, then 101–150 at stamp 6, then one of
+        // producer 2, then a caller key, then producer 1 again (its key 151).
+        for (producer_seq, ms) in (1..=100).map(|s| (s, 5)).chain((101..=150).map(|s| (s, 6))) {
+            table.insert(key(1, producer_seq), seq, ms, 1_000);
+            seq += 1;
+        }
+        table.insert(key(2, 1), seq, 6, 1_000);
+        table.insert(IdempotencyKey::Caller("pay-1".into()), seq + 1, 6, 1_000);
+        table.insert(key(1, 151), seq + 2, 6, 1_000);
+        let image = table.image();
+        let lengths: Vec<u64> = image.iter().map(DedupRunImage::len).collect();
+        assert_eq!(lengths, [100, 50, 1, 1, 1]);
+        let restored = DedupTable::from_image(image, 1_000).unwrap();
+        restored.validate(1, seq + 3, 1_000).unwrap();
+        assert_eq!(keys(&restored), keys(&table));
+    }
+
+    #[test]
+    fn a_snapshot_with_more_keys_than_allowed_or_a_run_past_its_counter_is_refused() {
+        let run = |first, more| DedupRunImage {
+            first,
+            first_seq: 1,
+            timestamp_ms: 1,
+            more,
+        };
+        let producer = |producer_seq| IdempotencyKey::Producer {
+            producer_id: 1,
+            producer_seq,
+        };
+        // Refused before anything is expanded: u32::MAX keys would take ~200 GB.
+        let err = DedupTable::from_image(vec![run(producer(1), u32::MAX)], 100_000).unwrap_err();
+        assert!(err.contains("above this node's dedup_keys_max"), "{err}");
+        let err = DedupTable::from_image(vec![run(producer(u64::MAX - 1), 2)], 10).unwrap_err();
+        assert!(err.contains("past what its key allows"), "{err}");
+        let err = DedupTable::from_image(vec![run(IdempotencyKey::Caller("k".into()), 1)], 10)
+            .unwrap_err();
+        assert!(err.contains("past what its key allows"), "{err}");
+    }
+
+    #[test]
     fn a_snapshot_listing_a_key_twice_is_refused() {
-        let image = |producer_seq, seq| super::super::image::DedupImage {
-            key: IdempotencyKey::Producer {
+        let image = |producer_seq, seq| DedupRunImage {
+            first: IdempotencyKey::Producer {
                 producer_id: 1,
                 producer_seq,
             },
-            seq,
+            first_seq: seq,
             timestamp_ms: seq,
+            more: 0,
         };
-        let table = DedupTable::from_image(vec![image(1, 1), image(2, 2), image(1, 3)]);
+        let table =
+            DedupTable::from_image(vec![image(1, 1), image(2, 2), image(1, 3)], 100).unwrap();
         let err = table.validate(1, 4, 100).unwrap_err();
         assert!(err.contains("order queue"), "{err}");
     }

@@ -63,7 +63,7 @@ use crate::routing::Delivery;
 pub use dedup::CALLER_KEY_BYTES_MAX;
 pub use error::StoreError;
 pub use history::{HistoryRefs, Location, MessageRef};
-pub use image::{ConversationImage, DedupImage, StoreImage};
+pub use image::{ConversationImage, DedupRunImage, StoreImage};
 
 use conversation::{member_set, Conversation, PublishOutcome};
 
@@ -533,7 +533,7 @@ impl ConversationStore {
             let id = c.id;
             if store
                 .conversations
-                .insert(id, Conversation::from_image(c))
+                .insert(id, Conversation::from_image(c, limits.dedup_keys_max)?)
                 .is_some()
             {
                 return Err(format!("conversation {id} appears twice in the snapshot"));

@@ -20,6 +20,14 @@ use super::*;
 /// install then follows. Why 30 s: openraft's `install_snapshot_timeout` here.
 const OVERTAKING_INSTALL_WAIT: Duration = Duration::from_secs(30);
 
+/// The header of a data group's snapshot data (see [`codec::encode_snapshot`]).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"HRLDSNAP";
+
+/// The data-group snapshot format this build writes and reads. 2: the header, and the
+/// dedup table stored as runs ([`crate::store::DedupRunImage`]); 1 (no header): one
+/// record per key.
+const SNAPSHOT_FORMAT: u32 = 2;
+
 /// What a snapshot carries (see the module doc).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotImage {
@@ -175,14 +183,15 @@ impl StateMachine {
             store: image,
             messages,
         };
-        let data = codec::encode(&snapshot).map_err(|e| sm_error(&e.to_string()))?;
+        let data = codec::encode_snapshot(SNAPSHOT_MAGIC, SNAPSHOT_FORMAT, &snapshot)
+            .map_err(|e| sm_error(&e.to_string()))?;
         if data.len() > SNAPSHOT_BYTES_MAX {
             return Err(sm_error(&format!(
                 "snapshot of {} bytes is above the bound of {SNAPSHOT_BYTES_MAX}; shorten history retention",
                 data.len()
             )));
         }
-        Ok((data.to_vec(), snapshot_id))
+        Ok((data, snapshot_id))
     }
 
     /// Writes `DIR/current.snap` durably (see [`persist_snapshot`]).
@@ -221,7 +230,9 @@ pub(super) fn load_image(
     data: &[u8],
     limits: StoreLimits,
 ) -> Result<(State, SnapshotMeta<NodeId, BasicNode>), String> {
-    let image: SnapshotImage = codec::decode(data).map_err(|e| e.to_string())?;
+    let image: SnapshotImage =
+        codec::decode_snapshot("data-group", SNAPSHOT_MAGIC, SNAPSHOT_FORMAT, data)
+            .map_err(|e| e.to_string())?;
     let refs: usize = image
         .store
         .conversations
