@@ -188,7 +188,7 @@ impl DedupTable {
     /// before expanding any run (a run's length is data from disk or a peer) and a run
     /// past the end of the u64 counters; the caller validates the rest.
     pub(super) fn from_image(runs: Vec<DedupRunImage>, keys_max: usize) -> Result<Self, String> {
-        let keys: u64 = runs.iter().map(DedupRunImage::len).sum();
+        let keys: u64 = runs.iter().map(DedupRunImage::keys).sum();
         if keys > keys_max as u64 {
             return Err(format!(
                 "the snapshot remembers {keys} idempotency keys, above this node's \
@@ -202,7 +202,7 @@ impl DedupTable {
                     return Err(format!(
                         "a dedup run from {:?} has {} keys, past what its key allows",
                         run.first,
-                        run.len()
+                        run.keys()
                     ));
                 };
                 if table.find(&key).is_some() {
@@ -660,7 +660,7 @@ mod tests {
         table.insert(IdempotencyKey::Caller("pay-1".into()), seq + 1, 6, 1_000);
         table.insert(key(1, 151), seq + 2, 6, 1_000);
         let image = table.image();
-        let lengths: Vec<u64> = image.iter().map(DedupRunImage::len).collect();
+        let lengths: Vec<u64> = image.iter().map(DedupRunImage::keys).collect();
         assert_eq!(lengths, [100, 50, 1, 1, 1]);
         let restored = DedupTable::from_image(image, 1_000).unwrap();
         restored.validate(1, seq + 3, 1_000).unwrap();

@@ -78,8 +78,8 @@ impl DedupRunImage {
         }
     }
 
-    /// Keys in the run.
-    pub fn len(&self) -> u64 {
+    /// Keys in the run (never 0: the first is always there).
+    pub fn keys(&self) -> u64 {
         u64::from(self.more) + 1
     }
 
