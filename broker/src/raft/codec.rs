@@ -70,13 +70,7 @@ pub const SNAPSHOT_HEADER_LEN: usize = 16;
 /// another format is refused by name instead of failing bytecheck.
 pub fn encode_snapshot<T>(magic: &[u8; 8], version: u32, value: &T) -> Result<Vec<u8>, CodecError>
 where
-    T: for<'a> Serialize<
-        rkyv::api::high::HighSerializer<
-            AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rancor::Error,
-        >,
-    >,
+    T: Encodable,
 {
     let body = encode(value)?;
     let mut data = Vec::with_capacity(SNAPSHOT_HEADER_LEN + body.len());
@@ -124,16 +118,34 @@ where
     decode(body)
 }
 
-/// Serializes `value` with rkyv.
-pub fn encode<T>(value: &T) -> Result<AlignedVec, CodecError>
-where
+/// What [`encode`] takes: a type rkyv's high-level serializer can write. One name for
+/// the bound every encoder of the crate (frames, entries, snapshots) would repeat.
+pub trait Encodable:
+    for<'a> Serialize<
+    rkyv::api::high::HighSerializer<
+        AlignedVec,
+        rkyv::ser::allocator::ArenaHandle<'a>,
+        rancor::Error,
+    >,
+>
+{
+}
+
+impl<T> Encodable for T where
     T: for<'a> Serialize<
         rkyv::api::high::HighSerializer<
             AlignedVec,
             rkyv::ser::allocator::ArenaHandle<'a>,
             rancor::Error,
         >,
-    >,
+    >
+{
+}
+
+/// Serializes `value` with rkyv.
+pub fn encode<T>(value: &T) -> Result<AlignedVec, CodecError>
+where
+    T: Encodable,
 {
     rkyv::to_bytes::<rancor::Error>(value).map_err(|e| CodecError::Encode {
         what: std::any::type_name::<T>(),

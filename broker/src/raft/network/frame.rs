@@ -853,13 +853,7 @@ pub fn connection_exporter(conn: &quinn::Connection) -> Option<[u8; HELLO_EXPORT
 /// Encodes `value` as one frame (header + body); refuses a body above `max`.
 pub fn encode_frame<T>(value: &T, what: &'static str, max: u32) -> Result<Vec<u8>, FrameError>
 where
-    T: for<'a> Serialize<
-        rkyv::api::high::HighSerializer<
-            AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rkyv::rancor::Error,
-        >,
-    >,
+    T: codec::Encodable,
 {
     let body = codec::encode(value).map_err(|source| FrameError::Encode { what, source })?;
     let len = body.len() as u64;
@@ -1040,14 +1034,7 @@ mod tests {
 
     fn round_trip<T>(value: &T, what: &'static str) -> T
     where
-        T: Archive
-            + for<'a> Serialize<
-                rkyv::api::high::HighSerializer<
-                    AlignedVec,
-                    rkyv::ser::allocator::ArenaHandle<'a>,
-                    rkyv::rancor::Error,
-                >,
-            >,
+        T: Archive + codec::Encodable,
         T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
                 rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
             > + Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,

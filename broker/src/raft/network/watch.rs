@@ -123,14 +123,7 @@ mod tests {
 
     fn round_trip<T>(value: &T, max: u32) -> T
     where
-        T: Archive
-            + for<'a> Serialize<
-                rkyv::api::high::HighSerializer<
-                    rkyv::util::AlignedVec,
-                    rkyv::ser::allocator::ArenaHandle<'a>,
-                    rkyv::rancor::Error,
-                >,
-            >,
+        T: Archive + crate::raft::codec::Encodable,
         T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
                 rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
             > + Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
